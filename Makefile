@@ -1,0 +1,23 @@
+# Two commands set everything up on a fresh machine (Python 3.10+ and the package index):
+#   make quickstart    virtual environment, install, run suites/quickstart.yaml into ./mlflow.db
+#   make test          virtual environment, install with test extras, run the tests
+VENV ?= .venv
+PYTHON ?= python3
+# Where datasets live: ../shared/data beside a kdbench checkout when it exists, else ./data.
+KDBENCH_DATA ?= $(if $(wildcard ../shared/data),../shared/data,data)
+export KDBENCH_DATA
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e ".[test]"
+	touch $@
+
+.PHONY: install quickstart test
+install: $(VENV)/.installed
+
+quickstart: $(VENV)/.installed
+	$(VENV)/bin/kdbench run suites/quickstart.yaml $(ARGS)
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q $(ARGS)

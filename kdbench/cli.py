@@ -1,0 +1,129 @@
+"""The `kdbench` command line: run, pairs, methods."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from kdbench import KdbenchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="kdbench: knowledge distillation benchmarks on timm models, logged to MLflow.")
+out = Console()
+err = Console(stderr=True)
+
+SuiteArg = typer.Argument(..., help="suite file (YAML)", show_default=False)
+
+
+def _csv(value: Optional[str]) -> Optional[list[str]]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _load_plan(suite_path: Path, methods: Optional[str] = None, seeds: Optional[str] = None,
+               epochs: Optional[int] = None):
+    from kdbench.plan import make_plan
+    from kdbench.suite import load_suite
+
+    suite = load_suite(suite_path)
+    seed_list = None
+    if seeds:
+        try:
+            seed_list = [int(s) for s in _csv(seeds)]
+        except ValueError:
+            raise KdbenchError(f"--seeds: expected comma-separated non-negative integers, got '{seeds}'") from None
+    if epochs is not None and epochs < 1:
+        raise KdbenchError(f"--epochs: expected a positive integer, got {epochs}")
+    return make_plan(suite, suite_path, methods=_csv(methods), seeds=seed_list, epochs=epochs)
+
+
+def _pairs_table(plan) -> Table:
+    table = Table(title=f"{plan.suite.name}: {len(plan.pairs)} pairs", box=box.SIMPLE_HEAD)
+    for col in ("teacher", "params M", "MACs M", "student", "params M", "MACs M", "gap"):
+        names = col in ("teacher", "student")
+        table.add_column(col, justify="left" if names else "right", no_wrap=names)
+    for p in plan.pairs:
+        table.add_row(p.teacher.name, f"{p.teacher.params / 1e6:.2f}", f"{p.teacher.macs / 1e6:.1f}",
+                      p.student.name, f"{p.student.params / 1e6:.2f}", f"{p.student.macs / 1e6:.1f}", f"{p.gap:.1f}")
+    return table
+
+
+@app.command()
+def pairs(suite: Path = SuiteArg) -> None:
+    """Print the suite's teacher-student pairs with parameters, MACs and capacity gap (needs no data)."""
+    out.print(_pairs_table(_load_plan(suite)))
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods with their defaults."""
+    from kdbench.registry import methods as registry
+
+    table = Table(title="methods", box=box.SIMPLE_HEAD)
+    for col in ("name", "defaults", "needs", "what it does"):
+        table.add_column(col)
+    for name, cls in registry().items():
+        needs = ", ".join(n for n, on in (("teacher", cls.needs_teacher), ("trainable teacher", cls.trains_teacher))
+                          if on) or "-"
+        defaults = ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "-"
+        table.add_row(name, defaults, needs, cls.summary)
+    out.print(table)
+
+
+@app.command()
+def run(
+    suite: Path = SuiteArg,
+    methods: Optional[str] = typer.Option(None, help="only these method labels, comma-separated"),
+    seeds: Optional[str] = typer.Option(None, help="these seeds instead of the suite's, comma-separated"),
+    epochs: Optional[int] = typer.Option(None, help="shrink every schedule to this many epochs (milestones scale)"),
+    device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder [default: $KDBENCH_DATA]"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and exit; touches no data and no MLflow"),
+) -> None:
+    """Run every job of a suite: teachers, then students of every method and seed, logged to MLflow."""
+    plan = _load_plan(suite, methods, seeds, epochs)
+    if dry_run:
+        _print_plan(plan)
+        return
+    from kdbench.data import resolve_data_root
+    from kdbench.executor import Executor
+    from kdbench.tracking import tracking_uri
+
+    root = resolve_data_root(str(data_root) if data_root else None)
+    outcome = Executor(plan, root, device, console=err).run()
+    err.print(f"{len(outcome.finished)} jobs finished, {len(outcome.failed)} failed; MLflow {tracking_uri()}, "
+              f"parent run {outcome.parent_run}")
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+def _print_plan(plan) -> None:
+    from kdbench.store import ModelStore
+
+    store = ModelStore()
+    out.print(_pairs_table(plan))
+    table = Table(title=f"{len(plan.jobs)} jobs, {len(plan.cells)} cells", box=box.SIMPLE_HEAD)
+    for col in ("#", "role", "model", "method", "seed", "teacher", "epochs", "key", "store"):
+        table.add_column(col, no_wrap=col in ("model", "teacher", "method"))
+    for i, job in enumerate(plan.jobs, 1):
+        stored = "reuse" if job.role == "teacher" and store.has(job.key) else ""
+        table.add_row(str(i), job.role, job.model, job.method.label, str(job.seed), job.teacher_model or "",
+                      str(job.train.epochs), job.key, stored)
+    out.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except KdbenchError as exc:
+        err.print(f"kdbench: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,654 @@
+"""Datasets held whole on the training device, with augmentation done there in batches.
+
+Design (after airbench): a split is one contiguous uint8 tensor ``(N, C, H, W)`` plus an int64 label
+tensor, moved to the training device once. An epoch is a permutation drawn on the device; each batch is
+gathered with ``index_select`` and augmented (random crop with zero padding, horizontal flip) by one
+vectorised gather, with offsets drawn from a device generator that the caller seeds per (seed, epoch).
+Nothing here calls ``.item()``/``.cpu()`` inside an epoch, so the host never waits for the device, and
+there is no DataLoader and no PIL on the hot path (PIL is used once, to decode an image folder, and
+the result is cached as a ``.pt`` file).
+
+Files are only touched by :func:`load_data`; :func:`dataset_info` is static knowledge so commands that
+only plan work (``kdbench pairs``, dry runs) need no data. Nothing downloads unless the suite says
+``download: true``: with download off no code path here opens a network connection.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from kdbench import KdbenchError
+
+__all__ = [
+    "DataError",
+    "DatasetInfo",
+    "DataSpec",
+    "Split",
+    "DeviceData",
+    "DATASETS",
+    "dataset_info",
+    "resolve_data_root",
+    "load_data",
+    "crop_flip",
+    "augment",
+    "normalize",
+    "epoch_batches",
+    "eval_batches",
+    "make_generator",
+]
+
+
+class DataError(KdbenchError):
+    """A dataset could not be found, read or verified.
+
+    The message is always one line (whitespace, newlines included, is collapsed) and says what was
+    looked for where, and how to provide it.
+    """
+
+    def __init__(self, message: object) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Static knowledge
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a suite asks for; built by the suite loader from YAML."""
+
+    dataset: str  # cifar100 | cifar10 | mnist | fashion_mnist | imagefolder | synthetic
+    path: str | None = None  # imagefolder: folder (relative: under the data root) or a .zip of it
+    train_size: int | None = None  # use only the first N training images (None = all)
+    test_size: int | None = None  # likewise for the test split
+    num_classes: int | None = None  # imagefolder/synthetic: declared, so planning works without data
+    image_size: int | None = None  # imagefolder/synthetic: declared side length
+    download: bool = False  # cifar*/mnist*: let torchvision download when missing
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise DataError(
+                f"unknown dataset {self.dataset!r}; expected one of: {', '.join(DATASETS)}"
+            )
+        for field in ("train_size", "test_size", "num_classes", "image_size"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise DataError(f"{self.dataset}: {field} must be a positive integer, got {value!r}")
+
+
+# Per-channel mean/std of the training split. CIFAR-100 values are those of the CRD protocol
+# (Tian et al., "Contrastive Representation Distillation"), which most KD papers reuse.
+_FIXED: dict[str, DatasetInfo] = {
+    "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "mnist": DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,)),
+    "fashion_mnist": DatasetInfo("fashion_mnist", 10, (1, 28, 28), (0.2860,), (0.3530,)),
+}
+# An image folder's statistics are unknown without reading it; natural images are close to ImageNet's.
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_SYNTHETIC_DEFAULTS = {"num_classes": 10, "image_size": 32, "train_size": 512, "test_size": 256}
+_SYNTHETIC_SEED = 20240611  # fixed: the synthetic dataset is the same everywhere
+
+DATASETS = ("cifar100", "cifar10", "mnist", "fashion_mnist", "imagefolder", "synthetic")
+
+
+def dataset_info(spec: DataSpec) -> DatasetInfo:
+    """Classes, input shape and normalisation of ``spec``'s dataset. Never touches files."""
+    name = spec.dataset
+    if name in _FIXED:
+        info = _FIXED[name]
+        # A declaration that contradicts the real dataset is a suite error, not something to ignore.
+        if spec.num_classes is not None and spec.num_classes != info.num_classes:
+            raise DataError(f"{name} has {info.num_classes} classes, but the suite declares num_classes: {spec.num_classes}")
+        if spec.image_size is not None and spec.image_size != info.input_shape[1]:
+            raise DataError(f"{name} images are {info.input_shape[1]}x{info.input_shape[2]}, but the suite declares image_size: {spec.image_size}")
+        return info
+    if name == "synthetic":
+        n_cls = spec.num_classes or _SYNTHETIC_DEFAULTS["num_classes"]
+        size = spec.image_size or _SYNTHETIC_DEFAULTS["image_size"]
+        if n_cls < 2:
+            raise DataError(f"synthetic: num_classes must be at least 2, got {n_cls}")
+        return DatasetInfo("synthetic", n_cls, (3, size, size), (0.5,) * 3, (0.25,) * 3)
+    if name == "imagefolder":
+        missing = [f for f in ("num_classes", "image_size") if getattr(spec, f) is None]
+        if missing:
+            raise DataError(
+                f"imagefolder dataset {spec.path!r}: declare {' and '.join(missing)} in the suite's data section "
+                "(needed to build models without reading the images)"
+            )
+        assert spec.num_classes is not None and spec.image_size is not None
+        return DatasetInfo("imagefolder", spec.num_classes, (3, spec.image_size, spec.image_size), _IMAGENET_MEAN, _IMAGENET_STD)
+    raise DataError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device-resident splits
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8, (N, C, H, W), contiguous, on the device
+    labels: torch.Tensor  # int64, (N,), on the device
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass
+class DeviceData:
+    info: DatasetInfo
+    train: Split
+    test: Split
+
+
+def resolve_data_root(cli_root: str | None) -> Path | None:
+    """The data root: ``--data-root`` first, else env ``KDBENCH_DATA``, else None.
+
+    No default like torchvision's ``./data`` is assumed: a missing root is reported by
+    :func:`load_data` with instructions, rather than data appearing in whatever the cwd is.
+    """
+    if cli_root:
+        return Path(cli_root).expanduser()
+    env = os.environ.get("KDBENCH_DATA")
+    if env:
+        return Path(env).expanduser()
+    return None
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("KDBENCH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kdbench"
+
+
+_HOW_TO_PROVIDE = "pass --data-root <folder> or set KDBENCH_DATA"
+
+
+def load_data(spec: DataSpec, root: Path | None, device: torch.device | str) -> DeviceData:
+    """Load both splits of ``spec`` on the CPU, cut them to train_size/test_size, move them to ``device`` once."""
+    info = dataset_info(spec)
+    root = Path(root).expanduser() if root is not None else None
+    name = spec.dataset
+    if name in ("cifar100", "cifar10"):
+        tr, te = _load_cifar(spec, _real_root(spec, root))
+    elif name in ("mnist", "fashion_mnist"):
+        tr, te = _load_mnist(spec, _real_root(spec, root))
+    elif name == "imagefolder":
+        tr, te = _load_imagefolder(spec, info, root)
+    elif name == "synthetic":
+        tr, te = _make_synthetic(spec, info)
+    else:  # pragma: no cover - dataset_info already rejected it
+        raise DataError(f"unknown dataset {name!r}")
+
+    device = torch.device(device)
+    splits = []
+    for split_name, (images, labels), size in (("train", tr, spec.train_size), ("test", te, spec.test_size)):
+        images, labels = _first_n(images, labels, size, f"{name} {split_name}")
+        _check_split(images, labels, info, f"{name} {split_name}")
+        # One host-to-device copy per split; contiguous so batch gathers are plain strided reads.
+        splits.append(Split(images.to(device).contiguous(), labels.to(device=device, dtype=torch.int64).contiguous()))
+    return DeviceData(info, splits[0], splits[1])
+
+
+def _real_root(spec: DataSpec, root: Path | None) -> Path:
+    if root is not None:
+        return root
+    if spec.download:
+        # The user allowed a download but named no folder: use the kdbench cache, not the cwd.
+        return _cache_dir() / "datasets"
+    raise DataError(
+        f"no data root for {spec.dataset}: {_HOW_TO_PROVIDE} to the folder holding it, "
+        "or set `download: true` in the suite's data section to let torchvision download it"
+    )
+
+
+def _first_n(images: torch.Tensor, labels: torch.Tensor, n: int | None, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if n is None or n == len(images):
+        return images, labels
+    if n > len(images):
+        raise DataError(f"{what}: asked for the first {n} images but the split has only {len(images)}")
+    # clone: a view would keep the whole split's storage alive when the device is the CPU
+    return images[:n].clone(), labels[:n].clone()
+
+
+def _check_split(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, what: str) -> None:
+    # Runs once on the CPU at load time; cheap insurance that the engine gets what the info promises.
+    if images.dtype != torch.uint8 or tuple(images.shape[1:]) != info.input_shape:
+        raise DataError(f"{what}: images are {images.dtype} {tuple(images.shape)}, expected uint8 (N, {', '.join(map(str, info.input_shape))})")
+    if labels.shape != (images.shape[0],):
+        raise DataError(f"{what}: {labels.shape[0]} labels for {images.shape[0]} images")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= info.num_classes):
+        raise DataError(f"{what}: labels span {int(labels.min())}..{int(labels.max())}, outside 0..{info.num_classes - 1}")
+
+
+# --- CIFAR ------------------------------------------------------------------------------------------
+
+
+def _load_cifar(spec: DataSpec, root: Path):
+    from torchvision import datasets
+
+    cls = datasets.CIFAR100 if spec.dataset == "cifar100" else datasets.CIFAR10
+    out = []
+    for train in (True, False):
+        try:
+            # torchvision's own integrity check (md5 of every batch file and of the meta file)
+            ds = cls(str(root), train=train, download=spec.download)
+        except (RuntimeError, OSError, ValueError, EOFError, KeyError, AssertionError, pickle.UnpicklingError) as e:
+            raise DataError(_cifar_problem(cls, spec, root, e)) from e
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+        out.append((images, torch.as_tensor(ds.targets, dtype=torch.int64)))
+    return out[0], out[1]
+
+
+def _cifar_problem(cls, spec: DataSpec, root: Path, err: Exception) -> str:
+    """Say which file is missing or corrupted (torchvision's message does not)."""
+    from torchvision.datasets.utils import check_integrity
+
+    folder = root / cls.base_folder
+    how = f"{_HOW_TO_PROVIDE} to the folder that contains {cls.base_folder}/, or set `download: true` in the suite's data section"
+    if spec.download:
+        return f"{spec.dataset}: download into {folder} failed or gave bad files ({err}); {how}"
+    if not folder.is_dir():
+        return f"{spec.dataset} not found: no folder {folder}; {how}"
+    files = [(f, md5) for f, md5 in list(cls.train_list) + list(cls.test_list)] + [(cls.meta["filename"], cls.meta["md5"])]
+    missing = [f for f, _ in files if not (folder / f).is_file()]
+    bad = [f for f, md5 in files if (folder / f).is_file() and not check_integrity(str(folder / f), md5)]
+    if missing or bad:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"corrupted (md5 mismatch) {', '.join(bad)}"] if bad else [])
+        return f"{spec.dataset} in {folder}: {'; '.join(parts)}; {how}"
+    return f"{spec.dataset}: could not read {folder} ({type(err).__name__}: {err}); {how}"
+
+
+# --- MNIST / Fashion-MNIST --------------------------------------------------------------------------
+
+
+def _load_mnist(spec: DataSpec, root: Path):
+    from torchvision import datasets
+
+    cls = datasets.MNIST if spec.dataset == "mnist" else datasets.FashionMNIST
+    folder = root / cls.__name__  # torchvision's layout: <root>/MNIST/raw/<idx files>
+    how = f"{_HOW_TO_PROVIDE} to the folder that contains {cls.__name__}/raw/, or set `download: true` in the suite's data section"
+    # torchvision only checks that the raw files exist; an MD5SUMS beside raw/ lets us catch corruption.
+    _verify_md5sums(folder, spec.dataset, how)
+    out = []
+    for train in (True, False):
+        try:
+            ds = cls(str(root), train=train, download=spec.download)
+        except (RuntimeError, OSError, ValueError, EOFError, AssertionError, TypeError) as e:
+            if isinstance(e, RuntimeError) and "not found" in str(e).lower():
+                raise DataError(f"{spec.dataset} not found in {folder / 'raw'} (expected the four idx files); {how}") from e
+            raise DataError(f"{spec.dataset}: could not read the idx files in {folder / 'raw'} ({type(e).__name__}: {e}); {how}") from e
+        out.append((ds.data.unsqueeze(1).contiguous(), ds.targets.to(torch.int64)))
+    return out[0], out[1]
+
+
+def _verify_md5sums(folder: Path, name: str, how: str) -> None:
+    """Check files against ``folder/MD5SUMS`` (md5sum format: ``<hex>  <file>``, names relative to raw/)."""
+    sums = folder / "MD5SUMS"
+    if not sums.is_file():
+        return
+    for lineno, line in enumerate(sums.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2 or len(parts[0]) != 32:
+            raise DataError(f"{name}: {sums} line {lineno} is not '<md5>  <file>': {line!r}")
+        expected, fname = parts[0].lower(), parts[1].lstrip("*")  # '*' marks binary mode in md5sum output
+        candidates = [folder / "raw" / fname, folder / fname]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            continue  # a missing file is reported by torchvision's own existence check
+        actual = _md5(path)
+        if actual != expected:
+            raise DataError(f"{name}: {path} is corrupted (md5 {actual}, {sums.name} says {expected}); replace it; {how}")
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- Image folders ----------------------------------------------------------------------------------
+
+_CACHE_FORMAT = 1  # bump when the cached tensors' layout or ordering changes
+
+
+def _load_imagefolder(spec: DataSpec, info: DatasetInfo, root: Path | None):
+    if not spec.path:
+        raise DataError("imagefolder: set `path` in the suite's data section (a folder with train/ and test/, or a .zip of it)")
+    path = _user_path(spec.path, root)
+    if not path.exists():
+        raise DataError(f"imagefolder: {path} does not exist; give `path` relative to the data root ({_HOW_TO_PROVIDE}) or as an absolute path")
+    size = info.input_shape[1]
+    cache = _cache_dir()
+    if path.is_file():
+        if path.suffix.lower() != ".zip":
+            raise DataError(f"imagefolder: {path} is a file but not a .zip; give a folder with train/ and test/ or a .zip of one")
+        st = path.stat()
+        # A zip is keyed by itself (path, size, mtime): a cache hit then needs neither unpacking nor a file listing.
+        key = _key({"zip": str(path.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns, "image_size": size})
+        tensor_file = cache / "imagefolder" / f"{path.stem}-{key}.pt"
+        cached = _read_tensor_cache(tensor_file)
+        if cached is None:
+            folder = _tree_root(_unzip_once(path, cache / "unzipped" / f"{path.stem}-{key}"), path)
+            cached = _decode_image_tree(folder, size)
+            _write_tensor_cache(tensor_file, cached)
+    else:
+        folder = _tree_root(path, path)
+        listing = [(str(p.relative_to(folder)), s.st_size, s.st_mtime_ns) for p, s in _list_files(folder)]
+        key = _key({"folder": str(folder.resolve()), "files": listing, "image_size": size})
+        tensor_file = cache / "imagefolder" / f"{folder.name}-{key}.pt"
+        cached = _read_tensor_cache(tensor_file)
+        if cached is None:
+            cached = _decode_image_tree(folder, size)
+            _write_tensor_cache(tensor_file, cached)
+
+    classes = list(cached["classes"])
+    if len(classes) != info.num_classes:
+        raise DataError(f"imagefolder {path}: found {len(classes)} classes ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}) but the suite declares num_classes: {info.num_classes}")
+    return (cached["train_images"], cached["train_labels"]), (cached["test_images"], cached["test_labels"])
+
+
+def _user_path(path: str, root: Path | None) -> Path:
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    if root is not None:
+        return root / p
+    if p.exists():  # no data root: a path that exists relative to the cwd is taken as meant
+        return p.resolve()
+    raise DataError(f"imagefolder: relative path {path!r} needs a data root: {_HOW_TO_PROVIDE}, or give an absolute path")
+
+
+def _key(obj: object) -> str:
+    payload = json.dumps({"format": _CACHE_FORMAT, **obj}, sort_keys=True).encode()  # type: ignore[dict-item]
+    return hashlib.sha1(payload, usedforsecurity=False).hexdigest()[:16]
+
+
+def _list_files(folder: Path) -> list[tuple[Path, os.stat_result]]:
+    out = []
+    for split in ("train", "test"):
+        for dirpath, dirnames, filenames in os.walk(folder / split):
+            dirnames.sort()
+            for fn in sorted(filenames):
+                p = Path(dirpath) / fn
+                out.append((p, p.stat()))
+    return out
+
+
+def _tree_root(folder: Path, shown: Path) -> Path:
+    """The folder holding train/ and test/: ``folder`` itself or its single subfolder (zips often add one)."""
+    if (folder / "train").is_dir() and (folder / "test").is_dir():
+        return folder
+    subdirs = [d for d in folder.iterdir() if d.is_dir() and not d.name.startswith((".", "__MACOSX"))] if folder.is_dir() else []
+    if len(subdirs) == 1 and (subdirs[0] / "train").is_dir() and (subdirs[0] / "test").is_dir():
+        return subdirs[0]
+    raise DataError(f"imagefolder: {shown} has no train/ and test/ folders (expected train/<class>/<image>, test/<class>/<image>)")
+
+
+def _unzip_once(zip_path: Path, dest: Path) -> Path:
+    """Unpack ``zip_path`` into ``dest`` unless a complete unpacking is already there."""
+    marker = dest / ".kdbench-complete"
+    if marker.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            zf.extractall(tmp)  # extractall drops absolute paths and '..' components
+    except (zipfile.BadZipFile, OSError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"imagefolder: could not unpack {zip_path} into {dest.parent} ({type(e).__name__}: {e}); check the zip or set KDBENCH_CACHE to a writable folder") from e
+    (tmp / marker.name).touch()
+    shutil.rmtree(dest, ignore_errors=True)  # an incomplete earlier attempt
+    try:
+        os.replace(tmp, dest)  # atomic: a concurrent loader sees all of it or none
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not marker.is_file():
+            raise
+    return dest
+
+
+def _decode_image_tree(folder: Path, image_size: int) -> dict:
+    """Decode every image under folder/train and folder/test once (PIL, through torchvision's ImageFolder).
+
+    Images are converted to RGB and must all be ``image_size`` square (no silent resizing). ImageFolder
+    lists samples class by class, so each split is put in a fixed pseudo-random order: "the first N
+    images" (train_size/test_size) then holds all classes, as it does for CIFAR and MNIST.
+    """
+    import numpy as np
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    splits = {}
+    for split in ("train", "test"):
+        try:
+            ds = ImageFolder(str(folder / split))
+        except (FileNotFoundError, OSError) as e:
+            raise DataError(f"imagefolder: {folder / split}: {e}") from e
+        splits[split] = ds
+    if splits["train"].classes != splits["test"].classes:
+        a, b = set(splits["train"].classes), set(splits["test"].classes)
+        raise DataError(f"imagefolder {folder}: train and test classes differ (only in train: {sorted(a - b) or '-'}; only in test: {sorted(b - a) or '-'})")
+
+    out: dict = {"classes": list(splits["train"].classes)}
+    for i, (split, ds) in enumerate(splits.items()):
+        n = len(ds.samples)
+        arr = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+        for j, (p, _) in enumerate(ds.samples):
+            try:
+                with Image.open(p) as im:
+                    im = im.convert("RGB")
+                    if im.size != (image_size, image_size):
+                        raise DataError(f"imagefolder: {p} is {im.size[0]}x{im.size[1]}, but the suite declares image_size: {image_size}")
+                    arr[j] = np.asarray(im)
+            except OSError as e:
+                raise DataError(f"imagefolder: cannot decode {p} ({e})") from e
+        images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+        labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(i))
+        out[f"{split}_images"] = images[order].contiguous()
+        out[f"{split}_labels"] = labels[order].contiguous()
+    return out
+
+
+def _read_tensor_cache(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:  # a torn or stale cache file is rebuilt, never fatal
+        return None
+
+
+def _write_tensor_cache(path: Path, data: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(data, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache only costs speed next time
+
+
+# --- Synthetic --------------------------------------------------------------------------------------
+
+
+def _make_synthetic(spec: DataSpec, info: DatasetInfo):
+    """Class prototypes (smooth random colour fields) plus per-image noise and brightness jitter.
+
+    Prototypes are low-frequency (a 4x4 grid upsampled) so that crops and flips keep most of the class
+    signal; small models learn this in a few epochs. Train and test use separate generators so the test
+    images do not depend on train_size.
+    """
+    c, h, w = info.input_shape
+    k = info.num_classes
+    g = torch.Generator().manual_seed(_SYNTHETIC_SEED)
+    grid = torch.rand(k, c, 4, 4, generator=g)
+    protos = torch.nn.functional.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+    protos = 40.0 + 175.0 * protos  # in [40, 215]: room for noise before clamping
+
+    def make(n: int, seed: int):
+        gs = torch.Generator().manual_seed(seed)
+        labels = (torch.arange(n) % k)[torch.randperm(n, generator=gs)]
+        shift = torch.randn(n, 1, 1, 1, generator=gs) * 12.0
+        noise = torch.randn(n, c, h, w, generator=gs) * 40.0
+        images = (protos[labels] + shift + noise).round_().clamp_(0, 255).to(torch.uint8)
+        return images.contiguous(), labels
+
+    n_train = spec.train_size or _SYNTHETIC_DEFAULTS["train_size"]
+    n_test = spec.test_size or _SYNTHETIC_DEFAULTS["test_size"]
+    return make(n_train, _SYNTHETIC_SEED + 1), make(n_test, _SYNTHETIC_SEED + 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batch augmentation on the device
+
+
+def crop_flip(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor, padding: int) -> torch.Tensor:
+    """Zero-pad by ``padding``, crop HxW at ``(top[i], left[i])`` of the padded image, then flip where ``flip[i]``.
+
+    Equals torchvision ``RandomCrop(size, padding=padding)`` (fill 0) then ``RandomHorizontalFlip`` with the
+    same offsets and flips. ``0 <= top, left <= 2*padding`` is the caller's promise (checking it would
+    need a host sync). One gather over the batch; any dtype, any device; returns a new contiguous tensor.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"crop_flip expects (N, C, H, W), got shape {tuple(images.shape)}")
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    n, c, h, w = images.shape
+    dev = images.device
+    if padding:
+        padded = images.new_zeros((n, c, h + 2 * padding, w + 2 * padding))
+        padded[:, :, padding : padding + h, padding : padding + w] = images
+    else:
+        padded = images
+    wp = w + 2 * padding
+    top = top.to(device=dev, dtype=torch.long)
+    left = left.to(device=dev, dtype=torch.long)
+    flip = flip.to(device=dev, dtype=torch.bool)
+    ar_h = torch.arange(h, device=dev)
+    ar_w = torch.arange(w, device=dev)
+    rows = top[:, None] + ar_h  # (n, h)
+    # Flipping after the crop reads column w-1-x of the crop, i.e. left + w-1-x of the padded image.
+    cols = left[:, None] + torch.where(flip[:, None], (w - 1) - ar_w, ar_w)  # (n, w)
+    index = (rows[:, :, None] * wp + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
+    out = padded.reshape(n, c, -1).gather(2, index)
+    return out.view(n, c, h, w)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, padding: int, flip: bool) -> torch.Tensor:
+    """Random crop (offsets uniform in [0, 2*padding]) and random flip (p=0.5), drawn from ``generator``.
+
+    ``generator`` must live on the images' device. Draw order (fixed, part of reproducibility): top,
+    left, then the flip bits; with padding 0 only the flips are drawn, with flip False no flips are drawn.
+    """
+    if padding == 0 and not flip:
+        return images
+    n, dev = images.shape[0], images.device
+    if padding:
+        top = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=dev)
+        left = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=dev)
+    else:
+        top = left = torch.zeros(n, dtype=torch.long, device=dev)
+    if flip:
+        flips = torch.randint(0, 2, (n,), generator=generator, device=dev).bool()
+    else:
+        flips = torch.zeros(n, dtype=torch.bool, device=dev)
+    if padding == 0:
+        # flip only: no padding or gather needed
+        return torch.where(flips[:, None, None, None], images.flip(-1), images)
+    return crop_flip(images, top, left, flips, padding)
+
+
+@functools.lru_cache(maxsize=64)
+def _norm_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype: torch.dtype):
+    # Cached: building a small tensor on a GPU each batch would be a host-to-device copy (and a sync).
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=dtype).view(-1, 1, 1).to(device)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=dtype).view(-1, 1, 1).to(device)
+    return scale, shift
+
+
+def normalize(images_u8: torch.Tensor, info: DatasetInfo, dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
+    """``(x/255 - mean)/std`` as ``dtype``; computed in float32 (float64 if asked) and then cast."""
+    if images_u8.ndim < 3 or images_u8.shape[-3] != len(info.mean):
+        raise ValueError(f"normalize: expected (..., {len(info.mean)}, H, W) for {info.name}, got shape {tuple(images_u8.shape)}")
+    if channels_last and images_u8.ndim != 4:
+        raise ValueError("normalize: channels_last needs a 4D (N, C, H, W) tensor")
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    scale, shift = _norm_constants(tuple(info.mean), tuple(info.std), images_u8.device, compute)
+    x = torch.addcmul(shift, images_u8.to(compute), scale)  # x*scale + shift == (x/255 - mean)/std
+    x = x.to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def epoch_batches(
+    split: Split,
+    batch_size: int,
+    order_gen: torch.Generator,
+    aug_gen: torch.Generator | None,
+    padding: int,
+    flip: bool,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One training epoch: ``(uint8 images, labels)`` batches over a permutation drawn from ``order_gen``.
+
+    Both generators must live on the split's device. Batches are augmented with ``aug_gen`` when it is
+    given. Everything stays on the device; batch boundaries come from the (host-known) split length.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(split)
+    perm = torch.randperm(n, generator=order_gen, device=split.images.device)
+    stop = (n // batch_size) * batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        idx = perm[start : start + batch_size]
+        images = split.images.index_select(0, idx)
+        labels = split.labels.index_select(0, idx)
+        if aug_gen is not None:
+            images = augment(images, aug_gen, padding, flip)
+        yield images, labels
+
+
+def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The split in order, without augmentation (views, no copies)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, len(split), batch_size):
+        yield split.images[start : start + batch_size], split.labels[start : start + batch_size]
+
+
+def make_generator(device: torch.device | str, seed: int) -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded with ``seed``."""
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(int(seed))
+    return g

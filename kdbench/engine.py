@@ -1,0 +1,172 @@
+"""The one training loop: teachers, assistants and students all train here.
+
+The engine owns the optimiser, the learning-rate schedule, precision, evaluation and checkpoints;
+the method owns only its loss (or its own step, for methods that train two models). Data stays on
+the device; the only host syncs are at the end of an epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from kdbench import KdbenchError
+from kdbench.data import DeviceData, Split, epoch_batches, eval_batches, make_generator, normalize
+from kdbench.method import Batch, Method, PassCounts, StepContext
+from kdbench.seeding import stream_seed
+from kdbench.suite import AugmentConfig, TrainConfig
+
+EXPLODED = 1e4  # an epoch's mean training loss above this ends the job as diverged
+
+
+class Diverged(KdbenchError):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    device: torch.device
+    bf16: bool  # bf16 autocast for forward passes (BatchNorm and losses stay float32)
+    channels_last: bool
+
+    @classmethod
+    def for_device(cls, name: str = "auto") -> "EngineOptions":
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise KdbenchError("--device cuda: no CUDA device is available on this machine (use --device cpu)")
+        gpu = device.type == "cuda"
+        return cls(device=device, bf16=gpu, channels_last=gpu)
+
+
+def lr_factor(train: TrainConfig, epoch: int) -> float:
+    """Multiplier of the base rate during 0-based `epoch` (the step schedule multiplies after each milestone)."""
+    if epoch < train.warmup_epochs:
+        return (epoch + 1) / train.warmup_epochs
+    if train.schedule == "step":
+        return train.gamma ** sum(epoch >= m for m in train.milestones)
+    if train.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / train.epochs))
+    return 1.0
+
+
+def make_optimizer(params: list[nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, nesterov=train.nesterov,
+                               weight_decay=train.weight_decay)
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, data: DeviceData, opts: EngineOptions, batch_size: int) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=opts.device)
+    loss = torch.zeros((), dtype=torch.float64, device=opts.device)
+    for images, labels in eval_batches(split, batch_size):
+        x = normalize(images, data.info, channels_last=opts.channels_last)
+        with torch.autocast(opts.device.type, dtype=torch.bfloat16, enabled=opts.bf16):
+            logits = model(x).float()
+        correct += (logits.argmax(1) == labels).sum()
+        loss += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+    model.train(was_training)
+    n = len(split)
+    return {"acc": correct.item() / n * 100, "loss": loss.item() / n}
+
+
+@dataclass
+class FitResult:
+    metrics: dict[str, float]  # the last epoch's metrics: the headline numbers
+    history: list[dict[str, float]] = field(default_factory=list)
+    passes: PassCounts = field(default_factory=PassCounts)
+
+
+def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: DeviceData, train: TrainConfig,
+        augment: AugmentConfig, seed: int, opts: EngineOptions, *, eval_batch_size: int = 1000,
+        on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+        keep_route: Callable[[int], bool] | None = None,
+        on_route: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> FitResult:
+    """Train `student` for `train.epochs` with `method`, evaluating on the test split after each epoch.
+
+    on_epoch(epoch, metrics) gets 1-based epochs; on_route(epoch, state_dict) is called where keep_route(epoch).
+    """
+    models = {"student": student}
+    trainable = {"student": list(student.parameters()) + list(method.parameters())}
+    if teacher is not None:
+        models["teacher"] = teacher
+        if method.trains_teacher:
+            trainable["teacher"] = list(teacher.parameters())
+        else:
+            teacher.eval().requires_grad_(False)  # frozen: running statistics, no dropout, no gradient
+    optimizers = {k: make_optimizer(p, train) for k, p in trainable.items()}
+    passes = PassCounts()
+
+    def update(which: str, loss: torch.Tensor, clip_grad_norm: float | None = None) -> None:
+        opt = optimizers[which]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(trainable[which], clip_grad_norm)
+        opt.step()
+        setattr(passes, f"{which}_backward", getattr(passes, f"{which}_backward") + 1)
+        model = models[which]
+        if getattr(model, "max_norm", None):  # Hinton 2012's max-norm constraint, where the model asks for it
+            model.apply_max_norm_(model.max_norm)
+
+    def autocast():  # forward passes only: backward runs outside, in the types the forward chose
+        return torch.autocast(opts.device.type, dtype=torch.bfloat16, enabled=opts.bf16)
+
+    ctx = StepContext(student=student, teacher=teacher, update=update, passes=passes, autocast=autocast)
+    history: list[dict[str, float]] = []
+    metrics: dict[str, float] = {}
+    if train.epochs == 0:  # a model used as loaded (checkpoint, pretrained): evaluate only
+        test = evaluate(student, data.test, data, opts, eval_batch_size)
+        metrics = {"test_acc": test["acc"], "test_loss": test["loss"]}
+        return FitResult(metrics, [metrics], passes)
+
+    for epoch in range(train.epochs):
+        start = time.perf_counter()
+        for opt in optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = train.lr * lr_factor(train, epoch)
+        student.train()
+        method.train()
+        if method.trains_teacher:
+            teacher.train()
+        order = make_generator(opts.device, stream_seed(seed, "order", epoch))
+        aug = make_generator(opts.device, stream_seed(seed, "aug", epoch))
+        totals: dict[str, torch.Tensor] = {}
+        steps = images_seen = 0
+        for images, labels in epoch_batches(data.train, train.batch_size, order, aug, augment.crop_padding,
+                                            augment.flip):
+            x = normalize(images, data.info, channels_last=opts.channels_last)
+            terms = method.step(Batch(x, labels, epoch, train.epochs), ctx)
+            for name, value in terms.items():  # summed on the device: no sync per step
+                totals[name] = totals.get(name, 0) + value.float()
+            steps += 1
+            images_seen += labels.shape[0]
+        train_loss = {f"train_{k}": (v / steps).item() for k, v in totals.items()}
+        train_time = time.perf_counter() - start
+        total_loss = sum(train_loss.values())
+        if not math.isfinite(total_loss):
+            raise Diverged(f"training loss became {total_loss} in epoch {epoch + 1}")
+        if total_loss > EXPLODED:
+            raise Diverged(f"training loss exploded to {total_loss:.3g} in epoch {epoch + 1}")
+        test = evaluate(student, data.test, data, opts, eval_batch_size)
+        metrics = {"train_loss": total_loss, **train_loss, "test_acc": test["acc"], "test_loss": test["loss"],
+                   "lr": optimizers["student"].param_groups[0]["lr"], "epoch_time": time.perf_counter() - start,
+                   "images_per_sec": images_seen / train_time}
+        if method.trains_teacher:
+            metrics["teacher_test_acc"] = evaluate(teacher, data.test, data, opts, eval_batch_size)["acc"]
+        history.append(metrics)
+        if keep_route is not None and on_route is not None and keep_route(epoch + 1):
+            on_route(epoch + 1, {k: v.detach().clone() for k, v in student.state_dict().items()})
+        if on_epoch is not None:
+            on_epoch(epoch + 1, metrics)
+    return FitResult(metrics, history, passes)

@@ -1,0 +1,76 @@
+"""The method registry: every `Method` subclass found in the `methods/` folders and in installed packages.
+
+Sources, in order: the repository's own `methods/` folder, `./methods` of the working directory,
+folders listed in KDBENCH_METHODS (os.pathsep-separated), and the entry-point group
+`kdbench.methods` of pip-installed packages (each entry a module or a Method subclass).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+from functools import lru_cache
+from importlib.metadata import entry_points
+from pathlib import Path
+from types import ModuleType
+
+from kdbench import KdbenchError
+from kdbench.method import Method
+
+REPO_METHODS = Path(__file__).resolve().parents[1] / "methods"
+
+
+def method_dirs() -> list[Path]:
+    dirs = [REPO_METHODS, Path.cwd() / "methods"]
+    dirs += [Path(p) for p in os.environ.get("KDBENCH_METHODS", "").split(os.pathsep) if p]
+    seen, unique = set(), []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in seen:
+            seen.add(d.resolve())
+            unique.append(d)
+    return unique
+
+
+def _classes_in(module: ModuleType) -> list[type[Method]]:
+    return [c for _, c in inspect.getmembers(module, inspect.isclass)
+            if issubclass(c, Method) and c is not Method and c.__module__ == module.__name__ and c.name]
+
+
+def _load_file(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"kdbench_methods.{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # a broken plugin must not hide which file it is
+        raise KdbenchError(f"{path}: method plugin failed to import: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+@lru_cache(maxsize=1)
+def methods() -> dict[str, type[Method]]:
+    found: dict[str, type[Method]] = {}
+    origin: dict[str, str] = {}
+
+    def add(cls: type[Method], where: str) -> None:
+        if cls.name in found and found[cls.name] is not cls:
+            raise KdbenchError(f"{where}: method '{cls.name}' is already defined in {origin[cls.name]}")
+        found[cls.name], origin[cls.name] = cls, where
+
+    for folder in method_dirs():
+        for path in sorted(folder.glob("*.py")):
+            if not path.name.startswith("_"):
+                for cls in _classes_in(_load_file(path)):
+                    add(cls, str(path))
+    for ep in entry_points(group="kdbench.methods"):
+        obj = ep.load()
+        for cls in ([obj] if inspect.isclass(obj) else _classes_in(obj)):
+            add(cls, f"entry point {ep.name}")
+    return dict(sorted(found.items()))
+
+
+def get_method(name: str) -> type[Method]:
+    registry = methods()
+    if name not in registry:
+        raise KdbenchError(f"unknown method '{name}' (known: {', '.join(registry)})")
+    return registry[name]

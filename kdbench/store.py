@@ -1,0 +1,107 @@
+"""The model store: trained models by content hash, so a second suite reuses them.
+
+Layout: <store>/<key>/model.pt (final weights), route/epoch_NNNN.pt (checkpoints along the run, with
+BatchNorm statistics, for RCO), meta.json (config and final metrics; written last, so a folder
+without it was never finished). Files are written to a temporary name and renamed: a crash never
+leaves a half-written model under a real name. Each file's sha256 is kept in meta.json and checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdbench import KdbenchError
+
+
+def default_store() -> Path:
+    return Path(os.environ.get("KDBENCH_STORE", "kdbench-store"))
+
+
+class CorruptFile(KdbenchError):
+    pass
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_save(obj: Any, path: Path) -> str:
+    """torch.save to a temporary file in the same folder, fsync, rename; returns the file's sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return sha256(path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def checked_load(path: Path, expected_sha256: str | None) -> Any:
+    if expected_sha256 is not None and sha256(path) != expected_sha256:
+        raise CorruptFile(f"{path}: content hash does not match the one recorded when it was saved; the file is "
+                          f"corrupted: delete its folder {path.parent} to retrain it")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CorruptFile(f"{path}: cannot be read ({type(exc).__name__}); delete it to retrain") from None
+
+
+class ModelStore:
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root is not None else default_store()
+
+    def folder(self, key: str) -> Path:
+        return self.root / key
+
+    def has(self, key: str) -> bool:
+        return (self.folder(key) / "meta.json").is_file()
+
+    def meta(self, key: str) -> dict[str, Any]:
+        return json.loads((self.folder(key) / "meta.json").read_text())
+
+    def save_route(self, key: str, epoch: int, state_dict: dict[str, torch.Tensor]) -> tuple[str, str]:
+        """Keep the model as it is after `epoch` (1-based); returns (relative file name, sha256)."""
+        name = f"route/epoch_{epoch:04d}.pt"
+        return name, atomic_save(state_dict, self.folder(key) / name)
+
+    def save_final(self, key: str, state_dict: dict[str, torch.Tensor], meta: dict[str, Any],
+                   route: dict[int, tuple[str, str]]) -> None:
+        digest = atomic_save(state_dict, self.folder(key) / "model.pt")
+        meta = {**meta, "key": key, "model_sha256": digest,
+                "route": {str(e): {"file": f, "sha256": h} for e, (f, h) in sorted(route.items())}}
+        atomic_write_text(json.dumps(meta, indent=1, sort_keys=True, default=str), self.folder(key) / "meta.json")
+
+    def load_final(self, key: str) -> dict[str, torch.Tensor]:
+        return checked_load(self.folder(key) / "model.pt", self.meta(key)["model_sha256"])
+
+    def route(self, key: str) -> dict[int, Path]:
+        """Route checkpoints by epoch (1-based), the final model included as the last."""
+        meta = self.meta(key)
+        return {int(e): self.folder(key) / r["file"] for e, r in meta["route"].items()}
+
+    def load_route(self, key: str, epoch: int) -> dict[str, torch.Tensor]:
+        entry = self.meta(key)["route"][str(epoch)]
+        return checked_load(self.folder(key) / entry["file"], entry["sha256"])

@@ -1,0 +1,112 @@
+"""MLflow: one parent run per suite run, one child run per job, params for every setting, metrics per epoch.
+
+The embedded default is a SQLite database in the working directory (sqlite:///mlflow.db) unless
+MLFLOW_TRACKING_URI names another store. Writes happen once per epoch, never per step.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from kdbench import __version__
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+TAG = "kdbench."  # prefix of kdbench's own tags
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def code_version() -> dict[str, str]:
+    """kdbench's version, and the git commit (with a dirty flag) when running from a checkout."""
+    repo = Path(__file__).resolve().parents[1]
+    out = {"kdbench_version": __version__}
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            out["git_commit"] = head.stdout.strip()
+            out["git_dirty"] = str(bool(dirty)).lower()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return out
+
+
+def environment(device: str) -> dict[str, str]:
+    import timm
+    import torch
+
+    env = {"torch_version": torch.__version__, "timm_version": timm.__version__, "python_version":
+           platform.python_version(), "device": device, "cuda_version": str(torch.version.cuda)}
+    if device.startswith("cuda"):
+        env["device_name"] = torch.cuda.get_device_name()
+    return env
+
+
+def flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = str(value)
+    return out
+
+
+class Tracker:
+    """The only module that talks to MLflow while training."""
+
+    def __init__(self, uri: str | None = None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri or tracking_uri()
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+
+    def experiment(self, suite_name: str) -> str:
+        found = self.client.get_experiment_by_name(suite_name)
+        return found.experiment_id if found else self.client.create_experiment(suite_name)
+
+    def start_suite(self, suite_name: str, suite_path: str, tags: dict[str, str], params: dict[str, str]) -> str:
+        exp = self.experiment(suite_name)
+        run = self.client.create_run(exp, run_name=f"{suite_name} {time.strftime('%Y-%m-%d %H:%M:%S')}", tags={
+            f"{TAG}suite": suite_name, f"{TAG}role": "suite", f"{TAG}suite_file": suite_path, **tags})
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def start_job(self, parent_id: str, name: str, tags: dict[str, str], params: dict[str, str]) -> str:
+        exp = self.client.get_run(parent_id).info.experiment_id
+        run = self.client.create_run(exp, run_name=name, tags={"mlflow.parentRunId": parent_id, **tags})
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def end(self, run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
+        if reason:
+            self.set_tags(run_id, {f"{TAG}failure": reason[:5000]})
+        self.client.set_terminated(run_id, status)

@@ -1,0 +1,13 @@
+"""The student alone, trained with cross-entropy: the reference every method is compared to, paired by seed."""
+
+from kdbench.losses import cross_entropy
+from kdbench.method import Method
+
+
+class Baseline(Method):
+    name = "baseline"
+    summary = "student alone, cross-entropy only"
+    needs_teacher = False
+
+    def losses(self, batch, student, teacher):
+        return {"ce": cross_entropy(student.logits, batch.labels)}

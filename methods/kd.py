@@ -1,0 +1,20 @@
+"""Vanilla KD (Hinton, Vinyals, Dean 2015): L = ce_weight * CE + kd_weight * T^2 * KL(p_t^T || p_s^T).
+
+Defaults are those of the CIFAR-100 benchmark of Tian et al. (CRD): T = 4, CE weight 0.1, KD weight 0.9.
+"""
+
+from kdbench.losses import cross_entropy, kd_loss
+from kdbench.method import Method
+
+
+class KD(Method):
+    name = "kd"
+    summary = "Hinton's soft targets: CE + T^2 KL(teacher || student), batchmean"
+    defaults = {"T": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
+
+    def losses(self, batch, student, teacher):
+        p = self.params
+        return {
+            "ce": p["ce_weight"] * cross_entropy(student.logits, batch.labels),
+            "kd": p["kd_weight"] * kd_loss(student.logits, teacher.logits, p["T"]),
+        }

@@ -1,0 +1,61 @@
+"""Shared fixtures: a temporary MLflow SQLite store and model store per test, suites written on the fly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data() -> Path | None:
+    """Real datasets: $KDBENCH_DATA, else ../shared/data beside the checkout; None when neither exists."""
+    for candidate in (os.environ.get("KDBENCH_DATA"), REPO.parent / "shared" / "data"):
+        if candidate and (Path(candidate) / "MNIST" / "raw").is_dir():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture
+def mnist_root() -> Path:
+    root = shared_data()
+    if root is None:
+        pytest.skip("real MNIST not found (set KDBENCH_DATA)")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated_stores(tmp_path, monkeypatch):
+    """Every test gets its own MLflow database and model store, and runs in a temporary directory."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("KDBENCH_STORE", str(tmp_path / "store"))
+    monkeypatch.chdir(tmp_path)
+    yield
+
+
+TINY = {
+    "name": "tiny",
+    "data": {"dataset": "synthetic", "train_size": 256, "test_size": 128, "num_classes": 4, "image_size": 32},
+    "augment": {"crop_padding": 4, "flip": True},
+    "teachers": ["cifar_resnet14"],
+    "students": ["cifar_resnet8"],
+    "methods": ["baseline", "kd"],
+    "seeds": [0],
+    "train": {"epochs": 2, "batch_size": 64, "lr": 0.05, "schedule": "step", "milestones": [1]},
+}
+
+
+@pytest.fixture
+def write_suite(tmp_path):
+    def write(overrides: dict | None = None, name: str = "tiny.yaml", text: str | None = None) -> Path:
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        else:
+            suite = {**TINY, **(overrides or {})}
+            path.write_text(yaml.safe_dump({k: v for k, v in suite.items() if v is not None}, sort_keys=False))
+        return path
+    return write
