@@ -182,7 +182,7 @@ class Executor:
         keep_route = None
         if job.role == "teacher":
             keep_route = lambda e: e % job.route_every == 0 or e == job.train.epochs  # noqa: E731
-        result = fit(model, method, teacher, data, job.train, self.plan.suite.augment, job.seed, self.opts,
+        result = fit(model, method, teacher, data, job.train, job.augment, job.seed, self.opts,
                      eval_batch_size=self.plan.suite.eval_batch_size, on_epoch=on_epoch, keep_route=keep_route,
                      on_route=on_route)
         if job.role == "teacher":

@@ -16,7 +16,7 @@ from typing import Any
 from kdbench import KdbenchError
 from kdbench.data import dataset_info
 from kdbench.registry import get_method
-from kdbench.suite import MethodEntry, Suite, TrainConfig
+from kdbench.suite import AugmentConfig, MethodEntry, Suite, TrainConfig
 from kdbench.zoo import ModelStats, known_models, model_stats
 
 STORE_VERSION = 1  # bump when a change to the engine changes what a given config trains to
@@ -46,6 +46,7 @@ class Job:
     seed: int
     method: MethodEntry
     train: TrainConfig
+    augment: AugmentConfig
     config: dict[str, Any] = field(compare=False, repr=False)  # the hashed description, logged as params
     teacher: str | None = None  # key of the job whose trained model teaches this one
     teacher_model: str | None = None
@@ -143,13 +144,14 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
     if epochs is not None and teacher_train.epochs > 0:
         teacher_train = teacher_train.scaled_to(epochs)
     base = {"store_version": STORE_VERSION, "data": suite.data.model_dump(), "augment": suite.augment.model_dump()}
+    teacher_augment = suite.teacher.augment or suite.augment
 
     jobs: dict[str, Job] = {}
     teacher_keys: dict[str, str] = {}
     for t in dict.fromkeys(t for t, _ in pair_names):
         train = teacher_train.for_model(t)
         kwargs = {**suite.model_kwargs.get(t, {}), **suite.teacher.model_kwargs.get(t, {})}
-        config = {**base, "model": t, "model_kwargs": kwargs, "seed": suite.teacher.seed,
+        config = {**base, "augment": teacher_augment.model_dump(), "model": t, "model_kwargs": kwargs, "seed": suite.teacher.seed,
                   "method": TEACHER_METHOD.method, "method_params": {}, "train": train.model_dump(),
                   "source": suite.teacher.source}
         checkpoint = None
@@ -160,7 +162,7 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
             config["checkpoint_sha256"] = file_hash(Path(checkpoint))
         key = content_hash(config)
         teacher_keys[t] = key
-        jobs[key] = Job(key, "teacher", t, suite.teacher.seed, TEACHER_METHOD, train, config,
+        jobs[key] = Job(key, "teacher", t, suite.teacher.seed, TEACHER_METHOD, train, teacher_augment, config,
                         source=suite.teacher.source, checkpoint=checkpoint,
                         route_every=suite.teacher.route_every or default_route_every(train.epochs))
 
@@ -177,7 +179,7 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
                           "teacher": teacher_key}
                 key = content_hash(config)
                 if key not in jobs:
-                    jobs[key] = Job(key, "student", s, seed, entry, train, config, teacher=teacher_key,
+                    jobs[key] = Job(key, "student", s, seed, entry, train, suite.augment, config, teacher=teacher_key,
                                     teacher_model=t if teacher_key else None,
                                     pair=f"{t}->{s}" if teacher_key else None)
                 cells.append(Cell(pair, entry.label, seed, key))

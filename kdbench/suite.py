@@ -82,6 +82,7 @@ class TeacherConfig(Strict):
     train: dict[str, Any] = {}  # overrides of the suite's `train` for teachers (e.g. more epochs)
     seed: NonNegativeInt = 0  # teachers are shared by every student seed of a pair
     checkpoints: dict[str, str] = {}  # source checkpoint: model name -> state_dict file
+    augment: AugmentConfig | None = None  # teachers' own augmentation (Hinton: jittered teacher); default: the suite's
     route_every: PositiveInt | None = None  # keep a route checkpoint every N epochs (default: about 10 along the run)
     model_kwargs: dict[str, dict[str, Any]] = {}  # teacher-only model kwargs (e.g. dropout), by model name
 
