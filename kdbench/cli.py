@@ -84,6 +84,7 @@ def run(
     device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder [default: $KDBENCH_DATA]"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and exit; touches no data and no MLflow"),
+    fresh: bool = typer.Option(False, "--fresh", help="start a new parent run instead of continuing this plan's last one"),
 ) -> None:
     """Run every job of a suite: teachers, then students of every method and seed, logged to MLflow."""
     plan = _load_plan(suite, methods, seeds, epochs)
@@ -95,8 +96,9 @@ def run(
     from kdbench.tracking import tracking_uri
 
     root = resolve_data_root(str(data_root) if data_root else None)
-    outcome = Executor(plan, root, device, console=err).run()
-    err.print(f"{len(outcome.finished)} jobs finished, {len(outcome.failed)} failed; MLflow {tracking_uri()}, "
+    outcome = Executor(plan, root, device, console=err, fresh=fresh).run()
+    already = f" ({outcome.skipped} of them earlier)" if outcome.skipped else ""
+    err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed; MLflow {tracking_uri()}, "
               f"parent run {outcome.parent_run}")
     if outcome.failed:
         raise typer.Exit(1)
@@ -118,11 +120,16 @@ def _print_plan(plan) -> None:
 
 
 def main() -> None:
+    from kdbench.engine import Interrupted
+
     try:
         app()
     except KdbenchError as exc:
         err.print(f"kdbench: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
+    except Interrupted as exc:
+        err.print(f"kdbench: interrupted ({exc}); run the same command again to resume", markup=False)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

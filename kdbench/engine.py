@@ -87,14 +87,25 @@ class FitResult:
     passes: PassCounts = field(default_factory=PassCounts)
 
 
+class Interrupted(Exception):
+    """A stop was requested (Ctrl-C, SIGTERM): the job saved its state at a step boundary and can resume."""
+
+
 def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: DeviceData, train: TrainConfig,
         augment: AugmentConfig, seed: int, opts: EngineOptions, *, eval_batch_size: int = 1000,
         on_epoch: Callable[[int, dict[str, float]], None] | None = None,
         keep_route: Callable[[int], bool] | None = None,
-        on_route: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> FitResult:
+        on_route: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+        checkpoint: Callable[[dict[str, Any]], None] | None = None,
+        resume: dict[str, Any] | None = None,
+        should_stop: Callable[[], bool] = lambda: False) -> FitResult:
     """Train `student` for `train.epochs` with `method`, evaluating on the test split after each epoch.
 
     on_epoch(epoch, metrics) gets 1-based epochs; on_route(epoch, state_dict) is called where keep_route(epoch).
+    checkpoint(state) is called at the end of every epoch and when should_stop() turns true between two steps
+    (then Interrupted is raised); fit(..., resume=state) continues from such a state with the same numbers an
+    uninterrupted run gives: each epoch's order and augmentation come from generators seeded by (seed, epoch),
+    and a resumed epoch replays its draws up to the step where it stopped.
     """
     models = {"student": student}
     trainable = {"student": list(student.parameters()) + list(method.parameters())}
@@ -130,7 +141,31 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         metrics = {"test_acc": test["acc"], "test_loss": test["loss"]}
         return FitResult(metrics, [metrics], passes)
 
-    for epoch in range(train.epochs):
+    def state(epoch: int, batch: int, totals: dict[str, torch.Tensor], steps: int, images_seen: int) -> dict:
+        return {"epoch": epoch, "batch": batch, "steps": steps, "images_seen": images_seen,
+                "totals": {k: v.detach().clone() for k, v in totals.items()},
+                "models": {k: m.state_dict() for k, m in models.items() if k in trainable},
+                "method": method.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "history": list(history), "passes": asdict(passes), "cpu_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if opts.device.type == "cuda" else None}
+
+    first_epoch, skip_batches, resumed_totals = 0, 0, None
+    if resume is not None:
+        for k, sd in resume["models"].items():
+            models[k].load_state_dict(sd)
+        method.load_state_dict(resume["method"])
+        for k, sd in resume["optimizers"].items():
+            optimizers[k].load_state_dict(sd)
+        history[:] = resume["history"]
+        metrics = history[-1] if history else {}
+        passes.__dict__.update(resume["passes"])
+        torch.set_rng_state(resume["cpu_rng"])
+        if resume["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(resume["cuda_rng"])
+        first_epoch, skip_batches = resume["epoch"], resume["batch"]
+        resumed_totals = (resume["totals"], resume["steps"], resume["images_seen"]) if skip_batches else None
+
+    for epoch in range(first_epoch, train.epochs):
         start = time.perf_counter()
         for opt in optimizers.values():
             for group in opt.param_groups:
@@ -143,14 +178,24 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         aug = make_generator(opts.device, stream_seed(seed, "aug", epoch))
         totals: dict[str, torch.Tensor] = {}
         steps = images_seen = 0
-        for images, labels in epoch_batches(data.train, train.batch_size, order, aug, augment.crop_padding,
-                                            augment.flip):
+        if resumed_totals is not None:
+            totals, steps, images_seen = {k: v.to(opts.device) for k, v in resumed_totals[0].items()}, *resumed_totals[1:]
+            resumed_totals = None
+        for batch, (images, labels) in enumerate(epoch_batches(data.train, train.batch_size, order, aug,
+                                                               augment.crop_padding, augment.flip)):
+            if batch < skip_batches:  # replaying the draws of a resumed epoch up to where it stopped
+                continue
             x = normalize(images, data.info, channels_last=opts.channels_last)
             terms = method.step(Batch(x, labels, epoch, train.epochs), ctx)
             for name, value in terms.items():  # summed on the device: no sync per step
                 totals[name] = totals.get(name, 0) + value.float()
             steps += 1
             images_seen += labels.shape[0]
+            if should_stop():
+                if checkpoint is not None:
+                    checkpoint(state(epoch, batch + 1, totals, steps, images_seen))
+                raise Interrupted(f"stopped in epoch {epoch + 1} after step {batch + 1}")
+        skip_batches = 0
         train_loss = {f"train_{k}": (v / steps).item() for k, v in totals.items()}
         train_time = time.perf_counter() - start
         total_loss = sum(train_loss.values())
@@ -167,6 +212,11 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         history.append(metrics)
         if keep_route is not None and on_route is not None and keep_route(epoch + 1):
             on_route(epoch + 1, {k: v.detach().clone() for k, v in student.state_dict().items()})
+        # Checkpoint before logging: a crash in between re-logs this epoch from the checkpoint's history, once.
+        if checkpoint is not None:
+            checkpoint(state(epoch + 1, 0, {}, 0, 0))
         if on_epoch is not None:
             on_epoch(epoch + 1, metrics)
+        if should_stop() and epoch + 1 < train.epochs:
+            raise Interrupted(f"stopped after epoch {epoch + 1}")
     return FitResult(metrics, history, passes)

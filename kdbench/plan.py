@@ -83,6 +83,12 @@ class Plan:
     def job(self, key: str) -> Job:
         return next(j for j in self.jobs if j.key == key)
 
+    @property
+    def plan_hash(self) -> str:
+        """Identifies 'the same suite run': running it again resumes the parent run with this hash."""
+        return content_hash({"suite": self.suite.name, "jobs": [j.key for j in self.jobs],
+                             "cells": [(c.pair.name, c.method, c.seed, c.job) for c in self.cells]})
+
 
 def content_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -9,9 +9,11 @@ leaves a half-written model under a real name. Each file's sha256 is kept in met
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,39 @@ def atomic_save(obj: Any, path: Path) -> str:
     return sha256(path)
 
 
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """A training checkpoint in one self-verifying file: a line with the payload's sha256, then the payload.
+
+    Written to a temporary file and renamed, so a kill at any moment leaves either the old or the new one.
+    """
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(hashlib.sha256(payload).hexdigest().encode() + b"\n")
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    raw = path.read_bytes()
+    digest, _, payload = raw.partition(b"\n")
+    if hashlib.sha256(payload).hexdigest().encode() != digest:
+        raise CorruptFile(f"{path}: checkpoint is truncated or altered (content hash mismatch)")
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CorruptFile(f"{path}: checkpoint cannot be read ({type(exc).__name__})") from None
+
+
 def atomic_write_text(text: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -78,6 +113,31 @@ class ModelStore:
 
     def has(self, key: str) -> bool:
         return (self.folder(key) / "meta.json").is_file()
+
+    def verify(self, key: str) -> None:
+        """Raise CorruptFile unless the stored model and its route checkpoints match their recorded hashes."""
+        meta = self.meta(key)
+        files = [("model.pt", meta["model_sha256"])] + [(r["file"], r["sha256"]) for r in meta["route"].values()]
+        for name, digest in files:
+            path = self.folder(key) / name
+            if not path.is_file() or sha256(path) != digest:
+                raise CorruptFile(f"{path}: stored model is missing, truncated or altered (content hash mismatch)")
+
+    def quarantine(self, key: str) -> Path:
+        """Move a corrupted entry aside (kept for inspection, never used again); returns where it went."""
+        target = self.root / "corrupt" / f"{key}-{time.strftime('%Y%m%d-%H%M%S')}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.folder(key), target)
+        return target
+
+    def checkpoint_path(self, key: str) -> Path:
+        """Where a job's resumable training state lives while it is unfinished."""
+        return self.root / "jobs" / key / "checkpoint.pt"
+
+    def lock_path(self, name: str) -> Path:
+        path = self.root / "locks" / f"{name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def meta(self, key: str) -> dict[str, Any]:
         return json.loads((self.folder(key) / "meta.json").read_text())

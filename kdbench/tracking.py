@@ -65,15 +65,48 @@ class Tracker:
 
     def __init__(self, uri: str | None = None):
         import mlflow
+        from filelock import FileLock
         from mlflow.tracking import MlflowClient
 
         self.uri = uri or tracking_uri()
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
+        if self.uri.startswith("sqlite:///"):
+            # Creating the SQLite schema races when two processes do it at once: one creates, the other waits.
+            db = Path(self.uri[len("sqlite:///"):])
+            with FileLock(str(db) + ".lock"):
+                self.client.search_experiments(max_results=1)
+        else:
+            self.client.search_experiments(max_results=1)
 
     def experiment(self, suite_name: str) -> str:
         found = self.client.get_experiment_by_name(suite_name)
         return found.experiment_id if found else self.client.create_experiment(suite_name)
+
+    def find_suite_run(self, suite_name: str, plan_hash: str):
+        """The latest parent run of this exact plan, or None."""
+        found = self.client.get_experiment_by_name(suite_name)
+        if found is None:
+            return None
+        runs = self.client.search_runs([found.experiment_id], filter_string=f"tags.`{TAG}plan` = '{plan_hash}' and "
+                                       f"tags.`{TAG}role` = 'suite'", order_by=["attributes.start_time DESC"],
+                                       max_results=1)
+        return runs[0] if runs else None
+
+    def job_run(self, parent_id: str, job_key: str):
+        """This parent run's child run for a job, or None."""
+        exp = self.client.get_run(parent_id).info.experiment_id
+        runs = self.client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                                       f"tags.`{TAG}job` = '{job_key}'", order_by=["attributes.start_time DESC"])
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        return (finished or runs or [None])[0]
+
+    def last_step(self, run_id: str, metric: str = "test_acc") -> int:
+        history = self.client.get_metric_history(run_id, metric)
+        return max((m.step for m in history), default=0)
+
+    def reopen(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
 
     def start_suite(self, suite_name: str, suite_path: str, tags: dict[str, str], params: dict[str, str]) -> str:
         exp = self.experiment(suite_name)
