@@ -16,7 +16,7 @@ from kdbench import KdbenchError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kdbench: knowledge distillation benchmarks on timm models, logged to MLflow.")
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # log lines stay whole: paths must stay copyable
 
 SuiteArg = typer.Argument(..., help="suite file (YAML)", show_default=False)
 
@@ -97,7 +97,7 @@ def run(
 
     root = resolve_data_root(str(data_root) if data_root else None)
     outcome = Executor(plan, root, device, console=err, fresh=fresh).run()
-    already = f" ({outcome.skipped} of them earlier)" if outcome.skipped else ""
+    already = f" ({outcome.skipped} already done before)" if outcome.skipped else ""
     err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed; MLflow {tracking_uri()}, "
               f"parent run {outcome.parent_run}")
     if outcome.failed:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,7 +63,7 @@ class TrainConfig(Strict):
     @model_validator(mode="after")
     def _milestones_inside(self):
         if any(m > self.epochs for m in self.milestones):
-            raise ValueError(f"milestones must be at most epochs ({self.epochs})")
+            raise ValueError(f"milestones: expected epochs at most {self.epochs} (train.epochs)")
         return self
 
     def for_model(self, model: str) -> "TrainConfig":
@@ -138,7 +139,7 @@ class Suite(Strict):
     @model_validator(mode="after")
     def _students_train(self):
         if self.train.epochs < 1:
-            raise ValueError("train.epochs must be at least 1")
+            raise ValueError("train.epochs: expected at least 1 for students (0 is for teachers used as loaded)")
         return self
 
     def teacher_train(self) -> TrainConfig:
@@ -159,6 +160,10 @@ def _describe(err: dict) -> str:
     got = err.get("input")
     msg = msg[0].lower() + msg[1:] if msg else msg
     msg = msg.replace("input should be", "expected").replace("value error, ", "")
+    if kind == "value_error" and re.match(r"^[\w.]+: ", msg):  # our validators name the field they check
+        field, _, msg = msg.partition(": ")
+        loc = f"{loc}.{field}" if loc and not field.startswith(loc) else field
+        return f"field '{loc}': {msg}"
     return f"field '{loc}': {msg}, got {got!r}"
 
 
@@ -215,6 +220,12 @@ def _check_names(path: Path, suite: Suite) -> None:
     from kdbench.zoo import known_models
     from kdbench.registry import methods
 
+    from kdbench.data import DataError, dataset_info
+
+    try:
+        dataset_info(suite.data.spec())  # what models are built for: classes and input shape, known without data
+    except DataError as exc:
+        raise SuiteError(f"{path}: field 'data': {exc}") from None
     names = known_models()
     for field in ("teachers", "students"):
         for i, pattern in enumerate(getattr(suite, field)):

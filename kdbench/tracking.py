@@ -70,14 +70,13 @@ class Tracker:
 
         self.uri = uri or tracking_uri()
         mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
         if self.uri.startswith("sqlite:///"):
             # Creating the SQLite schema races when two processes do it at once: one creates, the other waits.
-            db = Path(self.uri[len("sqlite:///"):])
-            with FileLock(str(db) + ".lock"):
+            with FileLock(self.uri[len("sqlite:///"):] + ".lock"):
+                self.client = MlflowClient(self.uri)
                 self.client.search_experiments(max_results=1)
         else:
-            self.client.search_experiments(max_results=1)
+            self.client = MlflowClient(self.uri)
 
     def experiment(self, suite_name: str) -> str:
         found = self.client.get_experiment_by_name(suite_name)

@@ -110,11 +110,15 @@ def wait_until_training(proc, workdir: Path, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
-def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
-    clean = suite_dir(tmp_path, "clean")
+@pytest.fixture(scope="module")
+def expected(tmp_path_factory):
+    """The uninterrupted run's results, shared by the tests below."""
+    clean = suite_dir(tmp_path_factory.mktemp("resume"), "clean")
     assert start(clean).wait(timeout=600) == 0
-    _, expected = results(clean)
+    return results(clean)[1]
 
+
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path, expected):
     killed = suite_dir(tmp_path, "killed")
     rng = random.Random(7)
     kills = 0
@@ -139,11 +143,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
         assert finished[0] == expected[key][0][1], key  # every epoch logged once, values bit-identical
 
 
-def test_sigterm_stops_saves_marks_killed_and_resumes(tmp_path):
-    clean = suite_dir(tmp_path, "clean")
-    assert start(clean).wait(timeout=600) == 0
-    _, expected = results(clean)
-
+def test_sigterm_stops_saves_marks_killed_and_resumes(tmp_path, expected):
     workdir = suite_dir(tmp_path, "term")
     proc = start(workdir)
     deadline = time.time() + 300

@@ -51,7 +51,7 @@ def test_suite_runs_end_to_end_and_reproduces_bit_for_bit(write_suite):
     assert store.has(key) and sorted(store.route(key)) == [1, 2]  # route checkpoints kept for RCO
 
     again = kdbench("run", str(path), "--device", "cpu")  # the same plan again: every job is already finished
-    assert again.returncode == 0 and "3 jobs finished (3 of them earlier)" in again.stderr, again.stderr
+    assert again.returncode == 0 and "3 jobs finished (3 already done before)" in again.stderr, again.stderr
 
     second = kdbench("run", str(path), "--device", "cpu", "--fresh")
     assert second.returncode == 0, second.stderr
