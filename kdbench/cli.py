@@ -85,6 +85,7 @@ def run(
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder [default: $KDBENCH_DATA]"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and exit; touches no data and no MLflow"),
     fresh: bool = typer.Option(False, "--fresh", help="start a new parent run instead of continuing this plan's last one"),
+    download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
 ) -> None:
     """Run every job of a suite: teachers, then students of every method and seed, logged to MLflow."""
     plan = _load_plan(suite, methods, seeds, epochs)
@@ -96,7 +97,7 @@ def run(
     from kdbench.tracking import tracking_uri
 
     root = resolve_data_root(str(data_root) if data_root else None)
-    outcome = Executor(plan, root, device, console=err, fresh=fresh).run()
+    outcome = Executor(plan, root, device, console=err, fresh=fresh, download=download).run()
     already = f" ({outcome.skipped} already done before)" if outcome.skipped else ""
     err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed; MLflow {tracking_uri()}, "
               f"parent run {outcome.parent_run}")

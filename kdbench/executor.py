@@ -15,7 +15,7 @@ import signal
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -107,7 +107,8 @@ class StopRequest:
 
 class Executor:
     def __init__(self, plan: Plan, data_root: Path | None, device: str = "auto", tracker: Tracker | None = None,
-                 store: ModelStore | None = None, console: Console | None = None, fresh: bool = False):
+                 store: ModelStore | None = None, console: Console | None = None, fresh: bool = False,
+                 download: bool = False):
         self.plan = plan
         self.data_root = data_root
         self.opts = EngineOptions.for_device(device)
@@ -115,6 +116,7 @@ class Executor:
         self.store = store or ModelStore()
         self.tracker = tracker
         self.fresh = fresh
+        self.download = download
         self.stop = StopRequest(self.console)
         self.data: DeviceData | None = None
 
@@ -123,7 +125,9 @@ class Executor:
     def run(self) -> Outcome:
         plan = self.plan
         # Data first: a missing dataset stops the suite before anything is written to MLflow.
-        self.data = load_data(plan.suite.data.spec(), self.data_root, self.opts.device)
+        spec = plan.suite.data.spec()
+        self.data = load_data(replace(spec, download=spec.download or self.download), self.data_root,
+                              self.opts.device)
         self.tracker = self.tracker or Tracker()
         self.env = {**code_version(), **environment(str(self.opts.device))}
         parent = self.parent_run()

@@ -36,7 +36,9 @@ def test_suite_runs_end_to_end_and_reproduces_bit_for_bit(write_suite):
         tags, params = run.data.tags, run.data.params
         for tag in ("suite", "teacher", "method", "seed", "role"):
             assert f"kdbench.{tag}" in tags
-        assert params["seed"] == "0" and "kdbench_version" in params and "torch_version" in params
+        assert params["seed"] == "0" and params["config_hash"] == tags["kdbench.job"]
+        for key in ("kdbench_version", "torch_version", "timm_version", "cuda_version", "device"):
+            assert key in params, key  # provenance: code, library versions and device of every run
         assert params["train.lr"] == "0.05" and params["augment.crop_padding"] == "4"
         history = client.get_metric_history(run.info.run_id, "test_acc")
         assert [m.step for m in history] == [1, 2]  # one value per epoch, none per step
