@@ -19,7 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from kdbench import KdbenchError
 from kdbench.data import DeviceData, load_data
 from kdbench.engine import Diverged, EngineOptions, fit
-from kdbench.plan import Job, Plan
+from kdbench.method import TeacherRoute
+from kdbench.plan import STORED_ROLES, Job, Plan
 from kdbench.registry import get_method
 from kdbench.seeding import stream_seed
 from kdbench.store import ModelStore
@@ -52,9 +53,11 @@ def job_tags(plan: Plan, job: Job) -> dict[str, str]:
             f"{TAG}teacher": job.teacher_model or "", f"{TAG}method": job.method.label,
             f"{TAG}method_name": job.method.method, f"{TAG}seed": str(job.seed), f"{TAG}job": job.key,
             f"{TAG}pair": job.pair or ""}
-    if job.role == "teacher":
+    if job.role in ("teacher", "reference"):
         tags[f"{TAG}teacher"] = job.model
         tags[f"{TAG}student"] = ""
+    if job.assistants:
+        tags[f"{TAG}assistant"] = " > ".join(job.assistants)
     if method.protocol_note:
         tags[f"{TAG}protocol"] = method.protocol_note
     return tags
@@ -70,6 +73,7 @@ class Executor:
         self.store = store or ModelStore()
         self.tracker = tracker
         self.data: DeviceData | None = None
+        self.unresolved: dict[str, str] = {}  # student job key -> why its "auto" assistant could not be chosen
 
     def run(self) -> Outcome:
         plan = self.plan
@@ -86,22 +90,40 @@ class Executor:
             jobs_bar = progress.add_task("jobs", total=len(plan.jobs))
             epoch_bar = progress.add_task("", total=1, visible=False)
             try:
-                for job in plan.jobs:
+                i, resolved = 0, False
+                while i < len(self.plan.jobs):
+                    job = self.plan.jobs[i]
+                    if not resolved and job.role not in ("teacher", "reference"):
+                        # First wave done: the accuracies that choose "auto" assistants exist now.
+                        resolved = True
+                        if any(j.pending for j in self.plan.jobs):
+                            self.plan, self.unresolved = self.plan.resolve_assistants(self.stored_accuracy)
+                            progress.update(jobs_bar, total=len(self.plan.jobs))
+                            continue
                     self.run_job(job, parent, outcome, progress, epoch_bar)
                     progress.advance(jobs_bar)
+                    i += 1
             except BaseException:
                 self.tracker.end(parent, "KILLED")
                 raise
         self.tracker.end(parent, "FAILED" if outcome.failed else "FINISHED")
         return outcome
 
+    def stored_accuracy(self, key: str) -> float | None:
+        return self.store.meta(key)["metrics"]["test_acc"] if self.store.has(key) else None
+
     def run_job(self, job: Job, parent: str, outcome: Outcome, progress: Progress, epoch_bar) -> None:
-        if job.teacher and job.teacher in outcome.failed:
-            outcome.failed[job.key] = f"its teacher failed: {outcome.failed[job.teacher]}"
+        blocked = None
+        if job.pending:
+            blocked = self.unresolved.get(job.key, "assistant not chosen")
+        elif job.teacher and job.teacher in outcome.failed:
+            blocked = f"its teacher failed: {outcome.failed[job.teacher]}"
+        if blocked:
+            outcome.failed[job.key] = blocked
             run_id = self.tracker.start_job(parent, job.title, job_tags(self.plan, job), self.job_params(job))
             self.tracker.end(run_id, "FAILED", outcome.failed[job.key])
             return
-        if job.role == "teacher" and self.store.has(job.key):
+        if job.role in STORED_ROLES and self.store.has(job.key):
             self.log_reused(job, parent)
             outcome.finished.append(job.key)
             self.console.print(f"[dim]reused[/] {job.title}: test acc {self.store.meta(job.key)['metrics']['test_acc']:.2f}%")
@@ -142,9 +164,20 @@ class Executor:
         params = flatten("", {k: v for k, v in job.config.items() if k != "method_params"}, {})
         params.update({f"method.{k}": str(v) for k, v in job.config.get("method_params", {}).items()})
         params.update({"role": job.role, "method_label": job.method.label, "job_key": job.key, **self.env})
-        if job.teacher:
+        if job.teacher_model:
             params["teacher_model"] = job.teacher_model
-            params["teacher_test_acc"] = f"{self.store.meta(job.teacher)['metrics']['test_acc']:.4f}"
+        root = self.plan.root_teacher(job)
+        if root is not None and self.store.has(root.key):
+            params["teacher_test_acc"] = f"{self.stored_accuracy(root.key):.4f}"
+        if job.teacher_init in ("random", "checkpoint"):
+            params["teacher_init"] = job.teacher_init
+        if job.assistants and not job.pending:
+            params["assistant_models"] = " > ".join(job.assistants)
+            params["assistant_job"] = job.teacher
+            if self.store.has(job.teacher):
+                params["assistant_test_acc"] = f"{self.stored_accuracy(job.teacher):.4f}"
+        if job.assistant_choice:
+            params["assistant_choice"] = job.assistant_choice
         return params
 
     def log_reused(self, job: Job, parent: str) -> None:
@@ -156,20 +189,41 @@ class Executor:
             self.tracker.log_metrics(run_id, metrics, step=epoch)
         self.tracker.end(run_id, "FINISHED")
 
-    def train(self, job: Job, run_id: str, progress: Progress, epoch_bar):
+    def build_teacher(self, job: Job) -> torch.nn.Module | None:
+        """The model that teaches `job`, as the method's needs say: stored (final or a route epoch) or fresh."""
         data = self.data
-        model = build_model(job, data, self.opts)
-        teacher = None
-        if job.teacher:
+        if job.teacher_init == "random":  # trained here, with the student (ProKT): its own init stream
+            torch.manual_seed(stream_seed(job.seed, "teacher_init"))
+            teacher = create_model(job.teacher_model, data.info.num_classes, data.info.input_shape[0],
+                                   **job.config["teacher_model_kwargs"])
+        elif job.teacher:
             teacher_job = self.plan.job(job.teacher)
             teacher = create_model(teacher_job.model, data.info.num_classes, data.info.input_shape[0],
                                    **teacher_job.config["model_kwargs"])
-            teacher.load_state_dict(self.store.load_final(job.teacher))
-            teacher = teacher.to(self.opts.device)
-            if self.opts.channels_last:
-                teacher = teacher.to(memory_format=torch.channels_last)
+            if job.teacher_init == "checkpoint" and job.teacher_epoch:
+                route = self.store.route(job.teacher)
+                if job.teacher_epoch not in route:
+                    raise KdbenchError(f"teacher_epoch {job.teacher_epoch}: the stored teacher {teacher_job.model} "
+                                       f"has route checkpoints at epochs {sorted(route)}")
+                teacher.load_state_dict(self.store.load_route(job.teacher, job.teacher_epoch))
+            else:
+                teacher.load_state_dict(self.store.load_final(job.teacher))
+        else:
+            return None
+        teacher = teacher.to(self.opts.device)
+        return teacher.to(memory_format=torch.channels_last) if self.opts.channels_last else teacher
+
+    def teacher_route(self, job: Job) -> TeacherRoute:
+        key = self.plan.root_teacher(job).key
+        return TeacherRoute(sorted(self.store.route(key)), lambda epoch: self.store.load_route(key, epoch))
+
+    def train(self, job: Job, run_id: str, progress: Progress, epoch_bar):
+        data = self.data
+        model = build_model(job, data, self.opts)
+        teacher = self.build_teacher(job)
         method_cls = get_method(job.method.method)
         method = method_cls(job.config["method_params"], model, teacher, data.info.input_shape).to(self.opts.device)
+        needs = method_cls.needs(method.params)
         route: dict[int, tuple[str, str]] = {}
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -180,12 +234,14 @@ class Executor:
             route[epoch] = self.store.save_route(job.key, epoch, state)
 
         keep_route = None
-        if job.role == "teacher":
+        if job.role in ("teacher", "reference"):
             keep_route = lambda e: e % job.route_every == 0 or e == job.train.epochs  # noqa: E731
         result = fit(model, method, teacher, data, job.train, job.augment, job.seed, self.opts,
                      eval_batch_size=self.plan.suite.eval_batch_size, on_epoch=on_epoch, keep_route=keep_route,
-                     on_route=on_route)
-        if job.role == "teacher":
+                     on_route=on_route, route=self.teacher_route(job) if needs.route and job.teacher else None)
+        if method.record:  # procedure details the method chose while training (RCO's anchors, FitNets' layers)
+            self.tracker.log_params(run_id, {f"procedure.{k}": v for k, v in method.record.items()})
+        if job.role in STORED_ROLES:
             self.store.save_final(job.key, model.state_dict(), {"config": job.config, "metrics": result.metrics,
                                                                 "history": result.history}, route)
         return result
