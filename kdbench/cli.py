@@ -68,8 +68,11 @@ def methods() -> None:
     for col in ("name", "defaults", "needs", "what it does"):
         table.add_column(col)
     for name, cls in registry().items():
-        needs = ", ".join(n for n, on in (("teacher", cls.needs_teacher), ("trainable teacher", cls.trains_teacher))
-                          if on) or "-"
+        need = cls.needs(cls.defaults)
+        needs = ", ".join(n for n, on in (
+            (f"{need.teacher} teacher", need.teacher != "none"), ("trains the teacher", cls.trains_teacher),
+            ("route checkpoints", need.route), (f"assistants ({', '.join(need.assistants)})", need.assistants)) if on)
+        needs = needs or "-"
         defaults = ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "-"
         table.add_row(name, defaults, needs, cls.summary)
     out.print(table)
@@ -106,6 +109,7 @@ def run(
 
 
 def _print_plan(plan) -> None:
+    from kdbench.plan import STORED_ROLES
     from kdbench.store import ModelStore
 
     store = ModelStore()
@@ -114,8 +118,10 @@ def _print_plan(plan) -> None:
     for col in ("#", "role", "model", "method", "seed", "teacher", "epochs", "key", "store"):
         table.add_column(col, no_wrap=col in ("model", "teacher", "method"))
     for i, job in enumerate(plan.jobs, 1):
-        stored = "reuse" if job.role == "teacher" and store.has(job.key) else ""
-        table.add_row(str(i), job.role, job.model, job.method.label, str(job.seed), job.teacher_model or "",
+        stored = "reuse" if job.role in STORED_ROLES and store.has(job.key) else ""
+        teacher = (job.teacher_model or "") + (" (fresh)" if job.teacher_init == "random" else "")
+        teacher += "".join(f" > {a}" for a in job.assistants)
+        table.add_row(str(i), job.role, job.model, job.method.label, str(job.seed), teacher,
                       str(job.train.epochs), job.key, stored)
     out.print(table)
 

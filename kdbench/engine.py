@@ -17,7 +17,7 @@ from torch import nn
 
 from kdbench import KdbenchError
 from kdbench.data import DeviceData, Split, epoch_batches, eval_batches, make_generator, normalize
-from kdbench.method import Batch, Method, PassCounts, StepContext
+from kdbench.method import Batch, Method, PassCounts, StepContext, TeacherRoute
 from kdbench.seeding import stream_seed
 from kdbench.suite import AugmentConfig, TrainConfig
 
@@ -96,12 +96,14 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         on_epoch: Callable[[int, dict[str, float]], None] | None = None,
         keep_route: Callable[[int], bool] | None = None,
         on_route: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+        route: TeacherRoute | None = None,
         checkpoint: Callable[[dict[str, Any]], None] | None = None,
         resume: dict[str, Any] | None = None,
         should_stop: Callable[[], bool] = lambda: False) -> FitResult:
     """Train `student` for `train.epochs` with `method`, evaluating on the test split after each epoch.
 
     on_epoch(epoch, metrics) gets 1-based epochs; on_route(epoch, state_dict) is called where keep_route(epoch).
+    route: the teacher's route checkpoints, for a method that declared `needs_route`.
     checkpoint(state) is called at the end of every epoch and when should_stop() turns true between two steps
     (then Interrupted is raised); fit(..., resume=state) continues from such a state with the same numbers an
     uninterrupted run gives: each epoch's order and augmentation come from generators seeded by (seed, epoch),
@@ -133,7 +135,12 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
     def autocast():  # forward passes only: backward runs outside, in the types the forward chose
         return torch.autocast(opts.device.type, dtype=torch.bfloat16, enabled=opts.bf16)
 
-    ctx = StepContext(student=student, teacher=teacher, update=update, passes=passes, autocast=autocast)
+    def probe(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = next(eval_batches(data.train, n))
+        return normalize(images, data.info, channels_last=opts.channels_last), labels
+
+    ctx = StepContext(student=student, teacher=teacher, update=update, passes=passes, autocast=autocast,
+                      route=route, probe=probe)
     history: list[dict[str, float]] = []
     metrics: dict[str, float] = {}
     if train.epochs == 0:  # a model used as loaded (checkpoint, pretrained): evaluate only
@@ -167,6 +174,7 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
 
     for epoch in range(first_epoch, train.epochs):
         start = time.perf_counter()
+        method.start_epoch(epoch, train.epochs, ctx)
         for opt in optimizers.values():
             for group in opt.param_groups:
                 group["lr"] = train.lr * lr_factor(train, epoch)

@@ -26,7 +26,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from kdbench import KdbenchError
 from kdbench.data import DeviceData, load_data
 from kdbench.engine import Diverged, EngineOptions, Interrupted, fit
-from kdbench.plan import Job, Plan
+from kdbench.method import TeacherRoute
+from kdbench.plan import STORED_ROLES, Job, Plan
 from kdbench.registry import get_method
 from kdbench.seeding import stream_seed
 from kdbench.store import CorruptFile, ModelStore, load_checkpoint, save_checkpoint
@@ -66,9 +67,11 @@ def job_tags(plan: Plan, job: Job) -> dict[str, str]:
             f"{TAG}teacher": job.teacher_model or "", f"{TAG}method": job.method.label,
             f"{TAG}method_name": job.method.method, f"{TAG}seed": str(job.seed), f"{TAG}job": job.key,
             f"{TAG}pair": job.pair or ""}
-    if job.role == "teacher":
+    if job.role in ("teacher", "reference"):
         tags[f"{TAG}teacher"] = job.model
         tags[f"{TAG}student"] = ""
+    if job.assistants:
+        tags[f"{TAG}assistant"] = " > ".join(job.assistants)
     if method.protocol_note:
         tags[f"{TAG}protocol"] = method.protocol_note
     return tags
@@ -119,6 +122,7 @@ class Executor:
         self.download = download
         self.stop = StopRequest(self.console)
         self.data: DeviceData | None = None
+        self.unresolved: dict[str, str] = {}  # student job key -> why its "auto" assistant could not be chosen
 
     # ------------------------------------------------------------------------------------------ the suite
 
@@ -137,10 +141,15 @@ class Executor:
             self.progress = progress
             jobs_bar = progress.add_task("jobs", total=len(plan.jobs))
             self.epoch_bar = progress.add_task("", total=1, visible=False)
+            advance = lambda: progress.advance(jobs_bar)  # noqa: E731
             try:
-                pending = list(plan.jobs)
-                while pending:
-                    pending = self.run_pending(pending, outcome, lambda: progress.advance(jobs_bar))
+                first_wave = [j for j in plan.jobs if j.role in ("teacher", "reference")]
+                self.run_all(first_wave, outcome, advance)
+                if any(j.pending for j in self.plan.jobs):
+                    # The accuracies that choose "auto" assistants exist now that the first wave is done.
+                    self.plan, self.unresolved = self.plan.resolve_assistants(self.stored_accuracy)
+                    progress.update(jobs_bar, total=len(self.plan.jobs))
+                self.run_all([j for j in self.plan.jobs if j not in first_wave], outcome, advance)
             except (Interrupted, KeyboardInterrupt):
                 self.tracker.end(parent, "KILLED")
                 raise
@@ -162,6 +171,13 @@ class Executor:
             tags[f"{TAG}plan"] = plan.plan_hash
             return self.tracker.start_suite(plan.suite.name, str(plan.suite_path), tags,
                                             flatten("", plan.suite.model_dump(mode="json"), {}))
+
+    def run_all(self, jobs: list[Job], outcome: Outcome, advance) -> None:
+        while jobs:
+            jobs = self.run_pending(jobs, outcome, advance)
+
+    def stored_accuracy(self, key: str) -> float | None:
+        return self.store.meta(key)["metrics"]["test_acc"] if self.store.has(key) else None
 
     def run_pending(self, pending: list[Job], outcome: Outcome, advance) -> list[Job]:
         """Run every job this process can claim; return those another process holds (after waiting for one)."""
@@ -203,12 +219,17 @@ class Executor:
             outcome.failed[job.key] = reason
             return
         run_id = existing.info.run_id if existing is not None else None
-        if job.teacher and job.teacher in outcome.failed:
+        blocked = None
+        if job.pending:
+            blocked = self.unresolved.get(job.key, "assistant not chosen")
+        elif job.teacher and job.teacher in outcome.failed:
+            blocked = f"its teacher failed: {outcome.failed[job.teacher]}"
+        if blocked:
             run_id = run_id or self.tracker.start_job(parent, job.title, job_tags(self.plan, job), self.job_params(job))
-            outcome.failed[job.key] = f"its teacher failed: {outcome.failed[job.teacher]}"
-            self.tracker.end(run_id, "FAILED", outcome.failed[job.key])
+            outcome.failed[job.key] = blocked
+            self.tracker.end(run_id, "FAILED", blocked)
             return
-        if job.role == "teacher" and self.store.has(job.key) and self.usable(job):
+        if job.role in STORED_ROLES and self.store.has(job.key) and self.usable(job):
             self.log_stored(job, parent, run_id)
             outcome.finished.append(job.key)
             return
@@ -264,9 +285,20 @@ class Executor:
         params = flatten("", {k: v for k, v in job.config.items() if k != "method_params"}, {})
         params.update({f"method.{k}": str(v) for k, v in job.config.get("method_params", {}).items()})
         params.update({"role": job.role, "method_label": job.method.label, "config_hash": job.key, **self.env})
-        if job.teacher:
+        if job.teacher_model:
             params["teacher_model"] = job.teacher_model
-            params["teacher_test_acc"] = f"{self.store.meta(job.teacher)['metrics']['test_acc']:.4f}"
+        root = self.plan.root_teacher(job)
+        if root is not None and self.store.has(root.key):
+            params["teacher_test_acc"] = f"{self.stored_accuracy(root.key):.4f}"
+        if job.teacher_init in ("random", "checkpoint"):
+            params["teacher_init"] = job.teacher_init
+        if job.assistants and not job.pending:
+            params["assistant_models"] = " > ".join(job.assistants)
+            params["assistant_job"] = job.teacher
+            if self.store.has(job.teacher):
+                params["assistant_test_acc"] = f"{self.stored_accuracy(job.teacher):.4f}"
+        if job.assistant_choice:
+            params["assistant_choice"] = job.assistant_choice
         return params
 
     def log_history(self, run_id: str, history: list[dict[str, float]]) -> None:
@@ -286,18 +318,40 @@ class Executor:
         self.tracker.end(run_id, "FINISHED")
         self.console.print(f"[dim]reused[/] {job.title}: test acc {meta['metrics']['test_acc']:.2f}%")
 
-    def train(self, job: Job, run_id: str):
+    def build_teacher(self, job: Job) -> torch.nn.Module | None:
+        """The model that teaches `job`, as the method's needs say: stored (final or a route epoch) or fresh."""
         data = self.data
-        model = build_model(job, data, self.opts)
-        teacher = None
-        if job.teacher:
+        if job.teacher_init == "random":  # trained here, with the student (ProKT): its own init stream
+            torch.manual_seed(stream_seed(job.seed, "teacher_init"))
+            teacher = create_model(job.teacher_model, data.info.num_classes, data.info.input_shape[0],
+                                   **job.config["teacher_model_kwargs"])
+        elif job.teacher:
             teacher_job = self.plan.job(job.teacher)
             teacher = create_model(teacher_job.model, data.info.num_classes, data.info.input_shape[0],
                                    **teacher_job.config["model_kwargs"])
-            teacher.load_state_dict(self.store.load_final(job.teacher))
-            teacher = to_device(teacher, self.opts)
+            if job.teacher_init == "checkpoint" and job.teacher_epoch:
+                route = self.store.route(job.teacher)
+                if job.teacher_epoch not in route:
+                    raise KdbenchError(f"teacher_epoch {job.teacher_epoch}: the stored teacher {teacher_job.model} "
+                                       f"has route checkpoints at epochs {sorted(route)}")
+                teacher.load_state_dict(self.store.load_route(job.teacher, job.teacher_epoch))
+            else:
+                teacher.load_state_dict(self.store.load_final(job.teacher))
+        else:
+            return None
+        return to_device(teacher, self.opts)
+
+    def teacher_route(self, job: Job) -> TeacherRoute:
+        key = self.plan.root_teacher(job).key
+        return TeacherRoute(sorted(self.store.route(key)), lambda epoch: self.store.load_route(key, epoch))
+
+    def train(self, job: Job, run_id: str):
+        data = self.data
+        model = build_model(job, data, self.opts)
+        teacher = self.build_teacher(job)
         method_cls = get_method(job.method.method)
         method = method_cls(job.config["method_params"], model, teacher, data.info.input_shape).to(self.opts.device)
+        needs = method_cls.needs(method.params)
 
         checkpoint_path = self.store.checkpoint_path(job.key)
         resume, route = self.resume_state(job, checkpoint_path)
@@ -321,12 +375,15 @@ class Executor:
             save_checkpoint({**state, "route": route}, checkpoint_path)
 
         keep_route = None
-        if job.role == "teacher":
+        if job.role in ("teacher", "reference"):
             keep_route = lambda e: e % job.route_every == 0 or e == job.train.epochs  # noqa: E731
         result = fit(model, method, teacher, data, job.train, job.augment, job.seed, self.opts,
                      eval_batch_size=self.plan.suite.eval_batch_size, on_epoch=on_epoch, keep_route=keep_route,
-                     on_route=on_route, checkpoint=checkpoint, resume=resume, should_stop=self.stop)
-        if job.role == "teacher":
+                     on_route=on_route, route=self.teacher_route(job) if needs.route and job.teacher else None,
+                     checkpoint=checkpoint, resume=resume, should_stop=self.stop)
+        if method.record:  # procedure details the method chose while training (RCO's anchors, FitNets' layers)
+            self.tracker.log_params(run_id, {f"procedure.{k}": v for k, v in method.record.items()})
+        if job.role in STORED_ROLES:
             self.store.save_final(job.key, model.state_dict(), {"config": job.config, "metrics": result.metrics,
                                                                 "history": result.history}, route)
         return run_id, result

@@ -22,3 +22,19 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
+
+
+def kd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, T: float,
+             ce_weight: float, kd_weight: float) -> dict[str, torch.Tensor]:
+    """The vanilla KD objective as named terms: ce_weight * CE + kd_weight * T^2 KL(p_t^T || p_s^T).
+
+    Shared by every method whose arrow is an ordinary KD run (KD, RCO's stages, TAKD's chain).
+    """
+    return {"ce": ce_weight * cross_entropy(student_logits, labels),
+            "kd": kd_weight * kd_loss(student_logits, teacher_logits, T)}
+
+
+def hint_mse(regressed: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
+    """FitNets' one-stage hint loss (CRD benchmark): squared error averaged over every element."""
+    return F.mse_loss(regressed.float(), hint.float(), reduction="mean")
+

@@ -4,16 +4,21 @@ A loss-only method subclasses `Method`, sets `name` and `defaults`, and implemen
 it gets the batch and both models' outputs and returns named loss terms, which the engine sums.
 Extra trainable modules (a FitNets regressor) are attributes of the method: the engine optimises
 them with the student. A method that changes the procedure declares what it needs (class
-attributes below) or overrides `step()`; it never reaches into the engine.
+attributes below, or `needs(params)` when a parameter decides), overrides `step()` (two models
+trained together) or `start_epoch()` (a stage switch); it never reaches into the engine.
+See docs/methods.md for the walk-through.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
+
+from kdbench import KdbenchError
 
 
 @dataclass
@@ -40,6 +45,35 @@ class PassCounts:
     student_backward: int = 0
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What a method asks the plan and the executor for. The plan turns it into jobs, the executor provides it.
+
+    teacher: "none" (the student alone), "trained" (the stored, converged teacher, frozen unless the
+      method trains it), "random" (a freshly initialised teacher: ProKT) or "checkpoint" (the stored
+      teacher as it was after `teacher_epoch` epochs, one of its route checkpoints; 0 = the final one).
+    route: the stored teacher's route checkpoints, lent to the method as `StepContext.route` (RCO).
+    assistants: models trained between the teacher and the student, in order (TAKD): each an ordinary
+      KD run from the model before it, stored like a teacher; ("auto",) lets the executor choose one.
+    """
+
+    teacher: str = "trained"
+    teacher_epoch: int = 0
+    route: bool = False
+    assistants: tuple[str, ...] = ()
+
+
+AUTO = "auto"  # an assistant chosen at run time, once the accuracies it is chosen by exist
+
+
+@dataclass(frozen=True)
+class TeacherRoute:
+    """The stored teacher's route checkpoints (with BatchNorm statistics): epochs ascending, the final one last."""
+
+    epochs: list[int]
+    load: Callable[[int], dict[str, torch.Tensor]]  # load(epoch) -> state_dict, checked against its sha256
+
+
 @dataclass
 class StepContext:
     """What the engine lends a method for one step: the models and a way to apply a loss to one of them."""
@@ -49,14 +83,65 @@ class StepContext:
     update: Callable[..., None]  # update(which: "student" | "teacher", loss, clip_grad_norm=None)
     passes: PassCounts
     autocast: Callable[[], Any]  # `with ctx.autocast():` around forward passes (bf16 on GPU, a no-op on CPU)
+    route: TeacherRoute | None = None  # when the method declared `needs_route`
+    # probe(n): the first n training images (normalised, not augmented) and labels, for choices a method makes
+    # during training (RCO's greedy anchors). Never the test split.
+    probe: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
-def run_model(model: nn.Module, images: torch.Tensor, feature_indices: list[int] | None) -> Outputs:
-    """Logits, plus the stage outputs named by `feature_indices`, from an unmodified timm-style model."""
-    if feature_indices is None:
+Layer = int | str  # a stage index into the model's feature_info, or a module name (a forward hook)
+
+
+def resolve_layer(model: nn.Module, layer: Layer) -> Layer:
+    """A stage index, or a module name that is a stage in `feature_info` (-> its index), or another module name."""
+    info = getattr(model, "feature_info", None) or []
+    modules = [f["module"] for f in info]
+    if isinstance(layer, int):
+        if not -len(modules) <= layer < len(modules):
+            raise KdbenchError(f"{type(model).__name__}: stage index {layer} out of range: the model has "
+                               f"{len(modules)} stages ({', '.join(modules) or 'none'})")
+        return layer % len(modules)
+    if layer in modules:
+        return modules.index(layer)
+    try:
+        model.get_submodule(layer)
+    except AttributeError:
+        raise KdbenchError(f"{type(model).__name__}: no module named '{layer}' (stages: {', '.join(modules)})") from None
+    return layer
+
+
+@contextmanager
+def _hooked(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Capture the outputs of named modules during one forward (torchdistill's way for any model)."""
+    got: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        # clone: a following in-place op (ReLU(inplace=True)) would otherwise change the captured tensor
+        return lambda module, args, output: got.__setitem__(name, output.clone())
+
+    handles = [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
+    try:
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_model(model: nn.Module, images: torch.Tensor, feature_indices: list[Layer] | None) -> Outputs:
+    """Logits, plus the features named by `feature_indices`, from an unmodified timm-style model.
+
+    Stage indices come from `forward_intermediates()`; module names (see `resolve_layer`) from forward hooks.
+    """
+    if not feature_indices:
         return Outputs(logits=model(images))
-    final, feats = model.forward_intermediates(images, indices=feature_indices)
-    return Outputs(logits=model.forward_head(final), features=list(feats))
+    if all(isinstance(i, int) for i in feature_indices):
+        final, feats = model.forward_intermediates(images, indices=list(feature_indices))
+        order = sorted(set(feature_indices))  # forward_intermediates returns them in stage order
+        return Outputs(logits=model.forward_head(final), features=[feats[order.index(i)] for i in feature_indices])
+    names = [i if isinstance(i, str) else model.feature_info[i]["module"] for i in feature_indices]
+    with _hooked(model, list(dict.fromkeys(names))) as got:
+        logits = model(images)
+    return Outputs(logits=logits, features=[got[n] for n in names])
 
 
 class Method(nn.Module):
@@ -65,14 +150,31 @@ class Method(nn.Module):
     summary: ClassVar[str] = ""  # one line for `kdbench methods`
     needs_teacher: ClassVar[bool] = True  # False: the student trains alone (the baseline)
     trains_teacher: ClassVar[bool] = False  # True: the teacher gets its own optimiser and is updated by step()
-    student_features: ClassVar[list[int] | None] = None  # stage indices the method reads, or None for logits only
-    teacher_features: ClassVar[list[int] | None] = None
+    teacher_init: ClassVar[str] = "trained"  # see `Needs.teacher`
+    needs_route: ClassVar[bool] = False  # True: the teacher's route checkpoints, as `StepContext.route`
+    student_features: ClassVar[list[Layer] | None] = None  # stages (index or module name) the method reads
+    teacher_features: ClassVar[list[Layer] | None] = None  # (instances may set their own, e.g. from params)
     protocol_note: ClassVar[str | None] = None  # e.g. "protocol assumed", shown beside the method's results
+    param_types: ClassVar[dict[str, tuple[type, ...]]] = {}  # types a param may take beyond its default's
 
     def __init__(self, params: dict[str, Any], student: nn.Module, teacher: nn.Module | None,
                  input_shape: tuple[int, int, int]):
         super().__init__()
         self.params = {**self.defaults, **params}
+        self.record: dict[str, str] = {}  # procedure details (an anchor used, a layer resolved): logged as params
+
+    @classmethod
+    def needs(cls, params: dict[str, Any]) -> Needs:
+        """What this method needs for these params. The default reads the class attributes."""
+        return Needs(teacher=cls.teacher_init if cls.needs_teacher else "none", route=cls.needs_route)
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> str | None:
+        """A reason why these params (defaults filled in) cannot work, found at suite load time; None if fine."""
+        return None
+
+    def start_epoch(self, epoch: int, epochs: int, ctx: StepContext) -> None:
+        """Called by the engine before each of the job's `epochs` (0-based `epoch`): a method's stage switch."""
 
     def losses(self, batch: Batch, student: Outputs, teacher: Outputs | None) -> dict[str, torch.Tensor]:
         raise NotImplementedError

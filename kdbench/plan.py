@@ -10,17 +10,23 @@ import fnmatch
 import hashlib
 import json
 from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from kdbench import KdbenchError
 from kdbench.data import dataset_info
+from kdbench.method import AUTO
 from kdbench.registry import get_method
 from kdbench.suite import AugmentConfig, MethodEntry, Suite, TrainConfig
 from kdbench.zoo import ModelStats, known_models, model_stats
 
 STORE_VERSION = 1  # bump when a change to the engine changes what a given config trains to
 TEACHER_METHOD = MethodEntry(method="baseline", label="baseline")
+# Roles whose trained models the store keeps and reuses. A "reference" is a model trained alone with the
+# teachers' recipe so that its accuracy can choose an assistant (it is the same job as that model's teacher job).
+STORED_ROLES = ("teacher", "reference", "assistant")
+WAVES = {"teacher": 0, "reference": 0, "assistant": 1, "student": 2}  # jobs run wave by wave
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,7 @@ class Pair:
 @dataclass(frozen=True)
 class Job:
     key: str
-    role: str  # "teacher" or "student"
+    role: str  # "teacher", "reference", "assistant" or "student"
     model: str
     seed: int
     method: MethodEntry
@@ -49,17 +55,29 @@ class Job:
     augment: AugmentConfig
     config: dict[str, Any] = field(compare=False, repr=False)  # the hashed description, logged as params
     teacher: str | None = None  # key of the job whose trained model teaches this one
-    teacher_model: str | None = None
+    teacher_model: str | None = None  # the pair's teacher (an assistant's: the model it learns from)
     pair: str | None = None  # "teacher->student" for distilled students; None for teachers and the baseline
     source: str = "train"  # teachers: train, checkpoint or pretrained
     checkpoint: str | None = None
     route_every: int | None = None  # keep the model every N epochs along the way (teachers)
+    teacher_init: str = "trained"  # Needs.teacher: "trained", "random" (built fresh) or "checkpoint" (a route epoch)
+    teacher_epoch: int = 0  # "checkpoint": the route epoch, 0 = the final teacher
+    assistants: tuple[str, ...] = ()  # models between the pair's teacher and this one; ("auto",) until chosen
+    assistant_choice: str = ""  # how an "auto" assistant was chosen (filled in at run time)
+
+    @property
+    def pending(self) -> bool:
+        """An assistant still to be chosen (at run time, once the models it is chosen by are trained)."""
+        return self.assistants == (AUTO,)
 
     @property
     def title(self) -> str:
-        if self.role == "teacher":
-            return f"teacher {self.model} seed {self.seed}"
+        if self.role in ("teacher", "reference"):
+            return f"{self.role} {self.model} seed {self.seed}"
+        if self.role == "assistant":
+            return f"assistant {self.model} from {self.teacher_model} ({self.method.label}) seed {self.seed}"
         via = f" from {self.teacher_model}" if self.teacher_model else ""
+        via += f" via {' > '.join(self.assistants)}" if self.assistants else ""
         return f"{self.method.label} {self.model}{via} seed {self.seed}"
 
 
@@ -79,6 +97,7 @@ class Plan:
     pairs: list[Pair]
     cells: list[Cell]
     jobs: list[Job]  # in dependency order: every job comes after the job that teaches it
+    student_train: TrainConfig | None = None  # the students' schedule (after --epochs): assistants train with it
 
     def job(self, key: str) -> Job:
         return next(j for j in self.jobs if j.key == key)
@@ -88,6 +107,41 @@ class Plan:
         """Identifies 'the same suite run': running it again resumes the parent run with this hash."""
         return content_hash({"suite": self.suite.name, "jobs": [j.key for j in self.jobs],
                              "cells": [(c.pair.name, c.method, c.seed, c.job) for c in self.cells]})
+
+    def root_teacher(self, job: Job) -> Job | None:
+        """The pair's teacher job behind `job` (through any assistants); None without a stored teacher."""
+        current = self.job(job.teacher) if job.teacher else None
+        while current is not None and current.role == "assistant":
+            current = self.job(current.teacher)
+        return current
+
+    def resolve_assistants(self, accuracy: Callable[[str], float | None]) -> tuple["Plan", dict[str, str]]:
+        """Choose every "auto" assistant, now that `accuracy(job key)` knows the trained models' test accuracy.
+
+        The rule (Mirzadeh et al.): the candidate whose accuracy is closest to the mean of the teacher's and
+        the student's, all trained alone with the teachers' recipe. Returns the plan with the assistant jobs
+        added and the students pointed at them, and the reasons for students that could not be resolved.
+        """
+        jobs = {j.key: j for j in self.jobs}
+        failed: dict[str, str] = {}
+        for job in [j for j in self.jobs if j.pending]:
+            config = job.config
+            refs = {**config["assistant_candidates"], "teacher": job.teacher, "student": config["student_reference"]}
+            acc = {name: accuracy(key) for name, key in refs.items()}
+            missing = [name for name, a in acc.items() if a is None]
+            if missing:
+                failed[job.key] = f"assistant not chosen: the reference run of {missing[0]} did not finish"
+                continue
+            target = (acc.pop("teacher") + acc.pop("student")) / 2
+            chosen = min(acc, key=lambda name: (abs(acc[name] - target), name))
+            chain = assistant_jobs(self.suite, self.student_train, job.teacher, job.teacher_model, (chosen,),
+                                   job.method, config["method_params"])
+            for a in chain:
+                jobs.setdefault(a.key, a)
+            choice = (f"auto: {chosen}, accuracy closest to {target:.2f}, the mean of teacher {job.teacher_model} "
+                      f"and student {job.model}; candidates: " + ", ".join(f"{n} {a:.2f}" for n, a in sorted(acc.items())))
+            jobs[job.key] = replace(job, teacher=chain[-1].key, assistants=(chosen,), assistant_choice=choice)
+        return replace(self, jobs=in_waves(jobs.values())), failed
 
 
 def content_hash(config: dict[str, Any]) -> str:
@@ -105,6 +159,37 @@ def file_hash(path: Path) -> str:
 def default_route_every(epochs: int) -> int:
     """The smallest divisor of `epochs` that keeps at most 24 route checkpoints (240 epochs: every 10)."""
     return next(d for d in range(1, epochs + 1) if epochs % d == 0 and epochs // d <= 24) if epochs else 1
+
+
+def in_waves(jobs) -> list[Job]:
+    """Teachers, then assistants, then students; creation order within a wave (a chain's assistants in order)."""
+    return sorted(jobs, key=lambda j: WAVES[j.role])
+
+
+def base_config(suite: Suite) -> dict[str, Any]:
+    return {"store_version": STORE_VERSION, "data": suite.data.model_dump(), "augment": suite.augment.model_dump()}
+
+
+def assistant_jobs(suite: Suite, student_train: TrainConfig, teacher_key: str, teacher_model: str,
+                   chain: tuple[str, ...], entry: MethodEntry, params: dict[str, Any]) -> list[Job]:
+    """One job per assistant of `chain`, each distilled from the one before (the first from the teacher).
+
+    An assistant is keyed by what determines it (its model, its teacher's key, the loss params, the
+    schedule, the teachers' seed), so every cell with the same teacher and assistant shares it.
+    """
+    loss_params = {k: v for k, v in params.items() if k != "assistants"}
+    jobs, prev_key, prev_model = [], teacher_key, teacher_model
+    for name in chain:
+        train = student_train.for_model(name)
+        config = {**base_config(suite), "role": "assistant", "model": name,
+                  "model_kwargs": suite.model_kwargs.get(name, {}), "seed": suite.teacher.seed,
+                  "method": entry.method, "method_params": loss_params, "train": train.model_dump(),
+                  "teacher": prev_key}
+        job = Job(content_hash(config), "assistant", name, suite.teacher.seed, entry, train, suite.augment, config,
+                  teacher=prev_key, teacher_model=prev_model, pair=f"{prev_model}->{name}")
+        jobs.append(job)
+        prev_key, prev_model = job.key, name
+    return jobs
 
 
 def expand(patterns: list[str], names: list[str]) -> list[str]:
@@ -149,12 +234,16 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
     teacher_train = suite.teacher_train()
     if epochs is not None and teacher_train.epochs > 0:
         teacher_train = teacher_train.scaled_to(epochs)
-    base = {"store_version": STORE_VERSION, "data": suite.data.model_dump(), "augment": suite.augment.model_dump()}
+    base = base_config(suite)
     teacher_augment = suite.teacher.augment or suite.augment
 
     jobs: dict[str, Job] = {}
     teacher_keys: dict[str, str] = {}
-    for t in dict.fromkeys(t for t, _ in pair_names):
+
+    def stored_job(t: str, role: str = "teacher") -> str:
+        """The job that trains `t` with the teachers' recipe (a teacher, or a reference for choosing assistants)."""
+        if t in teacher_keys:
+            return teacher_keys[t]
         train = teacher_train.for_model(t)
         kwargs = {**suite.model_kwargs.get(t, {}), **suite.teacher.model_kwargs.get(t, {})}
         config = {**base, "augment": teacher_augment.model_dump(), "model": t, "model_kwargs": kwargs, "seed": suite.teacher.seed,
@@ -168,26 +257,62 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
             config["checkpoint_sha256"] = file_hash(Path(checkpoint))
         key = content_hash(config)
         teacher_keys[t] = key
-        jobs[key] = Job(key, "teacher", t, suite.teacher.seed, TEACHER_METHOD, train, teacher_augment, config,
+        jobs[key] = Job(key, role, t, suite.teacher.seed, TEACHER_METHOD, train, teacher_augment, config,
                         source=suite.teacher.source, checkpoint=checkpoint,
                         route_every=suite.teacher.route_every or default_route_every(train.epochs))
+        return key
+
+    for t in dict.fromkeys(t for t, _ in pair_names):
+        stored_job(t)
+
+    def model_stats_of(name: str) -> int:
+        return (models[name] if name in models else stats(name)).params
 
     cells: list[Cell] = []
     for pair, (t, s) in zip(pairs, pair_names):
         for entry in entries:
             method = get_method(entry.method)
             params = {**method.defaults, **entry.params}
+            needs = method.needs(params)
+            extra: dict[str, Any] = {}  # what else determines this job's numbers, from the method's needs
+            chain: list[Job] = []
+            assistants = needs.assistants
+            teacher_key = teacher_keys[t] if needs.teacher in ("trained", "checkpoint") else None
+            if needs.teacher == "random":  # no stored teacher: the architecture and its kwargs determine it
+                extra["teacher_model"] = t
+                extra["teacher_model_kwargs"] = {**suite.model_kwargs.get(t, {}), **suite.teacher.model_kwargs.get(t, {})}
+            if assistants == (AUTO,):
+                candidates = [m for m in models if models[s].params < models[m].params < models[t].params]
+                if suite.teacher.source != "train":
+                    raise KdbenchError(f"{suite_path}: method '{entry.label}': assistants 'auto' compares models "
+                                       f"trained by the suite (teacher.source: train); name the assistant instead")
+                if candidates:
+                    extra["assistant_candidates"] = {m: stored_job(m, "reference") for m in candidates}
+                    extra["student_reference"] = stored_job(s, "reference")
+                else:  # nothing between teacher and student in size: no assistant, recorded as such
+                    assistants = ()
+                extra["assistants"] = AUTO
+            elif assistants:
+                sizes = [models[t].params] + [model_stats_of(a) for a in assistants] + [models[s].params]
+                if any(a <= b for a, b in zip(sizes, sizes[1:])):
+                    raise KdbenchError(f"{suite_path}: method '{entry.label}': assistants {list(assistants)} must shrink "
+                                       f"from teacher {t} to student {s} in size; use 'auto' or list `pairs`")
+                chain = assistant_jobs(suite, student_train, teacher_key, t, assistants, entry, params)
+                for a in chain:
+                    jobs.setdefault(a.key, a)
             for seed in seeds:
                 train = student_train.for_model(s)
-                teacher_key = teacher_keys[t] if method.needs_teacher else None
                 config = {**base, "model": s, "model_kwargs": suite.model_kwargs.get(s, {}), "seed": seed,
                           "method": entry.method, "method_params": params, "train": train.model_dump(),
-                          "teacher": teacher_key}
+                          "teacher": chain[-1].key if chain else teacher_key, **extra}
                 key = content_hash(config)
                 if key not in jobs:
-                    jobs[key] = Job(key, "student", s, seed, entry, train, suite.augment, config, teacher=teacher_key,
-                                    teacher_model=t if teacher_key else None,
-                                    pair=f"{t}->{s}" if teacher_key else None)
+                    has_teacher = needs.teacher != "none"
+                    jobs[key] = Job(key, "student", s, seed, entry, train, suite.augment, config,
+                                    teacher=config["teacher"], teacher_model=t if has_teacher else None,
+                                    pair=f"{t}->{s}" if has_teacher else None, teacher_init=needs.teacher,
+                                    teacher_epoch=needs.teacher_epoch, assistants=assistants,
+                                    assistant_choice="auto: no suite model between teacher and student"
+                                    if extra.get("assistants") == AUTO and not assistants else "")
                 cells.append(Cell(pair, entry.label, seed, key))
-    ordered = [j for j in jobs.values() if j.role == "teacher"] + [j for j in jobs.values() if j.role != "teacher"]
-    return Plan(suite, suite_path, models, pairs, cells, ordered)
+    return Plan(suite, suite_path, models, pairs, cells, in_waves(jobs.values()), student_train)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import sys
 from functools import lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -40,9 +41,11 @@ def _classes_in(module: ModuleType) -> list[type[Method]]:
 def _load_file(path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"kdbench_methods.{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would: dataclasses, pickling and inspect look a module up there
     try:
         spec.loader.exec_module(module)
     except Exception as exc:  # a broken plugin must not hide which file it is
+        sys.modules.pop(spec.name, None)
         raise KdbenchError(f"{path}: method plugin failed to import: {type(exc).__name__}: {exc}") from exc
     return module
 

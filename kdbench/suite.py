@@ -246,18 +246,23 @@ def _check_names(path: Path, suite: Suite) -> None:
             close = difflib.get_close_matches(entry.method, list(registry), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(registry)})"
             raise SuiteError(f"{path}: field 'methods.{i}': unknown method '{entry.method}'{hint}")
-        defaults = registry[entry.method].defaults
+        method = registry[entry.method]
+        defaults = method.defaults
         for key, value in entry.params.items():
             if key not in defaults:
                 close = difflib.get_close_matches(key, list(defaults), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(defaults) or 'none'})"
                 raise SuiteError(f"{path}: field 'methods.{i}.{key}': method '{entry.method}' has no parameter "
                                  f"'{key}'{hint}")
-            expected = type(defaults[key])
-            ok = isinstance(value, expected) or (expected is float and isinstance(value, int)
+            expected = method.param_types.get(key, (type(defaults[key]),))
+            ok = isinstance(value, expected) or (float in expected and isinstance(value, int)
                                                  and not isinstance(value, bool))
-            if defaults[key] is not None and not ok:
-                raise SuiteError(f"{path}: field 'methods.{i}.{key}': expected {expected.__name__}, got {value!r}")
+            if (defaults[key] is not None or key in method.param_types) and not ok and value is not defaults[key]:
+                names = " or ".join(t.__name__ for t in expected)
+                raise SuiteError(f"{path}: field 'methods.{i}.{key}': expected {names}, got {value!r}")
+        problem = method.check_params({**defaults, **entry.params})
+        if problem:
+            raise SuiteError(f"{path}: field 'methods.{i}': method '{entry.method}': {problem}")
         if entry.label in labels:
             raise SuiteError(f"{path}: field 'methods.{i}': label '{entry.label}' is used twice; give each "
                              f"variant its own `label`")

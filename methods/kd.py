@@ -3,7 +3,7 @@
 Defaults are those of the CIFAR-100 benchmark of Tian et al. (CRD): T = 4, CE weight 0.1, KD weight 0.9.
 """
 
-from kdbench.losses import cross_entropy, kd_loss
+from kdbench.losses import kd_terms
 from kdbench.method import Method
 
 
@@ -14,7 +14,4 @@ class KD(Method):
 
     def losses(self, batch, student, teacher):
         p = self.params
-        return {
-            "ce": p["ce_weight"] * cross_entropy(student.logits, batch.labels),
-            "kd": p["kd_weight"] * kd_loss(student.logits, teacher.logits, p["T"]),
-        }
+        return kd_terms(student.logits, teacher.logits, batch.labels, p["T"], p["ce_weight"], p["kd_weight"])
