@@ -144,6 +144,7 @@ class Executor:
         params.update({"role": job.role, "method_label": job.method.label, "job_key": job.key, **self.env})
         if job.teacher:
             params["teacher_model"] = job.teacher_model
+        if job.teacher and self.store.has(job.teacher):  # a failed teacher has no accuracy (its students fail too)
             params["teacher_test_acc"] = f"{self.store.meta(job.teacher)['metrics']['test_acc']:.4f}"
         return params
 

@@ -270,6 +270,9 @@ def _check_names(path: Path, suite: Suite) -> None:
             raise SuiteError(f"{path}: field 'methods.{i}': label '{entry.label}' is used twice; give each "
                              f"variant its own `label`")
         labels.add(entry.label)
+    if suite.reference is not None:
+        from kdbench.paper import check_reference
+        check_reference(path, suite)
     if suite.teacher.source == "checkpoint":
         for t in suite.teachers:
             for name in fnmatch.filter(names, t):
