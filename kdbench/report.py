@@ -296,9 +296,14 @@ def cost_frame(runs: pd.DataFrame, layout: Layout) -> pd.DataFrame:
             key = ("student", label, "" if len(alone) or label == layout.baseline else pair.teacher, pair.student)
             if key not in groups:
                 groups.append(key)
+    others = runs[~runs.role.isin(["teacher", "student"])]  # e.g. assistants, where a method trains them
+    groups += sorted(set(zip(others.role, others.method, others.teacher, others.student)))
     records = []
     for role, label, teacher, student in groups:
-        if role == "teacher":
+        if role not in ("teacher", "student"):
+            mine = others[(others.role == role) & (others.method == label) & (others.teacher == teacher)
+                          & (others.student == student)]
+        elif role == "teacher":
             mine = runs[(runs.role == "teacher") & (runs.teacher == teacher)]
         else:
             pair = f"{teacher}->{student}" if teacher else ""
@@ -426,7 +431,8 @@ def cost_markdown(cost: pd.DataFrame) -> str:
     rows = []
     for _, r in cost.iterrows():
         dash = DASH if not r.finished else f"{DASH} ({r.status})"  # an empty row says why once, in its first cell
-        rows.append([r.method, r.teacher or DASH, r.student or DASH, f"{r.finished}/{r.runs}",
+        job = r.method if r.role in ("teacher", "student") else f"{r.role} ({r.method})"
+        rows.append([job, r.teacher or DASH, r.student or DASH, f"{r.finished}/{r.runs}",
                      number(r.test_acc) if r.finished else f"{DASH} ({r.status})",
                      f"{r.wall_time:.1f}" if not math.isnan(r.wall_time) else dash,
                      f"{r.images_per_sec:.0f}" if not math.isnan(r.images_per_sec) else dash,
@@ -459,6 +465,7 @@ def accuracy_figure(table: pd.DataFrame, layout: Layout, x: str = "gap"):
     """Student accuracy against the capacity gap (or the teacher's accuracy): one panel per student, one line
     per method with error bars over seeds, the student alone as a band (mean ± standard deviation)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     if x not in X_AXES:
         raise KdbenchError(f"--x: expected one of {', '.join(X_AXES)}, got '{x}'")
@@ -480,11 +487,17 @@ def accuracy_figure(table: pd.DataFrame, layout: Layout, x: str = "gap"):
         if len(base):  # one student: the same runs in every pair, so one band
             b = base.iloc[0]
             std = 0.0 if math.isnan(b["std"]) else b["std"]
-            ax.axhspan(b["mean"] - std, b["mean"] + std, color="0.5", alpha=0.2, linewidth=0)
+            ax.axhspan(b["mean"] - std, b["mean"] + std, color="0.5", alpha=0.2, linewidth=0,
+                       label=f"{layout.baseline} (student alone): ± 1 sd")
             ax.axhline(b["mean"], color="0.35", linestyle="--", linewidth=1,
-                       label=f"{layout.baseline} (student alone, ±1 sd)")
+                       label=f"{layout.baseline} (student alone): mean")
         if x == "gap":
             ax.set_xscale("log")
+        ticks = sorted(set(mine.loc[mine.n > 0, x].dropna()))
+        if ticks:  # the pairs themselves, readable on a log axis that spans less than a decade or two
+            ax.set_xticks(ticks, [f"{t:.1f}×" if x == "gap" else f"{t:.2f}" for t in ticks],
+                          rotation=45 if len(ticks) > 5 else 0)
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(X_AXES[x])
         ax.set_ylabel("student test accuracy (%), last epoch")
         ax.set_title(f"student {student}")
