@@ -172,7 +172,8 @@ def paper_markdown(frame: pd.DataFrame, ref: ReferenceConfig) -> str:
             paper, ours, diff = _cell_parts(r, ref)
             texts.append(f"{paper} · {ours}" + (f" · Δ {diff}" if diff else ""))
         rows.append([method] + texts)
-    return f"**{ref.title}**\n\n" + markdown_table(header, rows, "l" + "r" * len(cols)) + "\n" + _explanation(frame, ref)
+    table = markdown_table(header, rows, "l" + "r" * len(cols))
+    return f"**{ref.title}**\n\n{table}\n{_explanation(frame, ref)}"
 
 
 def paper_latex(frame: pd.DataFrame, ref: ReferenceConfig) -> str:

@@ -91,7 +91,8 @@ def run_record(client, run) -> dict:
         "method_name": tags.get(f"{TAG}method_name", ""), "teacher": tags.get(f"{TAG}teacher", ""),
         "student": tags.get(f"{TAG}student", ""), "pair": tags.get(f"{TAG}pair", ""),
         "seed": int(tags.get(f"{TAG}seed", "-1")), "status": run.info.status,
-        "reason": failure_reason(run.info.status, failure), "failure": failure.strip().splitlines()[-1] if failure else "",
+        "reason": failure_reason(run.info.status, failure),
+        "failure": failure.strip().splitlines()[-1] if failure else "",  # a traceback's last line says what
         "protocol": tags.get(f"{TAG}protocol", ""), "reused": tags.get(f"{TAG}reused", "") == "true",
         "epochs": max((m.step for m in history), default=math.nan),
         # The headline: the test accuracy of the last epoch (the latest step), never the best epoch.
@@ -275,7 +276,8 @@ def comparison_frame(runs: pd.DataFrame, layout: Layout) -> pd.DataFrame:
     for pair in layout.pairs:
         teacher = teacher_cell(runs, pair.teacher)
         add(TEACHER, "teacher", pair, teacher, None, teacher.mean)
-        base = student_cell(runs, layout.baseline, pair.teacher, pair.student, layout.seeds) if layout.baseline else None
+        base = (student_cell(runs, layout.baseline, pair.teacher, pair.student, layout.seeds) if layout.baseline
+                else None)
         for label in layout.methods:
             cell = student_cell(runs, label, pair.teacher, pair.student, layout.seeds)
             add(label, "student", pair, cell, base if label != layout.baseline else None, teacher.mean)
@@ -385,11 +387,15 @@ def comparison_markdown(table: pd.DataFrame, layout: Layout) -> str:
     return text + "\n"
 
 
+LATEX_SPECIALS = (("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"), ("_", r"\_"), ("{", r"\{"), ("}", r"\}"),
+                  ("^", r"\^{}"), ("~", r"\textasciitilde{}"), ("→", r"$\to$"), ("−", "-"), ("Δ", r"$\Delta$"),
+                  ("×", r"$\times$"), ("–", "--"), ("±", r"$\pm$"), ("†", r"$^\dagger$"))
+
+
 def latex_escape(text: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"), ("_", r"\_"),
-                 ("{", r"\{"), ("}", r"\}"), ("→", r"$\to$"), ("−", "-"), ("Δ", r"$\Delta$"), ("×", r"$\times$"),
-                 ("–", "--"), ("±", r"$\pm$"), ("†", r"$^\dagger$")):
-        text = text.replace(a, b) if a != "\\" else text.replace(a, "\x00")
+    text = text.replace("\\", "\x00")  # backslashes first, restored last: their replacement has braces
+    for special, escaped in LATEX_SPECIALS:
+        text = text.replace(special, escaped)
     return text.replace("\x00", r"\textbackslash{}")
 
 
@@ -498,10 +504,12 @@ def accuracy_figure(table: pd.DataFrame, layout: Layout, x: str = "gap"):
             ax.set_xticks(ticks, [f"{t:.1f}×" if x == "gap" else f"{t:.2f}" for t in ticks],
                           rotation=45 if len(ticks) > 5 else 0)
             ax.xaxis.set_minor_formatter(NullFormatter())
+            if len(ticks) == 1:  # one pair: centre its point instead of matplotlib's lopsided default
+                ax.set_xlim(*((ticks[0] / 2, ticks[0] * 2) if x == "gap" else (ticks[0] - 1, ticks[0] + 1)))
         ax.set_xlabel(X_AXES[x])
         ax.set_ylabel("student test accuracy (%), last epoch")
         ax.set_title(f"student {student}")
-        ax.grid(True, which="both", alpha=0.3)
+        ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle(f"{layout.suite}: student accuracy vs "
                  f"{'capacity gap' if x == 'gap' else 'teacher accuracy'} (mean ± sd over seeds)")

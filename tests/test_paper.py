@@ -118,3 +118,17 @@ def test_hinton_results_are_what_the_committed_command_writes(hinton_runs, tmp_p
     table = [line for line in (HINTON / "paper_table.md").read_text().splitlines() if line.startswith("|")]
     assert all(line in readme for line in table)
     assert "kdbench run suites/papers/hinton_mnist.yaml" in readme and "kdbench report" in readme
+
+
+def test_quickstart_report_and_readme_snippet_are_what_the_code_writes(tmp_path):
+    """results/quickstart/ regenerates byte for byte from its committed store, and the README snippet shows it."""
+    quickstart = REPO / "results" / "quickstart"
+    if not (quickstart / "mlflow.db").is_file():
+        pytest.skip("results/quickstart/mlflow.db not present")
+    folder = write_report(REPO / "suites" / "quickstart.yaml", tmp_path, uri=f"sqlite:///{quickstart / 'mlflow.db'}")
+    for name in ("comparison.md", "comparison.csv", "cost.md", "runs.csv", "accuracy_vs_gap.svg"):
+        assert (folder / name).read_bytes() == (quickstart / name).read_bytes(), name
+    snippet = (REPO / "docs" / "README-report-snippet.md").read_text()
+    table = [line for line in (quickstart / "comparison.md").read_text().splitlines() if line.startswith("|")]
+    assert table and all(line in snippet for line in table)
+    assert "results/quickstart/accuracy_vs_gap.png" in snippet
