@@ -1,4 +1,4 @@
-"""The `kdbench` command line: run, pairs, methods."""
+"""The `kdbench` command line: run, report, pairs, methods."""
 
 from __future__ import annotations
 
@@ -106,6 +106,22 @@ def run(
               f"parent run {outcome.parent_run}")
     if outcome.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    suite: Path = SuiteArg,
+    run_id: Optional[str] = typer.Option(None, "--run",
+                                         help="the parent run id to report (default: the suite's latest run)"),
+    out_dir: Path = typer.Option(Path("results"), "--out", help="write into OUT/<suite name>/"),
+    x: str = typer.Option("gap", "--x", help="the figure's x axis: gap (teacher/student parameters) or teacher_acc"),
+) -> None:
+    """Tables (Markdown, LaTeX, CSV) and the accuracy-vs-gap figure of a suite's run, read from MLflow."""
+    from kdbench.report import write_report
+
+    folder = write_report(suite, out_dir, run_id, x)
+    err.print(f"report written to {folder}/ (report.md, comparison, cost, figure"
+              f"{', paper_table' if (folder / 'paper_table.md').exists() else ''})")
 
 
 def _print_plan(plan) -> None:

@@ -94,6 +94,24 @@ class MethodEntry(Strict):
     params: dict[str, Any] = {}
 
 
+class ReferenceConfig(Strict):
+    """A published table a paper suite regenerates: its numbers (a CSV beside the suite) and how its names map to ours."""
+    csv: str  # long-format CSV relative to the suite file: table,dataset,teacher,student,method,value,note
+    table: str  # which table of the CSV
+    title: str  # the paper and table, as the report's caption names them
+    metric: Literal["top1", "test_errors"] = "top1"  # top-1 accuracy (%) or a count of test errors
+    test_images: PositiveInt | None = None  # test set size, to turn accuracy into errors (metric test_errors)
+    protocol: str = ""  # what had to be assumed or differs from the paper; printed under the table
+    models: dict[str, str | None] = {}  # paper model name -> timm name (null: not in our zoo)
+    methods: dict[str, str | None] = {}  # paper row -> our method label, or `teacher` (null: not implemented)
+
+    @model_validator(mode="after")
+    def _errors_need_size(self):
+        if self.metric == "test_errors" and self.test_images is None:
+            raise ValueError("metric test_errors needs test_images (the test set size)")
+        return self
+
+
 class Suite(Strict):
     name: str
     description: str = ""
@@ -109,6 +127,7 @@ class Suite(Strict):
     train: TrainConfig
     teacher: TeacherConfig = TeacherConfig()
     eval_batch_size: PositiveInt = 1000
+    reference: ReferenceConfig | None = None  # paper suites (suites/papers/): the published table to compare with
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -267,6 +286,9 @@ def _check_names(path: Path, suite: Suite) -> None:
             raise SuiteError(f"{path}: field 'methods.{i}': label '{entry.label}' is used twice; give each "
                              f"variant its own `label`")
         labels.add(entry.label)
+    if suite.reference is not None:
+        from kdbench.paper import check_reference
+        check_reference(path, suite)
     if suite.teacher.source == "checkpoint":
         for t in suite.teachers:
             for name in fnmatch.filter(names, t):

@@ -1,0 +1,293 @@
+"""Reports from a real MLflow store: one tiny suite is run once for the module, then its tables and figure are
+checked against the runs, with every number recomputed here from MLflow independently of kdbench.report.
+
+The suite has a teacher that diverges (an absurd learning rate) so its students fail, a method that
+diverges (an absurd KD weight), a method left out of the run (not run) and a seed left out (partial cells).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import yaml
+from matplotlib.container import ErrorbarContainer
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+
+from kdbench import KdbenchError
+from kdbench.executor import Executor
+from kdbench.plan import make_plan
+from kdbench.report import (accuracy_figure, comparison_frame, failure_reason, layout_for, load_runs, open_client,
+                            find_parent, pick, write_report)
+from kdbench.suite import load_suite
+from kdbench.tracking import Tracker
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD, BAD, STUDENT = "mnist_mlp_100x2", "mnist_mlp_400x2", "mnist_mlp_30x2"
+SUITE = {
+    "name": "reportsuite",
+    "data": {"dataset": "synthetic", "train_size": 192, "test_size": 200, "num_classes": 10, "image_size": 28},
+    "teachers": [GOOD, BAD],
+    "students": [STUDENT],
+    "methods": ["baseline", "kd", {"method": "kd", "label": "kd_T8", "params": {"T": 8.0}},
+                {"method": "kd", "label": "kd_boom", "params": {"kd_weight": 1.0e9}},  # diverges in epoch 1
+                {"method": "kd", "label": "kd_skipped"}],  # left out of the run: "not run"
+    "seeds": [0, 1, 2],  # seed 2 is left out of the run: partial cells
+    "train": {"epochs": 2, "batch_size": 64, "lr": 0.01, "lr_by_model": {BAD: 1.0e6}},  # the BAD teacher diverges
+    "reference": {
+        "csv": "paper.csv", "table": "t1", "title": "A made-up paper, table 1", "metric": "test_errors",
+        "test_images": 200, "protocol": "assumed: everything",
+        "models": {"T": GOOD, "S": STUDENT, "plainT": None},
+        "methods": {"Teacher": "teacher", "Student": "baseline", "KD": "kd", "AT": None, "KD-T8": "kd_T8"},
+    },
+}
+PAPER_CSV = """# A made-up table to test the mapping
+table,dataset,teacher,student,method,value,note
+t1,synthetic,T,S,Teacher,120,
+t1,synthetic,T,S,Student,150,
+t1,synthetic,T,S,KD,140,
+t1,synthetic,T,S,AT,141,
+t1,synthetic,plainT,S,KD,130,a model we lack
+t1,cifar10,T,S,KD,10,another dataset
+t2,synthetic,T,S,KD,1,another table
+"""
+RUN_METHODS = ["baseline", "kd", "kd_T8", "kd_boom"]
+RUN_SEEDS = [0, 1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Run the suite once, in process, into a store of this module's own (the conftest's stores are per test)."""
+    root = tmp_path_factory.mktemp("report_store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    suite_path = root / "reportsuite.yaml"
+    suite_path.write_text(yaml.safe_dump(SUITE, sort_keys=False))
+    (root / "paper.csv").write_text(PAPER_CSV)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KDBENCH_STORE", str(root / "models"))
+        plan = make_plan(load_suite(suite_path), suite_path, methods=RUN_METHODS, seeds=RUN_SEEDS)
+        outcome = Executor(plan, None, "cpu", tracker=Tracker(uri), console=Console(file=io.StringIO())).run()
+    assert outcome.failed  # the diverging teacher and method
+    return {"root": root, "uri": uri, "suite": suite_path, "parent": outcome.parent_run}
+
+
+@pytest.fixture(scope="module")
+def report(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    folder = write_report(store["suite"], out, uri=store["uri"])
+    return folder
+
+
+def truth(store):
+    """The numbers straight from MLflow: (role, label, teacher, student, seed) -> (status, last-epoch test_acc)."""
+    client = MlflowClient(store["uri"])
+    runs = client.search_runs([client.get_run(store["parent"]).info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{store['parent']}'")
+    out = {}
+    for run in runs:
+        t = run.data.tags
+        history = client.get_metric_history(run.info.run_id, "test_acc")
+        last = max(history, key=lambda m: m.step).value if history else None
+        out[(t["kdbench.role"], t["kdbench.method"], t["kdbench.teacher"], t["kdbench.student"],
+             int(t["kdbench.seed"]))] = (run.info.status, last, t.get("kdbench.failure", ""))
+    return out
+
+
+def accs(runs, label, teacher):
+    """Finished accuracies per seed of a method in a pair; the student-alone runs have no teacher."""
+    return {k[4]: v[1] for k, v in runs.items() if k[0] == "student" and k[1] == label
+            and k[2] in (teacher, "") and v[0] == "FINISHED"}
+
+
+def read_csv(path):
+    import csv
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_comparison_numbers_match_the_runs(store, report):
+    runs = truth(store)
+    rows = {(r["row"], r["teacher"]): r for r in read_csv(report / "comparison.csv")}
+    base = accs(runs, "baseline", GOOD)
+    assert sorted(base) == RUN_SEEDS
+    checked = 0
+    for label in ("baseline", "kd", "kd_T8"):
+        values = accs(runs, label, GOOD)
+        row = rows[(label, GOOD)]
+        assert int(row["n"]) == len(values) == 2
+        assert float(row["mean"]) == pytest.approx(statistics.mean(values.values()), abs=1e-6)
+        assert float(row["std"]) == pytest.approx(statistics.stdev(values.values()), abs=1e-6)
+        assert row["note"] == "1 not run"  # seed 2 of the suite was left out
+        if label != "baseline":
+            diffs = [values[s] - base[s] for s in RUN_SEEDS]
+            assert int(row["delta_n"]) == 2
+            assert float(row["delta_mean"]) == pytest.approx(statistics.mean(diffs), abs=1e-6)
+            assert float(row["delta_std"]) == pytest.approx(statistics.stdev(diffs), abs=1e-6)
+        checked += 1
+    # The baseline is shared: the same numbers in the column of the pair whose teacher failed.
+    assert rows[("baseline", BAD)]["mean"] == rows[("baseline", GOOD)]["mean"]
+    teacher = next(v for k, v in runs.items() if k[0] == "teacher" and k[2] == GOOD)
+    assert float(rows[("teacher", GOOD)]["mean"]) == pytest.approx(teacher[1], abs=1e-6)
+    # The best method of the column is the highest mean among the methods (the teacher row is not a method).
+    means = {label: statistics.mean(accs(runs, label, GOOD).values()) for label in ("baseline", "kd", "kd_T8")}
+    best = max(means.values())
+    assert {label for label in means if rows[(label, GOOD)]["best"] == "True"} == \
+           {label for label, m in means.items() if m == best}
+    assert checked == 3
+
+
+def test_failed_diverged_and_missing_cells_say_why(store, report):
+    runs = truth(store)
+    bad_teacher = next(v for k, v in runs.items() if k[0] == "teacher" and k[2] == BAD)
+    assert bad_teacher[0] == "FAILED" and bad_teacher[2].startswith("diverged")
+    rows = {(r["row"], r["teacher"]): r for r in read_csv(report / "comparison.csv")}
+    assert rows[("teacher", BAD)]["status"] == "diverged"
+    # Every reason of an empty cell, in seed order (seed 2 was left out of the run).
+    assert rows[("kd", BAD)]["status"] == "teacher failed, not run" and rows[("kd", BAD)]["n"] == "0"
+    assert rows[("kd_boom", GOOD)]["status"] == "diverged, not run"
+    assert rows[("kd_skipped", GOOD)]["status"] == "not run"
+    md = (report / "comparison.md").read_text()
+    lines = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    assert lines["teacher"].count("– (diverged)") == 1
+    assert lines["kd_boom"].count("– (diverged, not run)") == 1
+    assert "– (teacher failed, not run)" in lines["kd_boom"]
+    assert lines["kd_skipped"].count("– (not run)") == 2
+    for line in lines.values():
+        assert " |  |" not in line and "nan" not in line  # no silent holes
+    assert "1 not run" in lines["kd"] and "**" in md
+    tex = (report / "comparison.tex").read_text()
+    assert r"\textbf{" in tex and "-- (diverged, not run)" in tex and "mnist\\_mlp\\_30x2" in tex
+    report_md = (report / "report.md").read_text()
+    assert "## Runs without a number" in report_md and "diverged: training loss" in report_md
+
+
+def test_cost_table_counts_passes(report):
+    cost = {(r["method"], r["teacher"]): r for r in read_csv(report / "cost.csv")}
+    steps = 2 * math.ceil(192 / 64)  # passes of one run: epochs x batches
+    kd = cost[("kd", GOOD)]
+    assert kd["finished"] == "2" and float(kd["teacher_forward"]) == float(kd["student_backward"]) == steps
+    assert float(kd["teacher_backward"]) == 0 and float(kd["wall_time"]) > 0 and float(kd["images_per_sec"]) > 0
+    base = cost[("baseline", "")]
+    assert float(base["teacher_forward"]) == 0 and float(base["student_forward"]) == steps
+    teacher = cost[("teacher", GOOD)]  # a teacher's own training counts as the teacher's passes
+    assert float(teacher["teacher_backward"]) == steps and float(teacher["student_forward"]) == 0
+    assert cost[("teacher", BAD)]["status"] == "diverged"
+
+
+def test_figure_lines_and_band_match_the_table(store):
+    client = open_client(store["uri"])
+    suite = load_suite(store["suite"])
+    runs = load_runs(client, find_parent(client, suite.name))
+    layout = layout_for(make_plan(suite, store["suite"]), runs)
+    fig = accuracy_figure(comparison_frame(runs, layout), layout)
+    (ax,) = fig.axes
+    truth_runs = truth(store)
+
+    def params(name):
+        return sum(p.numel() for p in timm.create_model(name, num_classes=10, in_chans=3).parameters())
+
+    gap = params(GOOD) / params(STUDENT)
+    lines = {c.get_label(): c for c in ax.containers if isinstance(c, ErrorbarContainer)}
+    assert sorted(lines) == ["kd", "kd_T8"]  # kd_boom and kd_skipped have no point; the baseline is a band
+    for label, container in lines.items():
+        values = list(accs(truth_runs, label, GOOD).values())
+        data_line, _, (bars,) = container
+        assert list(data_line.get_xdata()) == pytest.approx([gap])  # the diverged teacher's pair has no point
+        assert list(data_line.get_ydata()) == pytest.approx([statistics.mean(values)])
+        (segment,) = bars.get_segments()
+        assert segment[:, 1] == pytest.approx([statistics.mean(values) - statistics.stdev(values),
+                                               statistics.mean(values) + statistics.stdev(values)])
+    base = list(accs(truth_runs, "baseline", GOOD).values())
+    (band,) = ax.patches
+    low, high = band.get_y(), band.get_y() + band.get_height()  # y in data units (x spans the axes)
+    assert (low, high) == pytest.approx((statistics.mean(base) - statistics.stdev(base),
+                                         statistics.mean(base) + statistics.stdev(base)), abs=1e-6)
+    mean_line = next(l for l in ax.lines if "student alone" in l.get_label())
+    assert list(mean_line.get_ydata()) == pytest.approx([statistics.mean(base)] * 2)
+    assert ax.get_xscale() == "log" and "capacity gap" in ax.get_xlabel() and "accuracy" in ax.get_ylabel()
+    assert ax.get_legend() is not None and fig._suptitle.get_text()
+
+    fig = accuracy_figure(comparison_frame(runs, layout), layout, x="teacher_acc")
+    (ax,) = fig.axes
+    teacher = next(v[1] for k, v in truth_runs.items() if k[0] == "teacher" and k[2] == GOOD)
+    kd = next(c for c in ax.containers if c.get_label() == "kd")
+    assert list(kd[0].get_xdata()) == pytest.approx([teacher]) and ax.get_xscale() == "linear"
+
+
+def test_paper_table_beside_the_runs(store, report):
+    runs = truth(store)
+    paper = {(r["paper_teacher"], r["paper_method"], r["dataset"]): r for r in read_csv(report / "paper_table.csv")}
+    assert len(paper) == 6  # table t1 only
+
+    def errors(acc):
+        return round(200 * (100 - acc) / 100)
+
+    teacher = next(v[1] for k, v in runs.items() if k[0] == "teacher" and k[2] == GOOD)
+    row = paper[("T", "Teacher", "synthetic")]
+    assert float(row["mean"]) == errors(teacher) and float(row["diff"]) == errors(teacher) - 120
+    for method, label, published in (("Student", "baseline", 150), ("KD", "kd", 140)):
+        values = [errors(a) for a in accs(runs, label, GOOD).values()]
+        row = paper[("T", method, "synthetic")]
+        assert float(row["mean"]) == pytest.approx(statistics.mean(values))
+        assert float(row["std"]) == pytest.approx(statistics.stdev(values))
+        assert float(row["diff"]) == pytest.approx(statistics.mean(values) - published) and row["n"] == "2"
+    assert paper[("T", "AT", "synthetic")]["status"] == "not implemented"
+    assert paper[("plainT", "KD", "synthetic")]["status"] == "plainT not in our zoo"
+    assert paper[("T", "KD", "cifar10")]["status"] == "other dataset: cifar10"
+    md = (report / "paper_table.md").read_text()
+    assert "A made-up paper, table 1" in md and "Protocol assumed: assumed: everything" in md
+    assert "141 · – (not implemented)" in md and "cifar10: T → S" in md
+    assert "**" not in md.split("\n", 2)[2].split("Each cell")[0].replace("**A made-up", "")  # no stray bold
+
+
+def test_rerun_writes_identical_files_and_cli_works(store, report, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "kdbench.cli", "report", str(store["suite"]), "--out", str(tmp_path),
+                           "--run", store["parent"]], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": store["uri"]})
+    assert proc.returncode == 0, proc.stderr
+    again = tmp_path / "reportsuite"
+    names = sorted(p.name for p in report.iterdir())
+    assert names == sorted(p.name for p in again.iterdir())
+    assert {"comparison.md", "comparison.tex", "comparison.csv", "cost.md", "cost.csv", "accuracy_vs_gap.png",
+            "accuracy_vs_gap.svg", "paper_table.md", "paper_table.csv", "runs.csv", "report.md"} <= set(names)
+    for name in names:
+        if name != "report.md":  # report.md names the command that made it
+            assert (report / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_report_errors_are_one_line(store, tmp_path):
+    with pytest.raises(KdbenchError, match="no MLflow store at"):
+        write_report(store["suite"], tmp_path, uri=f"sqlite:///{tmp_path / 'none.db'}")
+    assert not (tmp_path / "none.db").exists()  # looking for a store never creates one
+    with pytest.raises(KdbenchError, match="--run nope: no such run"):
+        write_report(store["suite"], tmp_path, run_id="nope", uri=store["uri"])
+    with pytest.raises(KdbenchError, match="not a suite's parent run"):
+        client = MlflowClient(store["uri"])
+        run = client.search_runs([client.get_run(store["parent"]).info.experiment_id],
+                                 filter_string="tags.`kdbench.role` = 'student'", max_results=1)[0]
+        write_report(store["suite"], tmp_path, run_id=run.info.run_id, uri=store["uri"])
+    with pytest.raises(KdbenchError, match="--x"):
+        write_report(store["suite"], tmp_path, x="width", uri=store["uri"])
+
+
+def test_statuses_beyond_finished_and_failed():
+    import pandas as pd
+
+    assert failure_reason("FAILED", "diverged: loss became nan") == "diverged"
+    assert failure_reason("FAILED", "its teacher failed: diverged: x") == "teacher failed"
+    assert failure_reason("FAILED", "Traceback ...") == "failed"
+    assert failure_reason("KILLED", "interrupted") == "killed" and failure_reason("RUNNING", "") == "running"
+    runs = pd.DataFrame({"seed": [0, 0, 1, 2], "status": ["KILLED", "FINISHED", "KILLED", "RUNNING"],
+                         "test_acc": [50.0, 60.0, math.nan, math.nan], "start_time": [1, 2, 3, 4],
+                         "reason": ["killed", "", "killed", "running"], "protocol": ["", "", "", ""]})
+    cell = pick(runs, [0, 1, 2, 3])  # a resumed seed 0 counts once, with its finished run
+    assert cell.values == {0: 60.0} and cell.missing == {1: "killed", 2: "running", 3: "not run"}
+    assert cell.note == "1 killed, 1 running, 1 not run"
