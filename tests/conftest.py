@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# One thread per process: the tests run tiny models, where a second thread costs more than it gives, and
+# the kdbench processes the tests start (which inherit this) run beside the test process on 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import yaml
 
