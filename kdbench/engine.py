@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from kdbench import KdbenchError
-from kdbench.data import DeviceData, Split, epoch_batches, eval_batches, make_generator, normalize
+from kdbench.data import DeviceData, Split, epoch_batches, epoch_views, eval_batches, make_generator, normalize
 from kdbench.method import Batch, Method, PassCounts, StepContext
 from kdbench.seeding import stream_seed
 from kdbench.suite import AugmentConfig, TrainConfig
+from kdbench.teacher_cache import TeacherCache
 
 EXPLODED = 1e4  # an epoch's mean training loss above this ends the job as diverged
 
@@ -43,6 +44,9 @@ class EngineOptions:
             raise KdbenchError("--device cuda: no CUDA device is available on this machine (use --device cpu)")
         gpu = device.type == "cuda"
         return cls(device=device, bf16=gpu, channels_last=gpu)
+
+    def autocast(self):  # forward passes only: backward runs outside, in the types the forward chose
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
 
 def lr_factor(train: TrainConfig, epoch: int) -> float:
@@ -91,10 +95,13 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         augment: AugmentConfig, seed: int, opts: EngineOptions, *, eval_batch_size: int = 1000,
         on_epoch: Callable[[int, dict[str, float]], None] | None = None,
         keep_route: Callable[[int], bool] | None = None,
-        on_route: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> FitResult:
+        on_route: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+        teacher_cache: TeacherCache | None = None) -> FitResult:
     """Train `student` for `train.epochs` with `method`, evaluating on the test split after each epoch.
 
     on_epoch(epoch, metrics) gets 1-based epochs; on_route(epoch, state_dict) is called where keep_route(epoch).
+    teacher_cache: shared teacher outputs of this teacher on data.train with this augmentation, used in place
+    of the teacher forward when the method reads only the teacher's logits (the same numbers, computed once).
     """
     models = {"student": student}
     trainable = {"student": list(student.parameters()) + list(method.parameters())}
@@ -119,10 +126,9 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         if getattr(model, "max_norm", None):  # Hinton 2012's max-norm constraint, where the model asks for it
             model.apply_max_norm_(model.max_norm)
 
-    def autocast():  # forward passes only: backward runs outside, in the types the forward chose
-        return torch.autocast(opts.device.type, dtype=torch.bfloat16, enabled=opts.bf16)
-
-    ctx = StepContext(student=student, teacher=teacher, update=update, passes=passes, autocast=autocast)
+    cached = teacher_cache is not None and teacher is not None and method.teacher_logits_only \
+        and not method.trains_teacher
+    ctx = StepContext(student=student, teacher=teacher, update=update, passes=passes, autocast=opts.autocast)
     history: list[dict[str, float]] = []
     metrics: dict[str, float] = {}
     if train.epochs == 0:  # a model used as loaded (checkpoint, pretrained): evaluate only
@@ -139,14 +145,21 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         method.train()
         if method.trains_teacher:
             teacher.train()
-        order = make_generator(opts.device, stream_seed(seed, "order", epoch))
-        aug = make_generator(opts.device, stream_seed(seed, "aug", epoch))
+        def generators():
+            return (make_generator(opts.device, stream_seed(seed, "order", epoch)),
+                    make_generator(opts.device, stream_seed(seed, "aug", epoch)))
+
+        if cached:  # the epoch's draws replayed ahead: fill the views never computed, then only gathers
+            passes.teacher_forward += teacher_cache.fill(
+                epoch_views(len(data.train), train.batch_size, *generators(), augment.crop_padding, augment.flip),
+                train.batch_size)
         totals: dict[str, torch.Tensor] = {}
         steps = images_seen = 0
-        for images, labels in epoch_batches(data.train, train.batch_size, order, aug, augment.crop_padding,
-                                            augment.flip):
+        for images, labels, *drawn in epoch_batches(data.train, train.batch_size, *generators(),
+                                                    augment.crop_padding, augment.flip, with_views=cached):
             x = normalize(images, data.info, channels_last=opts.channels_last)
-            terms = method.step(Batch(x, labels, epoch, train.epochs), ctx)
+            logits = teacher_cache.lookup(*drawn) if cached else None
+            terms = method.step(Batch(x, labels, epoch, train.epochs, logits), ctx)
             for name, value in terms.items():  # summed on the device: no sync per step
                 totals[name] = totals.get(name, 0) + value.float()
             steps += 1

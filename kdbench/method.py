@@ -22,6 +22,7 @@ class Batch:
     labels: torch.Tensor
     epoch: int  # 0-based epoch of the job being trained
     epochs: int  # the job's total epochs (for warm-ups and schedules inside a method)
+    teacher_logits: torch.Tensor | None = None  # shared teacher outputs for this batch, when the engine has them
 
 
 @dataclass
@@ -68,6 +69,9 @@ class Method(nn.Module):
     student_features: ClassVar[list[int] | None] = None  # stage indices the method reads, or None for logits only
     teacher_features: ClassVar[list[int] | None] = None
     protocol_note: ClassVar[str | None] = None  # e.g. "protocol assumed", shown beside the method's results
+    # True: losses() reads only the frozen teacher's logits, so the engine may hand it shared teacher
+    # outputs (computed once per image and view, reused across epochs, methods and seeds) instead of a forward.
+    teacher_logits_only: ClassVar[bool] = False
 
     def __init__(self, params: dict[str, Any], student: nn.Module, teacher: nn.Module | None,
                  input_shape: tuple[int, int, int]):
@@ -83,7 +87,9 @@ class Method(nn.Module):
             student_out = run_model(ctx.student, batch.images, self.student_features)
             ctx.passes.student_forward += 1
             teacher_out = None
-            if ctx.teacher is not None:
+            if batch.teacher_logits is not None:  # the same numbers as the forward below, computed once
+                teacher_out = Outputs(logits=batch.teacher_logits)
+            elif ctx.teacher is not None:
                 with torch.no_grad():  # not inference_mode: feature losses must be able to save these tensors
                     teacher_out = run_model(ctx.teacher, batch.images, self.teacher_features)
                 ctx.passes.teacher_forward += 1
