@@ -84,6 +84,8 @@ def run(
     device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder [default: $KDBENCH_DATA]"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and exit; touches no data and no MLflow"),
+    teacher_cache: bool = typer.Option(False, "--teacher-cache", help="compute each teacher's logits once per image "
+                                       "and view, shared by logit-only methods and seeds (same numbers, faster)"),
 ) -> None:
     """Run every job of a suite: teachers, then students of every method and seed, logged to MLflow."""
     plan = _load_plan(suite, methods, seeds, epochs)
@@ -95,7 +97,7 @@ def run(
     from kdbench.tracking import tracking_uri
 
     root = resolve_data_root(str(data_root) if data_root else None)
-    outcome = Executor(plan, root, device, console=err).run()
+    outcome = Executor(plan, root, device, console=err, teacher_cache=teacher_cache).run()
     err.print(f"{len(outcome.finished)} jobs finished, {len(outcome.failed)} failed; MLflow {tracking_uri()}, "
               f"parent run {outcome.parent_run}")
     if outcome.failed:

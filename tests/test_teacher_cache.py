@@ -92,3 +92,23 @@ def test_fit_with_shared_teacher_outputs_trains_the_same_student():
     assert second.passes.teacher_forward == 0 and filled_after == filled <= 128  # the second job reused them all
     baseline = get_method("baseline")({}, create_model("cifar_resnet8", 5, 3), None, data.info.input_shape)
     assert not baseline.teacher_logits_only and kd.teacher_logits_only
+
+
+def test_suite_run_shares_teacher_outputs_across_methods(write_suite):
+    from kdbench.executor import Executor
+    from kdbench.plan import make_plan
+    from kdbench.suite import load_suite
+    from kdbench.tracking import Tracker
+
+    path = write_suite({"methods": ["kd", {"method": "kd", "label": "kd_T2", "params": {"T": 2.0}}, "baseline"],
+                        "data": {"dataset": "synthetic", "train_size": 64, "test_size": 32, "num_classes": 4,
+                                 "image_size": 16}, "train": {"epochs": 1, "batch_size": 32}, "teacher_cache": True})
+    plan = make_plan(load_suite(path), path)
+    tracker = Tracker()
+    outcome = Executor(plan, None, "cpu", tracker=tracker).run()
+    assert not outcome.failed
+    runs = tracker.client.search_runs([tracker.client.get_experiment_by_name("tiny").experiment_id])
+    forwards = {r.data.tags["kdbench.method"]: r.data.metrics.get("teacher_forward") for r in runs
+                if r.data.tags.get("kdbench.role") == "student"}
+    # the first logit method fills the cache (2 batches), the second, same seed, reads it: no teacher forward
+    assert forwards == {"kd": 2.0, "kd_T2": 0.0, "baseline": 0.0}
