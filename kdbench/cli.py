@@ -1,4 +1,4 @@
-"""The `kdbench` command line: run, pairs, methods."""
+"""The `kdbench` command line: run, pairs, methods, bench."""
 
 from __future__ import annotations
 
@@ -102,6 +102,53 @@ def run(
               f"parent run {outcome.parent_run}")
     if outcome.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N"),
+    pairs: Optional[str] = typer.Option(None, help="teacher:student pairs, comma-separated "
+                                        "[default: cifar_resnet56:cifar_resnet20,cifar_resnet32x4:cifar_resnet8x4]"),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="comma-separated [default: 64,512]"),
+    rounds: Optional[int] = typer.Option(None, help="timed rounds per loop [default: 5 on GPU, 3 on CPU]"),
+    steps: Optional[int] = typer.Option(None, help="timed steps per loop and round [default: 100 on GPU, 6 on CPU]"),
+    workers: Optional[int] = typer.Option(None, help="the classic loop's DataLoader workers [default: min(8, cores)]"),
+    loops: str = typer.Option("classic,kdbench,ceiling", help="which loops to measure"),
+    dataset: str = typer.Option("synthetic", help="synthetic (CIFAR-100-shaped) or cifar100 (needs --data-root)"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder [default: $KDBENCH_DATA]"),
+    cache_cell: bool = typer.Option(False, "--cache-cell", help="also time a cell of 5 logit methods x 3 seeds "
+                                    "without and with shared teacher outputs"),
+    cell_train_size: Optional[int] = typer.Option(None, help="images in the cache cell [default: 50000 GPU, 128 CPU]"),
+    cell_epochs: Optional[int] = typer.Option(None, help="epochs per run in the cache cell [default: 4 GPU, 2 CPU]"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="also write <device>.md, .csv, .json into this folder"),
+) -> None:
+    """Measure training speed: the field's classic loop, kdbench's engine and the models' ceiling, side by side."""
+    from kdbench.bench import BenchSettings, print_result, run_bench, write_result
+    from kdbench.data import resolve_data_root
+
+    def ints(value: Optional[str], option: str) -> Optional[tuple[int, ...]]:
+        try:
+            return tuple(int(v) for v in _csv(value)) if value else None
+        except ValueError:
+            raise KdbenchError(f"{option}: expected comma-separated integers, got '{value}'") from None
+
+    pair_list = None
+    if pairs:
+        pair_list = tuple(tuple(p.split(":")) for p in _csv(pairs))
+        if any(len(p) != 2 for p in pair_list):
+            raise KdbenchError(f"--pairs: expected teacher:student pairs, comma-separated, got '{pairs}'")
+    settings = BenchSettings(device=device, rounds=rounds, steps=steps, workers=workers, loops=tuple(_csv(loops) or ()),
+                             dataset=dataset, data_root=resolve_data_root(str(data_root) if data_root else None),
+                             cache_cell=cache_cell, cell_train_size=cell_train_size, cell_epochs=cell_epochs)
+    if pair_list:
+        settings.pairs = pair_list
+    settings.batch_sizes = ints(batch_sizes, "--batch-sizes") or settings.batch_sizes
+    with err.status("kdbench bench") as status:
+        result = run_bench(settings, progress=lambda what: status.update(f"kdbench bench: {what}"))
+    print_result(result, out)
+    if out_dir is not None:
+        for path in write_result(result, out_dir):
+            err.print(f"wrote {path}")
 
 
 def _print_plan(plan) -> None:
