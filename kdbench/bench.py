@@ -54,6 +54,7 @@ LOOPS = ("classic", "kdbench", "ceiling")
 PROTOCOL_EPOCHS = 240  # the CRD protocol
 TRAIN_IMAGES = 50_000  # CIFAR-100's training split
 CROP_PADDING = 4
+CPU_IMAGES_PER_ROUND = 384  # the CPU default: a round of 6 steps at batch 64, 3 at 128 (2 cores: seconds each)
 AUGMENT = AugmentConfig(crop_padding=CROP_PADDING, flip=True)
 TRAIN = TrainConfig(epochs=1, schedule="constant")  # the protocol's SGD (lr 0.05, momentum 0.9, wd 5e-4)
 
@@ -64,7 +65,7 @@ class BenchSettings:
     pairs: tuple[tuple[str, str], ...] = DEFAULT_PAIRS
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
     rounds: int | None = None  # default: 5 on GPU, 3 on CPU
-    steps: int | None = None  # timed steps per loop and round; default: 100 on GPU, 6 on CPU
+    steps: int | None = None  # timed steps per loop and round; default: 100 on GPU, 384 images' worth on CPU
     workers: int | None = None  # classic DataLoader workers; default: min(8, cores), 8 is RepDistiller's
     loops: tuple[str, ...] = LOOPS
     dataset: str = "synthetic"
@@ -76,9 +77,12 @@ class BenchSettings:
     cell_methods: int = 5
     cell_seeds: int = 3
 
+    def steps_for(self, batch_size: int, gpu: bool) -> int:
+        return self.steps or (100 if gpu else max(2, CPU_IMAGES_PER_ROUND // batch_size))
+
     def resolved(self, gpu: bool) -> "BenchSettings":
         return BenchSettings(**{**asdict(self),
-                                "rounds": self.rounds or (5 if gpu else 3), "steps": self.steps or (100 if gpu else 6),
+                                "rounds": self.rounds or (5 if gpu else 3), "steps": self.steps,
                                 "workers": self.workers if self.workers is not None else min(8, os.cpu_count() or 1),
                                 "cell_train_size": self.cell_train_size or (TRAIN_IMAGES if gpu else 128),
                                 "cell_epochs": self.cell_epochs or (4 if gpu else 2)})
@@ -177,8 +181,10 @@ class ClassicLoop:
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                                                   pin_memory=device.type == "cuda", drop_last=True,
                                                   persistent_workers=workers > 0)
-        # Batches the workers prepared while the other loops ran are consumed untimed before each round.
-        self.lead_in = workers * 2  # DataLoader's default prefetch_factor
+        # On a GPU, where data is the bottleneck, the batches the workers prepared while the other loops ran
+        # are consumed untimed before each round. On CPU a batch's PIL work is ~2% of its step, so the lead-in
+        # would cost more time than the bias it removes (at most 2 x workers batches, in classic's favour).
+        self.lead_in = workers * 2 if device.type == "cuda" else 0  # 2: DataLoader's default prefetch_factor
         self.opt = make_optimizer(list(student.parameters()), TRAIN)
         self.batches = iter(self.loader)
 
@@ -243,10 +249,11 @@ def synchronize(device: torch.device) -> None:
 
 def measure(loops: dict[str, object], rounds: int, steps: int, device: torch.device,
             progress: Callable[[str], None] = lambda _: None) -> dict[str, list[float]]:
-    """Images per second of each loop in each round; one untimed warm-up round first (allocator, kernels)."""
+    """Images per second of each loop in each round, after an untimed warm-up (workers, allocator, kernels)."""
     names = list(loops)
     for name in names:
-        loops[name].run(max(1, min(steps, 3)) + loops[name].lead_in)
+        progress(f"warm-up: {name}")
+        loops[name].run((min(steps, 10) if device.type == "cuda" else 1) + loops[name].lead_in)
     rates: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]  # rotated: no loop always runs after the same one
@@ -317,6 +324,7 @@ class Row:
     rates: list[float]  # images/s per round
     flops_per_image: int
     peak: float
+    steps: int  # timed steps per round
 
     @property
     def median(self) -> float:
@@ -390,9 +398,10 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
         flops = train_flops_per_image(teacher_name, student_name, data.info)
         for batch_size in s.batch_sizes:
             loops = build_loops(teacher_name, student_name, batch_size, s, opts, data, host_images, host_labels)
-            rates = measure(loops, s.rounds, s.steps, opts.device,
+            steps = s.steps_for(batch_size, gpu)
+            rates = measure(loops, s.rounds, steps, opts.device,
                             lambda what: progress(f"{teacher_name} -> {student_name}, batch {batch_size}: {what}"))
-            result.rows += [Row(teacher_name, student_name, batch_size, name, rates[name], flops, result.peak)
+            result.rows += [Row(teacher_name, student_name, batch_size, name, rates[name], flops, result.peak, steps)
                             for name in s.loops]
             del loops
     if s.cache_cell:
@@ -557,11 +566,12 @@ def table_rows(result: BenchResult) -> list[list[str]]:
 
 def header_lines(result: BenchResult) -> list[str]:
     s = result.settings
+    steps = s["steps"] or f"{CPU_IMAGES_PER_ROUND} images' worth of"
     lines = [f"device: {result.device} ({result.device_name})",
              f"torch {result.torch_version}, torchvision {result.torchvision_version}; {result.date}",
              f"command: {result.command}",
              f"data: {s['dataset']} (50,000 CIFAR-100-shaped uint8 images, 100 classes); {s['rounds']} rounds x "
-             f"{s['steps']} timed steps per loop, interleaved; classic DataLoader workers: {s['workers']}",
+             f"{steps} timed steps per loop, interleaved; classic DataLoader workers: {s['workers']}",
              f"matrix peak: {result.peak / 1e12:.3f} TFLOP/s ({result.peak_how}, measured)"]
     if result.load_before is not None:
         lines.append(f"load average (1, 5, 15 min) before: {result.load_before}, after: {result.load_after} "

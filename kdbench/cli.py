@@ -111,7 +111,7 @@ def bench(
                                         "[default: cifar_resnet56:cifar_resnet20,cifar_resnet32x4:cifar_resnet8x4]"),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="comma-separated [default: 64,512]"),
     rounds: Optional[int] = typer.Option(None, help="timed rounds per loop [default: 5 on GPU, 3 on CPU]"),
-    steps: Optional[int] = typer.Option(None, help="timed steps per loop and round [default: 100 on GPU, 6 on CPU]"),
+    steps: Optional[int] = typer.Option(None, help="timed steps per loop and round [default: 100 on GPU; 384 images' worth on CPU]"),
     workers: Optional[int] = typer.Option(None, help="the classic loop's DataLoader workers [default: min(8, cores)]"),
     loops: str = typer.Option("classic,kdbench,ceiling", help="which loops to measure"),
     dataset: str = typer.Option("synthetic", help="synthetic (CIFAR-100-shaped) or cifar100 (needs --data-root)"),
