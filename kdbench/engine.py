@@ -43,7 +43,9 @@ class EngineOptions:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise KdbenchError("--device cuda: no CUDA device is available on this machine (use --device cpu)")
         gpu = device.type == "cuda"
-        return cls(device=device, bf16=gpu, channels_last=gpu)
+        # channels_last on CPU too: oneDNN's convolutions are faster in it (kdbench bench, 2-core Xeon: about
+        # 20% for resnet56 -> resnet20, 9% for resnet32x4 -> resnet8x4).
+        return cls(device=device, bf16=gpu, channels_last=True)
 
     def autocast(self):  # forward passes only: backward runs outside, in the types the forward chose
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)

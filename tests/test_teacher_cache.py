@@ -20,6 +20,8 @@ def _setup(train_size=96):
                      "cpu")
     torch.manual_seed(0)
     teacher = create_model("cifar_resnet8", 5, 3).eval().requires_grad_(False)
+    if CPU.channels_last:  # as the executor prepares a teacher
+        teacher = teacher.to(memory_format=torch.channels_last)
     return data, teacher
 
 
@@ -58,7 +60,7 @@ def test_cached_logits_equal_a_fresh_teacher_forward():
     assert calls == 3 and cache.size == cache.images_computed == 96
     for images, _, idx, views in batches:
         with torch.no_grad():
-            fresh = teacher(normalize(images, data.info))
+            fresh = teacher(normalize(images, data.info, channels_last=CPU.channels_last))
         assert torch.equal(cache.lookup(idx, views), fresh)  # bit for bit
     # a second epoch computes only the views it has not seen before
     again = list(epoch_views(len(data.train), 32, make_generator("cpu", 5), make_generator("cpu", 6), 4, True))
