@@ -72,7 +72,7 @@ class BenchSettings:
     data_root: Path | None = None
     cache_cell: bool = False
     cell_train_size: int | None = None  # default: 50,000 on GPU, 128 on CPU
-    cell_epochs: int | None = None  # default: 4 on GPU, 2 on CPU
+    cell_epochs: int | None = None  # default: 2
     cell_batch_size: int = 64
     cell_methods: int = 5
     cell_seeds: int = 3
@@ -85,7 +85,7 @@ class BenchSettings:
                                 "rounds": self.rounds or (5 if gpu else 3), "steps": self.steps,
                                 "workers": self.workers if self.workers is not None else min(8, os.cpu_count() or 1),
                                 "cell_train_size": self.cell_train_size or (TRAIN_IMAGES if gpu else 128),
-                                "cell_epochs": self.cell_epochs or (4 if gpu else 2)})
+                                "cell_epochs": self.cell_epochs or 2})
 
 
 def check_settings(s: BenchSettings) -> None:
@@ -602,7 +602,11 @@ def cell_lines(cell: dict) -> list[str]:
 
 def print_result(result: BenchResult, console) -> None:
     from rich import box
+    from rich.console import Console
     from rich.table import Table
+
+    if not console.is_terminal:  # a log or a pipe: room for every column rather than rich's default 80
+        console = Console(file=console.file, width=max(console.width, 140))
 
     for line in header_lines(result):
         console.print(line, highlight=False, markup=False)
@@ -611,7 +615,7 @@ def print_result(result: BenchResult, console) -> None:
         table.add_column(col, justify="left" if col in ("pair", "loop") else "right", no_wrap=col == "pair")
     for row in table_rows(result):
         table.add_row(*row)
-    console.print(table, width=max(console.width, 132))
+    console.print(table)
     if result.cell:
         for line in cell_lines(result.cell):
             console.print(line, highlight=False, markup=False)

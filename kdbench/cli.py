@@ -119,7 +119,7 @@ def bench(
     cache_cell: bool = typer.Option(False, "--cache-cell", help="also time a cell of 5 logit methods x 3 seeds "
                                     "without and with shared teacher outputs"),
     cell_train_size: Optional[int] = typer.Option(None, help="images in the cache cell [default: 50000 GPU, 128 CPU]"),
-    cell_epochs: Optional[int] = typer.Option(None, help="epochs per run in the cache cell [default: 4 GPU, 2 CPU]"),
+    cell_epochs: Optional[int] = typer.Option(None, help="epochs per run in the cache cell [default: 2]"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="also write <device>.md, .csv, .json into this folder"),
 ) -> None:
     """Measure training speed: the field's classic loop, kdbench's engine and the models' ceiling, side by side."""
@@ -143,8 +143,12 @@ def bench(
     if pair_list:
         settings.pairs = pair_list
     settings.batch_sizes = ints(batch_sizes, "--batch-sizes") or settings.batch_sizes
-    with err.status("kdbench bench") as status:
-        result = run_bench(settings, progress=lambda what: status.update(f"kdbench bench: {what}"))
+    if err.is_terminal:
+        with err.status("kdbench bench") as status:
+            result = run_bench(settings, progress=lambda what: status.update(f"kdbench bench: {what}"))
+    else:  # a log: one line per stage, so a run cut short still shows how far it got
+        result = run_bench(settings, progress=lambda what: err.print(f"kdbench bench: {what}", highlight=False,
+                                                                     markup=False))
     print_result(result, out)
     if out_dir is not None:
         for path in write_result(result, out_dir):
