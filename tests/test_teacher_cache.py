@@ -1,6 +1,7 @@
 """Shared teacher outputs: the cached logits are the numbers a fresh teacher forward gives, and a run with
 the cache trains to exactly the same student as a run without it."""
 
+import pytest
 import torch
 
 from kdbench.data import (DataSpec, Views, draw_views, epoch_batches, epoch_views, load_data, make_generator,
@@ -51,10 +52,11 @@ def test_epoch_views_replays_epoch_batches():
         assert torch.equal(y, data.train.labels[idx])
 
 
-def test_cached_logits_equal_a_fresh_teacher_forward():
+@pytest.mark.parametrize("padding,flip", [(4, True), (0, False)])  # CIFAR's views; no augmentation (MNIST's)
+def test_cached_logits_equal_a_fresh_teacher_forward(padding, flip):
     data, teacher = _setup()
-    cache = TeacherCache(teacher, data.train, data.info, 4, True, CPU)
-    batches = list(epoch_batches(data.train, 32, make_generator("cpu", 3), make_generator("cpu", 4), 4, True,
+    cache = TeacherCache(teacher, data.train, data.info, padding, flip, CPU)
+    batches = list(epoch_batches(data.train, 32, make_generator("cpu", 3), make_generator("cpu", 4), padding, flip,
                                  with_views=True))
     calls = cache.fill(((idx, views) for _, _, idx, views in batches), 32)
     assert calls == 3 and cache.size == cache.images_computed == 96
@@ -63,14 +65,19 @@ def test_cached_logits_equal_a_fresh_teacher_forward():
             fresh = teacher(normalize(images, data.info, channels_last=CPU.channels_last))
         assert torch.equal(cache.lookup(idx, views), fresh)  # bit for bit
     # a second epoch computes only the views it has not seen before
-    again = list(epoch_views(len(data.train), 32, make_generator("cpu", 5), make_generator("cpu", 6), 4, True))
+    again = list(epoch_views(len(data.train), 32, make_generator("cpu", 5), make_generator("cpu", 6), padding, flip))
     before = cache.size
+
+    def pairs(drawn):
+        return {(i, v) for idx, views in drawn
+                for i, v in zip(idx.tolist(), view_ids(views, len(idx), padding, flip, idx.device).tolist())}
+
     cache.fill(again, 32)
-    seen = {(i, v) for _, _, idx, views in batches
-            for i, v in zip(idx.tolist(), view_ids(views, len(idx), 4, True, idx.device).tolist())}
-    new = {(i, v) for idx, views in again for i, v in zip(idx.tolist(), view_ids(views, len(idx), 4, True, idx.device).tolist())}
-    assert cache.size - before == len(new - seen) < 96
+    new = pairs(again) - pairs((idx, views) for _, _, idx, views in batches)
+    assert cache.size - before == len(new) < 96
     assert cache.fill(again, 32) == 0  # nothing left to compute
+    if not flip and not padding:
+        assert cache.size == 96  # one view per image
 
 
 def test_fit_with_shared_teacher_outputs_trains_the_same_student():
