@@ -130,6 +130,8 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
 
     cached = teacher_cache is not None and teacher is not None and method.teacher_logits_only \
         and not method.trains_teacher
+    if cached and not teacher_cache.serves(data.train, augment.crop_padding, augment.flip):
+        raise ValueError("teacher_cache was built for another training split or augmentation")
     ctx = StepContext(student=student, teacher=teacher, update=update, passes=passes, autocast=opts.autocast)
     history: list[dict[str, float]] = []
     metrics: dict[str, float] = {}
@@ -147,6 +149,7 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         method.train()
         if method.trains_teacher:
             teacher.train()
+
         def generators():
             return (make_generator(opts.device, stream_seed(seed, "order", epoch)),
                     make_generator(opts.device, stream_seed(seed, "aug", epoch)))

@@ -89,6 +89,9 @@ class TeacherCache:
         self.teacher.train(was_training)
         return calls
 
+    def serves(self, split: Split, padding: int, flip: bool) -> bool:
+        return split.images is self.split.images and (padding, flip) == (self.padding, self.flip)
+
     def lookup(self, idx: torch.Tensor, views: Views | None) -> torch.Tensor:
         """The cached logits of a batch (every view must have been filled): a gather, no host sync."""
         vid = view_ids(views, len(idx), self.padding, self.flip, self.slot.device)

@@ -4,7 +4,7 @@ the cache trains to exactly the same student as a run without it."""
 import pytest
 import torch
 
-from kdbench.data import (DataSpec, Views, draw_views, epoch_batches, epoch_views, load_data, make_generator,
+from kdbench.data import (DataSpec, Views, epoch_batches, epoch_views, load_data, make_generator,
                           normalize, num_views, view_ids, views_from_ids)
 from kdbench.engine import EngineOptions, fit
 from kdbench.registry import get_method
@@ -121,3 +121,13 @@ def test_suite_run_shares_teacher_outputs_across_methods(write_suite):
                 if r.data.tags.get("kdbench.role") == "student"}
     # the first logit method fills the cache (2 batches), the second, same seed, reads it: no teacher forward
     assert forwards == {"kd": 2.0, "kd_T2": 0.0, "baseline": 0.0}
+
+
+def test_a_cache_for_other_views_is_refused():
+    data, teacher = _setup(train_size=32)
+    cache = TeacherCache(teacher, data.train, data.info, 4, True, CPU)
+    student = create_model("cifar_resnet8", 5, 3)
+    method = get_method("kd")({}, student, teacher, data.info.input_shape)
+    with pytest.raises(ValueError, match="another training split or augmentation"):
+        fit(student, method, teacher, data, TrainConfig(epochs=1), AugmentConfig(crop_padding=2, flip=True), 0, CPU,
+            teacher_cache=cache)
