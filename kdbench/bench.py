@@ -463,7 +463,8 @@ def logit_method_variants(count: int = 5) -> list[tuple[str, str, dict]]:
 
 
 def cache_cell(s: BenchSettings, opts: EngineOptions, data: DeviceData, progress: Callable[[str], None]) -> dict:
-    """One cell (the first pair, 5 logit methods x 3 seeds), trained without and then with shared teacher outputs.
+    """One cell (the first pair, 5 logit methods x 3 seeds): each job trained without and then with shared teacher
+    outputs, back to back, timed separately.
 
     Returns wall times, teacher forwards (images), whether every number matched, and a projection to the
     protocol's cell (240 epochs of 50,000 images) from the rates measured here.
