@@ -1,6 +1,8 @@
 # Two commands set everything up on a fresh machine (Python 3.10+ and the package index):
 #   make quickstart    virtual environment, install, run suites/quickstart.yaml into ./mlflow.db
 #   make test          virtual environment, install with test extras, run the tests
+#   make bench         kdbench bench: classic loop vs kdbench vs ceiling, results into results/perf/
+#   make bench-micro   pytest-benchmark micro-benchmarks, saved to results/perf/micro/ and compared with the last
 VENV ?= .venv
 PYTHON ?= python3
 # Where datasets live: ../shared/data beside a kdbench checkout when it exists, else ./data.
@@ -13,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: install quickstart test
+.PHONY: install quickstart test bench bench-micro
 install: $(VENV)/.installed
 
 quickstart: $(VENV)/.installed
@@ -21,3 +23,9 @@ quickstart: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q $(ARGS)
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/kdbench bench --out results/perf/ $(ARGS)
+
+bench-micro: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest benchmarks --benchmark-autosave --benchmark-compare $(ARGS)

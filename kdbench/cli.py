@@ -1,4 +1,4 @@
-"""The `kdbench` command line: run, report, pairs, methods."""
+"""The `kdbench` command line: run, report, pairs, methods, bench."""
 
 from __future__ import annotations
 
@@ -89,6 +89,8 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and exit; touches no data and no MLflow"),
     fresh: bool = typer.Option(False, "--fresh", help="start a new parent run instead of continuing this plan's last one"),
     download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
+    teacher_cache: bool = typer.Option(False, "--teacher-cache", help="compute each teacher's logits once per image "
+                                       "and view, shared by logit-only methods and seeds (same numbers, faster)"),
 ) -> None:
     """Run every job of a suite: teachers, then students of every method and seed, logged to MLflow."""
     plan = _load_plan(suite, methods, seeds, epochs)
@@ -100,7 +102,8 @@ def run(
     from kdbench.tracking import tracking_uri
 
     root = resolve_data_root(str(data_root) if data_root else None)
-    outcome = Executor(plan, root, device, console=err, fresh=fresh, download=download).run()
+    outcome = Executor(plan, root, device, console=err, fresh=fresh, download=download,
+                       teacher_cache=teacher_cache).run()
     already = f" ({outcome.skipped} already done before)" if outcome.skipped else ""
     err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed; MLflow {tracking_uri()}, "
               f"parent run {outcome.parent_run}")
@@ -122,6 +125,57 @@ def report(
     folder = write_report(suite, out_dir, run_id, x)
     err.print(f"report written to {folder}/ (report.md, comparison, cost, figure"
               f"{', paper_table' if (folder / 'paper_table.md').exists() else ''})")
+
+
+@app.command()
+def bench(
+    device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N"),
+    pairs: Optional[str] = typer.Option(None, help="teacher:student pairs, comma-separated "
+                                        "[default: cifar_resnet56:cifar_resnet20,cifar_resnet32x4:cifar_resnet8x4]"),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="comma-separated [default: 64,512]"),
+    rounds: Optional[int] = typer.Option(None, help="timed rounds per loop [default: 5 on GPU, 3 on CPU]"),
+    steps: Optional[int] = typer.Option(None, help="timed steps per loop and round [default: 100 on GPU; 384 images' worth on CPU]"),
+    workers: Optional[int] = typer.Option(None, help="the classic loop's DataLoader workers [default: min(8, cores)]"),
+    loops: str = typer.Option("classic,kdbench,ceiling", help="which loops to measure"),
+    dataset: str = typer.Option("synthetic", help="synthetic (CIFAR-100-shaped) or cifar100 (needs --data-root)"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder [default: $KDBENCH_DATA]"),
+    cache_cell: bool = typer.Option(False, "--cache-cell", help="also time a cell of 5 logit methods x 3 seeds "
+                                    "without and with shared teacher outputs"),
+    cell_train_size: Optional[int] = typer.Option(None, help="images in the cache cell [default: 50000 GPU, 128 CPU]"),
+    cell_epochs: Optional[int] = typer.Option(None, help="epochs per run in the cache cell [default: 2]"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="also write <device>.md, .csv, .json into this folder"),
+) -> None:
+    """Measure training speed: the field's classic loop, kdbench's engine and the models' ceiling, side by side."""
+    from kdbench.bench import BenchSettings, print_result, run_bench, write_result
+    from kdbench.data import resolve_data_root
+
+    def ints(value: Optional[str], option: str) -> Optional[tuple[int, ...]]:
+        try:
+            return tuple(int(v) for v in _csv(value)) if value else None
+        except ValueError:
+            raise KdbenchError(f"{option}: expected comma-separated integers, got '{value}'") from None
+
+    pair_list = None
+    if pairs:
+        pair_list = tuple(tuple(p.split(":")) for p in _csv(pairs))
+        if any(len(p) != 2 for p in pair_list):
+            raise KdbenchError(f"--pairs: expected teacher:student pairs, comma-separated, got '{pairs}'")
+    settings = BenchSettings(device=device, rounds=rounds, steps=steps, workers=workers, loops=tuple(_csv(loops) or ()),
+                             dataset=dataset, data_root=resolve_data_root(str(data_root) if data_root else None),
+                             cache_cell=cache_cell, cell_train_size=cell_train_size, cell_epochs=cell_epochs)
+    if pair_list:
+        settings.pairs = pair_list
+    settings.batch_sizes = ints(batch_sizes, "--batch-sizes") or settings.batch_sizes
+    if err.is_terminal:
+        with err.status("kdbench bench") as status:
+            result = run_bench(settings, progress=lambda what: status.update(f"kdbench bench: {what}"))
+    else:  # a log: one line per stage, so a run cut short still shows how far it got
+        result = run_bench(settings, progress=lambda what: err.print(f"kdbench bench: {what}", highlight=False,
+                                                                     markup=False))
+    print_result(result, out)
+    if out_dir is not None:
+        for path in write_result(result, out_dir):
+            err.print(f"wrote {path}")
 
 
 def _print_plan(plan) -> None:

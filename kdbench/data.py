@@ -24,7 +24,7 @@ import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -41,8 +41,15 @@ __all__ = [
     "resolve_data_root",
     "load_data",
     "crop_flip",
+    "Views",
+    "draw_views",
+    "apply_views",
+    "num_views",
+    "view_ids",
+    "views_from_ids",
     "augment",
     "normalize",
+    "epoch_views",
     "epoch_batches",
     "eval_batches",
     "make_generator",
@@ -564,15 +571,23 @@ def crop_flip(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip:
     return out.view(n, c, h, w)
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, padding: int, flip: bool) -> torch.Tensor:
-    """Random crop (offsets uniform in [0, 2*padding]) and random flip (p=0.5), drawn from ``generator``.
+class Views(NamedTuple):
+    """The crop-and-flip drawn for each image of a batch: crop offsets into the padded image, and flips."""
 
-    ``generator`` must live on the images' device. Draw order (fixed, part of reproducibility): top,
-    left, then the flip bits; with padding 0 only the flips are drawn, with flip False no flips are drawn.
+    top: torch.Tensor  # (n,) long
+    left: torch.Tensor  # (n,) long
+    flip: torch.Tensor  # (n,) bool
+
+
+def draw_views(n: int, generator: torch.Generator, padding: int, flip: bool) -> Views | None:
+    """Draw ``n`` crop offsets (uniform in [0, 2*padding]) and flips (p=0.5) from ``generator``, on its device.
+
+    Draw order (fixed, part of reproducibility): top, left, then the flip bits; with padding 0 only the
+    flips are drawn, with flip False no flips are drawn; with neither nothing is drawn and None is returned.
     """
     if padding == 0 and not flip:
-        return images
-    n, dev = images.shape[0], images.device
+        return None
+    dev = generator.device
     if padding:
         top = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=dev)
         left = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=dev)
@@ -582,10 +597,44 @@ def augment(images: torch.Tensor, generator: torch.Generator, padding: int, flip
         flips = torch.randint(0, 2, (n,), generator=generator, device=dev).bool()
     else:
         flips = torch.zeros(n, dtype=torch.bool, device=dev)
+    return Views(top, left, flips)
+
+
+def apply_views(images: torch.Tensor, views: Views | None, padding: int) -> torch.Tensor:
+    """The augmented batch: ``images`` cropped and flipped as ``views`` says (None: unchanged)."""
+    if views is None:
+        return images
     if padding == 0:
         # flip only: no padding or gather needed
-        return torch.where(flips[:, None, None, None], images.flip(-1), images)
-    return crop_flip(images, top, left, flips, padding)
+        return torch.where(views.flip[:, None, None, None], images.flip(-1), images)
+    return crop_flip(images, views.top, views.left, views.flip, padding)
+
+
+def num_views(padding: int, flip: bool) -> int:
+    """How many distinct views the crop-and-flip can produce of one image (CIFAR's padding 4 + flip: 162)."""
+    return (2 * padding + 1) ** 2 * (2 if flip else 1)
+
+
+def view_ids(views: Views | None, n: int, padding: int, flip: bool, device: torch.device) -> torch.Tensor:
+    """Each image's view as one integer in [0, num_views): (top * (2p+1) + left) * 2 + flip (no flip: * 1)."""
+    if views is None:
+        return torch.zeros(n, dtype=torch.long, device=device)
+    ids = views.top * (2 * padding + 1) + views.left
+    return ids * 2 + views.flip.long() if flip else ids
+
+
+def views_from_ids(ids: torch.Tensor, padding: int, flip: bool) -> Views:
+    """The inverse of :func:`view_ids`."""
+    crop, flips = (ids // 2, (ids % 2).bool()) if flip else (ids, torch.zeros_like(ids, dtype=torch.bool))
+    return Views(crop // (2 * padding + 1), crop % (2 * padding + 1), flips)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, padding: int, flip: bool) -> torch.Tensor:
+    """Random crop and random flip of a batch, drawn from ``generator`` (which must live on the images' device).
+
+    :func:`draw_views` then :func:`apply_views`; the draw order is documented there.
+    """
+    return apply_views(images, draw_views(images.shape[0], generator, padding, flip), padding)
 
 
 @functools.lru_cache(maxsize=64)
@@ -611,6 +660,27 @@ def normalize(images_u8: torch.Tensor, info: DatasetInfo, dtype: torch.dtype = t
     return x
 
 
+def epoch_views(
+    n: int,
+    batch_size: int,
+    order_gen: torch.Generator,
+    aug_gen: torch.Generator | None,
+    padding: int,
+    flip: bool,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, Views | None]]:
+    """One epoch's draws without the images: ``(indices, views)`` per batch, exactly as :func:`epoch_batches`
+    draws them from the same generators (so the teacher-output cache can see an epoch's views ahead)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    perm = torch.randperm(n, generator=order_gen, device=order_gen.device)
+    stop = (n // batch_size) * batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        idx = perm[start : start + batch_size]
+        views = draw_views(min(batch_size, stop - start), aug_gen, padding, flip) if aug_gen is not None else None
+        yield idx, views
+
+
 def epoch_batches(
     split: Split,
     batch_size: int,
@@ -619,24 +689,18 @@ def epoch_batches(
     padding: int,
     flip: bool,
     drop_last: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    with_views: bool = False,
+) -> Iterator[tuple[torch.Tensor, ...]]:
     """One training epoch: ``(uint8 images, labels)`` batches over a permutation drawn from ``order_gen``.
 
     Both generators must live on the split's device. Batches are augmented with ``aug_gen`` when it is
     given. Everything stays on the device; batch boundaries come from the (host-known) split length.
+    ``with_views`` adds each batch's image indices and drawn :class:`Views` (None without augmentation).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = len(split)
-    perm = torch.randperm(n, generator=order_gen, device=split.images.device)
-    stop = (n // batch_size) * batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        idx = perm[start : start + batch_size]
-        images = split.images.index_select(0, idx)
+    for idx, views in epoch_views(len(split), batch_size, order_gen, aug_gen, padding, flip, drop_last):
+        images = apply_views(split.images.index_select(0, idx), views, padding)
         labels = split.labels.index_select(0, idx)
-        if aug_gen is not None:
-            images = augment(images, aug_gen, padding, flip)
-        yield images, labels
+        yield (images, labels, idx, views) if with_views else (images, labels)
 
 
 def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -31,6 +31,7 @@ from kdbench.plan import STORED_ROLES, Job, Plan
 from kdbench.registry import get_method
 from kdbench.seeding import stream_seed
 from kdbench.store import CorruptFile, ModelStore, load_checkpoint, save_checkpoint
+from kdbench.teacher_cache import TeacherCache
 from kdbench.tracking import TAG, Tracker, code_version, environment, flatten
 from kdbench.zoo import create_model
 
@@ -111,8 +112,10 @@ class StopRequest:
 class Executor:
     def __init__(self, plan: Plan, data_root: Path | None, device: str = "auto", tracker: Tracker | None = None,
                  store: ModelStore | None = None, console: Console | None = None, fresh: bool = False,
-                 download: bool = False):
+                 download: bool = False, teacher_cache: bool = False):
         self.plan = plan
+        self.use_teacher_cache = teacher_cache or plan.suite.teacher_cache
+        self.teacher_cache: tuple[str, TeacherCache] | None = None  # one at a time: jobs come grouped by pair
         self.data_root = data_root
         self.opts = EngineOptions.for_device(device)
         self.console = console or Console(stderr=True)
@@ -377,10 +380,13 @@ class Executor:
         keep_route = None
         if job.role in ("teacher", "reference"):
             keep_route = lambda e: e % job.route_every == 0 or e == job.train.epochs  # noqa: E731
+        cache = None
+        if teacher is not None and self.use_teacher_cache and method_cls.teacher_logits_only:
+            cache = self.shared_teacher_outputs(job, teacher)
         result = fit(model, method, teacher, data, job.train, job.augment, job.seed, self.opts,
                      eval_batch_size=self.plan.suite.eval_batch_size, on_epoch=on_epoch, keep_route=keep_route,
                      on_route=on_route, route=self.teacher_route(job) if needs.route and job.teacher else None,
-                     checkpoint=checkpoint, resume=resume, should_stop=self.stop)
+                     teacher_cache=cache, checkpoint=checkpoint, resume=resume, should_stop=self.stop)
         if method.record:  # procedure details the method chose while training (RCO's anchors, FitNets' layers)
             self.tracker.log_params(run_id, {f"procedure.{k}": v for k, v in method.record.items()})
         if job.role in STORED_ROLES:
@@ -400,3 +406,13 @@ class Executor:
             return None, {}
         self.console.print(f"resuming {job.title} from epoch {state['epoch'] + 1}, step {state['batch']}")
         return state, dict(state["route"])
+
+    def shared_teacher_outputs(self, job: Job, teacher: torch.nn.Module) -> TeacherCache:
+        """The teacher-output cache for this job's teacher, data and augmentation (kept while jobs share it)."""
+        key = f"{job.teacher}/{job.config['data']}/{job.augment.model_dump()}"
+        if self.teacher_cache is None or self.teacher_cache[0] != key:
+            self.teacher_cache = None  # free the previous teacher's outputs first
+            cache = TeacherCache(teacher, self.data.train, self.data.info, job.augment.crop_padding, job.augment.flip,
+                                 self.opts)
+            self.teacher_cache = (key, cache)
+        return self.teacher_cache[1]

@@ -21,7 +21,8 @@ from kdbench.registry import get_method
 from kdbench.suite import AugmentConfig, MethodEntry, Suite, TrainConfig
 from kdbench.zoo import ModelStats, known_models, model_stats
 
-STORE_VERSION = 1  # bump when a change to the engine changes what a given config trains to
+STORE_VERSION = 2  # bump when a change to the engine changes what a given config trains to
+# 2: channels_last on CPU too (other convolution kernels, so other last bits)
 TEACHER_METHOD = MethodEntry(method="baseline", label="baseline")
 # Roles whose trained models the store keeps and reuses. A "reference" is a model trained alone with the
 # teachers' recipe so that its accuracy can choose an assistant (it is the same job as that model's teacher job).

@@ -128,6 +128,9 @@ class Suite(Strict):
     teacher: TeacherConfig = TeacherConfig()
     eval_batch_size: PositiveInt = 1000
     reference: ReferenceConfig | None = None  # paper suites (suites/papers/): the published table to compare with
+    # Speed only, numbers unchanged (so in no job's hash): methods that read only the teacher's logits get
+    # them from one cache per teacher, data and augmentation, shared across epochs, methods and seeds.
+    teacher_cache: bool = False
 
     @field_validator("methods", mode="before")
     @classmethod

@@ -11,6 +11,7 @@ class KD(Method):
     name = "kd"
     summary = "Hinton's soft targets: CE + T^2 KL(teacher || student), batchmean"
     defaults = {"T": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
+    teacher_logits_only = True
 
     def losses(self, batch, student, teacher):
         p = self.params

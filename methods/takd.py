@@ -23,6 +23,7 @@ class TAKD(Method):
     summary = "teacher -> assistant(s) -> student, each arrow KD; assistants named or auto, stored and reused"
     defaults = {"assistants": AUTO, "T": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
     param_types = {"assistants": (str, list)}
+    teacher_logits_only = True  # reads only the (frozen) teacher's logits: shared teacher outputs apply
 
     @classmethod
     def needs(cls, params):
