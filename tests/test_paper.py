@@ -121,14 +121,14 @@ def test_hinton_results_are_what_the_committed_command_writes(hinton_runs, tmp_p
 
 
 def test_quickstart_report_and_readme_snippet_are_what_the_code_writes(tmp_path):
-    """results/quickstart/ regenerates byte for byte from its committed store, and the README snippet shows it."""
+    """results/quickstart/ regenerates byte for byte from its committed store, and the README shows it."""
     quickstart = REPO / "results" / "quickstart"
     if not (quickstart / "mlflow.db").is_file():
         pytest.skip("results/quickstart/mlflow.db not present")
     folder = write_report(REPO / "suites" / "quickstart.yaml", tmp_path, uri=f"sqlite:///{quickstart / 'mlflow.db'}")
     for name in ("comparison.md", "comparison.csv", "cost.md", "runs.csv", "accuracy_vs_gap.svg"):
         assert (folder / name).read_bytes() == (quickstart / name).read_bytes(), name
-    snippet = (REPO / "docs" / "README-report-snippet.md").read_text()
+    snippet = (REPO / "README.md").read_text()
     table = [line for line in (quickstart / "comparison.md").read_text().splitlines() if line.startswith("|")]
     assert table and all(line in snippet for line in table)
     assert "results/quickstart/accuracy_vs_gap.png" in snippet
