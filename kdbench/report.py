@@ -476,7 +476,7 @@ def accuracy_figure(table: pd.DataFrame, layout: Layout, x: str = "gap"):
     if x not in X_AXES:
         raise KdbenchError(f"--x: expected one of {', '.join(X_AXES)}, got '{x}'")
     students = layout.students
-    fig = Figure(figsize=(6.4 * len(students), 4.6), layout="constrained")
+    fig = Figure(figsize=(8.4 * len(students), 4.6), layout="constrained")
     axes = fig.subplots(1, len(students), squeeze=False)[0]
     colors = [f"C{i % 10}" for i in range(len(layout.methods))]
     for ax, student in zip(axes, students):
@@ -510,7 +510,7 @@ def accuracy_figure(table: pd.DataFrame, layout: Layout, x: str = "gap"):
         ax.set_ylabel("student test accuracy (%), last epoch")
         ax.set_title(f"student {student}")
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the axes: never over a point
     fig.suptitle(f"{layout.suite}: student accuracy vs "
                  f"{'capacity gap' if x == 'gap' else 'teacher accuracy'} (mean ± sd over seeds)")
     return fig
