@@ -18,6 +18,7 @@ from kdbench import KdbenchError
 from kdbench.data import dataset_info
 from kdbench.method import AUTO
 from kdbench.registry import get_method
+from kdbench.store import sha256
 from kdbench.suite import AugmentConfig, MethodEntry, Suite, TrainConfig
 from kdbench.zoo import ModelStats, known_models, model_stats
 
@@ -149,14 +150,6 @@ def content_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def default_route_every(epochs: int) -> int:
     """The smallest divisor of `epochs` that keeps at most 24 route checkpoints (240 epochs: every 10)."""
     return next(d for d in range(1, epochs + 1) if epochs % d == 0 and epochs // d <= 24) if epochs else 1
@@ -255,7 +248,7 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
             checkpoint = str((suite_path.parent / suite.teacher.checkpoints[t]).resolve())
             if not Path(checkpoint).is_file():
                 raise KdbenchError(f"{suite_path}: field 'teacher.checkpoints.{t}': no such file {checkpoint}")
-            config["checkpoint_sha256"] = file_hash(Path(checkpoint))
+            config["checkpoint_sha256"] = sha256(Path(checkpoint))
         key = content_hash(config)
         teacher_keys[t] = key
         jobs[key] = Job(key, role, t, suite.teacher.seed, TEACHER_METHOD, train, teacher_augment, config,

@@ -38,42 +38,40 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_save(obj: Any, path: Path) -> str:
-    """torch.save to a temporary file in the same folder, fsync, rename; returns the file's sha256."""
+def atomic_write(path: Path, *chunks: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, rename: a kill at any moment leaves the old file or
+    the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return sha256(path)
+
+
+def _serialized(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def atomic_save(obj: Any, path: Path) -> str:
+    """torch.save, atomically; returns the file's sha256."""
+    payload = _serialized(obj)
+    atomic_write(path, payload)
+    return hashlib.sha256(payload).hexdigest()
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """A training checkpoint in one self-verifying file: a line with the payload's sha256, then the payload.
-
-    Written to a temporary file and renamed, so a kill at any moment leaves either the old or the new one.
-    """
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    payload = buffer.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(hashlib.sha256(payload).hexdigest().encode() + b"\n")
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """A training checkpoint in one self-verifying file: a line with the payload's sha256, then the payload."""
+    payload = _serialized(state)
+    atomic_write(path, hashlib.sha256(payload).hexdigest().encode() + b"\n", payload)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -88,10 +86,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text.encode())
 
 
 def checked_load(path: Path, expected_sha256: str | None) -> Any:
