@@ -6,7 +6,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 # Where datasets live: ../shared/data beside a kdbench checkout when it exists, else ./data.
-KDBENCH_DATA ?= $(if $(wildcard ../shared/data),../shared/data,data)
+KDBENCH_DATA ?= $(abspath $(if $(wildcard ../shared/data),../shared/data,data))
 export KDBENCH_DATA
 
 $(VENV)/.installed: pyproject.toml

@@ -8,6 +8,9 @@ from pathlib import Path
 # One thread per process: the tests run tiny models, where a second thread costs more than it gives, and
 # the kdbench processes the tests start (which inherit this) run beside the test process on 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Tests run in temporary folders: a relative data root must not change meaning when they chdir.
+if os.environ.get("KDBENCH_DATA"):
+    os.environ["KDBENCH_DATA"] = str(Path(os.environ["KDBENCH_DATA"]).resolve())
 
 import pytest
 import yaml
