@@ -15,16 +15,6 @@ from kdbench.zoo import create_model
 from test_method_losses import kl64, softmax64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on cores shared with other work two threads wait on
-    each other (a BatchNorm of 32x16x16x16 measured 9 ms with 2 threads, 0.3 ms with 1, on this machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def plugin_module(name):
     return sys.modules[get_method(name).__module__]
 

@@ -14,16 +14,6 @@ from kdbench.plan import make_plan
 from kdbench.store import ModelStore
 from kdbench.suite import load_suite
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on cores shared with other work two threads wait on
-    each other (a BatchNorm of 32x16x16x16 measured 9 ms with 2 threads, 0.3 ms with 1, on this machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 SUITE = {
     "name": "methods",
     "data": {"dataset": "synthetic", "train_size": 64, "test_size": 32, "num_classes": 4, "image_size": 16},

@@ -53,15 +53,6 @@ ALL_NAMES = CIFAR_NAMES + MNIST_NAMES
 _CACHE: dict = {}
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny batches: one intra-op thread is faster and avoids oversubscription on small CI boxes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(name: str) -> nn.Module:
     """Build once per test session (eval mode); tests must not modify it."""
     if name not in _CACHE:
