@@ -91,7 +91,23 @@ def run(
     download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
     teacher_cache: bool = typer.Option(False, "--teacher-cache", help="compute each teacher's logits once per image "
                                        "and view, shared by logit-only methods and seeds (same numbers, faster)"),
-    executor: str = typer.Option("inprocess", "--executor", help="where the jobs run: inprocess"),
+    executor: str = typer.Option("inprocess", "--executor", help="where the jobs run: inprocess, ray, slurm"),
+    executor_config: Optional[Path] = typer.Option(
+        None, "--executor-config", help="per-machine executor options (YAML, a section per executor) "
+        "[default: $KDBENCH_EXECUTOR_CONFIG, else ~/.config/kdbench/executor.yaml if present]"),
+    cpus_per_job: Optional[float] = typer.Option(None, "--cpus-per-job", help="ray, slurm: CPUs (and torch "
+                                                 "threads) per job [default: 1]"),
+    gpus_per_job: Optional[float] = typer.Option(None, "--gpus-per-job", help="ray: GPUs per job, fractions pack "
+                                                 "jobs (0.25: four per GPU); slurm: whole GPUs [default: 1 on "
+                                                 "a GPU device, else 0]"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="ray: an existing cluster (auto, "
+                                              "ray://head:10001) [default: start a local Ray]"),
+    partition: Optional[str] = typer.Option(None, "--partition", help="slurm: the partition"),
+    mem_gb: Optional[float] = typer.Option(None, "--mem-gb", help="slurm: memory per job, GB"),
+    time_min: Optional[int] = typer.Option(None, "--time-min", help="slurm: time limit per job, minutes (a job "
+                                           "stopped by it is requeued and resumes) [default: 1440]"),
+    slurm_logs: Optional[str] = typer.Option(None, "--slurm-logs", help="slurm: job log folder "
+                                             "[default: <store>/slurm-logs/<suite>]"),
 ) -> None:
     """Run every job of a suite: teachers, then students of every method and seed, logged to MLflow."""
     plan = _load_plan(suite, methods, seeds, epochs)
@@ -99,13 +115,16 @@ def run(
         _print_plan(plan)
         return
     from kdbench.data import resolve_data_root
-    from kdbench.executors import get_executor
+    from kdbench.executors import get_executor, load_options
     from kdbench.tracking import tracking_uri
 
     executor_cls = get_executor(executor)
+    options = load_options(executor, executor_config, cpus_per_job=cpus_per_job, gpus_per_job=gpus_per_job,
+                           address=ray_address, partition=partition, mem_gb=mem_gb, time_min=time_min,
+                           logs=slurm_logs)
     root = resolve_data_root(str(data_root) if data_root else None)
     outcome = executor_cls(plan, root, device, console=err, fresh=fresh, download=download,
-                           teacher_cache=teacher_cache).run()
+                           teacher_cache=teacher_cache, options=options).run()
     already = f" ({outcome.skipped} already done before)" if outcome.skipped else ""
     err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed; MLflow {tracking_uri()}, "
               f"parent run {outcome.parent_run}")

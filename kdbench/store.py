@@ -134,6 +134,10 @@ class ModelStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
+    def claim_path(self, key: str) -> Path:
+        """The job's claim (kdbench.claims): who trains it now, and their last heartbeat."""
+        return self.root / "locks" / f"{key}.claim"
+
     def meta(self, key: str) -> dict[str, Any]:
         return json.loads((self.folder(key) / "meta.json").read_text())
 

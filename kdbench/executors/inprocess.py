@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from filelock import FileLock
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from kdbench.claims import Claim
 from kdbench.engine import Interrupted
 from kdbench.executors.base import Executor, Outcome
 from kdbench.jobrun import HELD, Reporter, StopRequest, run_job
@@ -54,8 +54,7 @@ class InProcessExecutor(Executor):
             self.progress.advance(self.jobs_bar)
         if deferred:
             self.console.print(f"waiting for another kdbench process to finish {deferred[0].title}")
-            with FileLock(str(self.store.lock_path(deferred[0].key))):
-                pass
+            Claim(self.store.claim_path(deferred[0].key)).wait_free()
         return deferred
 
 
