@@ -2,6 +2,7 @@
 #   make quickstart    virtual environment, install, run suites/quickstart.yaml into ./mlflow.db
 #   make test          virtual environment, install with test extras, run the tests
 #   make bench         kdbench bench: classic loop vs kdbench vs ceiling, results into results/perf/
+#   make perf-executors  a suite's wall time in-process and on Ray (two one-thread workers), into results/perf/
 #   make bench-micro   pytest-benchmark micro-benchmarks, saved to results/perf/micro/ and compared with the last
 VENV ?= .venv
 PYTHON ?= python3
@@ -15,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: install quickstart test bench bench-micro
+.PHONY: install quickstart test bench bench-micro perf-executors
 install: $(VENV)/.installed
 
 quickstart: $(VENV)/.installed
@@ -26,6 +27,9 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/kdbench bench --out results/perf/ $(ARGS)
+
+perf-executors: $(VENV)/.installed
+	PYTHON=$(VENV)/bin/python scripts/perf_executors.sh $(ARGS)
 
 bench-micro: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest benchmarks --benchmark-autosave --benchmark-compare $(ARGS)

@@ -41,10 +41,9 @@ class RayExecutor(Executor):
         self.gpus = opts.gpus_per_job if opts.gpus_per_job is not None else (1.0 if on_gpu else 0.0)
         started = not ray.is_initialized()
         if started:
-            # Workers inherit this process's environment (PYTHONPATH, OMP_NUM_THREADS, KDBENCH_*); no dashboard:
-            # it is not needed and its agent is what fails to start on a loaded machine.
-            ray.init(address=opts.address, include_dashboard=False, configure_logging=False,
-                     runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(self.cpus)))}})
+            # A local Ray's workers inherit this process's environment (PYTHONPATH, KDBENCH_*), and Ray sets their
+            # OMP_NUM_THREADS to the task's CPUs. No dashboard: nothing needs it, and it slows a loaded machine.
+            ray.init(address=opts.address, include_dashboard=False, configure_logging=False)
             where = opts.address or "a local Ray"
             self.console.print(f"ray: running jobs on {where} ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
                                f"{ray.cluster_resources().get('GPU', 0):g} GPUs), {self.cpus:g} CPU and "
