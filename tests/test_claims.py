@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 import time
 
 from rich.console import Console
@@ -103,3 +104,28 @@ def test_a_job_another_live_worker_holds_is_not_run(write_suite, tmp_path):
     outcome = runner.run()
     assert outcome.finished == [] and not outcome.failed
     assert not executor.store.has(teacher.key) and not executor.store.checkpoint_path(teacher.key).exists()
+
+
+def test_a_worker_whose_claim_is_taken_over_stops_the_job_unfinished(write_suite, monkeypatch):
+    monkeypatch.setenv("KDBENCH_CLAIM_TTL", "0.5")  # heartbeats every 0.1 s
+    path = write_suite({"data": {"dataset": "synthetic", "train_size": 1024, "test_size": 128, "num_classes": 4,
+                                 "image_size": 32}, "train": {"epochs": 3, "batch_size": 64}})
+    plan = make_plan(load_suite(path), path)
+    teacher = plan.jobs[0]
+
+    class TakenOver(get_executor("inprocess")):
+        def run_waves(self, outcome):
+            def thief():  # another worker takes the claim over once the first epoch is saved
+                while not self.store.checkpoint_path(teacher.key).exists():
+                    time.sleep(0.01)
+                held_by(self.store.claim_path(teacher.key), "node-b", 1, time.time() + 3600)
+            taker = threading.Thread(target=thief)
+            taker.start()
+            self.result = run_job(self.plan, teacher, self.ctx)
+            taker.join()
+
+    runner = TakenOver(plan, None, "cpu", console=Console(file=io.StringIO()))
+    runner.run()
+    assert runner.result.status == HELD
+    assert not runner.store.has(teacher.key)  # not finished: the new owner finishes it
+    assert json.loads(runner.store.claim_path(teacher.key).read_text())["host"] == "node-b"
