@@ -7,8 +7,8 @@ settings (tracking URI, parent run, store and data roots, device). Whatever a pr
 use in that process and never pickled, so the same context travels to a SLURM job or a Ray task as is.
 
 A lease per job (kdbench.claims, in the store) is the claim: a job held by another live worker is not run
-but reported as HELD, and the caller tries it again later; a dead worker's claim expires. Finished jobs are skipped, a diverged one is not retried,
-an unfinished one resumes from its last checkpoint in the same MLflow run.
+but reported as HELD, and the caller tries it again later; a dead worker's claim expires. Finished jobs
+are skipped, a diverged one is not retried, an unfinished one resumes from its last checkpoint in the same MLflow run.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """SLURM through submitit: one job array per dependency level, each array task one kdbench job.
 
 Options (command line or the executor config file): partition, GPUs, CPUs and memory per job, time limit, and
-the log folder (default `<store>/slurm-logs/<suite>`; each task writes `<array id>_<task>_0_log.out/.err` there,
-and the driver prints the folder and the array ids). The driver stays in the foreground and polls.
+the log folder (default `<store>/slurm-logs/<suite>`; each task writes `<SLURM job id>_..._log.out/.err`
+there, and the driver prints the folder and the array ids). The driver stays in the foreground and polls.
 
 A stopped job resumes from its last checkpoint, with the same final numbers:
 - time limit or preemption: SLURM sends SIGUSR2 ahead of time; submitit saves the task (`checkpoint`) and requeues
@@ -90,7 +90,8 @@ class SlurmExecutor(Executor):
         executor.update_parameters(**params)
         self.executor = executor
         self.threads = params["cpus_per_task"]
-        self.console.print(f"slurm: job logs in {self.logs}/ (<array id>_<task>_0_log.out and .err)")
+        self.console.print(f"slurm: job logs in {self.logs}/ (<SLURM job id>_..._log.out and .err, "
+                           "one pair per job)")
         yield
 
     def run_jobs(self, jobs: list[Job], outcome: Outcome) -> None:
