@@ -112,12 +112,12 @@ class StopRequest:
 class Executor:
     def __init__(self, plan: Plan, data_root: Path | None, device: str = "auto", tracker: Tracker | None = None,
                  store: ModelStore | None = None, console: Console | None = None, fresh: bool = False,
-                 download: bool = False, teacher_cache: bool = False):
+                 download: bool = False, teacher_cache: bool = False, compile: bool | None = None):
         self.plan = plan
         self.use_teacher_cache = teacher_cache or plan.suite.teacher_cache
         self.teacher_cache: tuple[str, TeacherCache] | None = None  # one at a time: jobs come grouped by pair
         self.data_root = data_root
-        self.opts = EngineOptions.for_device(device)
+        self.opts = EngineOptions.for_device(device, compile)
         self.console = console or Console(stderr=True)
         self.store = store or ModelStore()
         self.tracker = tracker
@@ -136,7 +136,8 @@ class Executor:
         self.data = load_data(replace(spec, download=spec.download or self.download), self.data_root,
                               self.opts.device)
         self.tracker = self.tracker or Tracker()
-        self.env = {**code_version(), **environment(str(self.opts.device))}
+        self.env = {**code_version(), **environment(str(self.opts.device)),
+                    "compile": self.opts.compile_mode if self.opts.compile else "off"}
         parent = self.parent_run()
         outcome = Outcome(parent)
         with self.stop.installed(), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
