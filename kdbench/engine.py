@@ -68,6 +68,9 @@ class Compiled:
 
     def __init__(self, model: nn.Module, opts: EngineOptions):
         self.eager_module = model
+        # Models of one family share one forward, and each architecture, batch shape and mode is another entry
+        # of its compile cache: a suite has more than dynamo's default 8, past which it silently runs eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         # dynamic=False: one graph per batch shape (the full batch, an epoch's last one), each replayable as a CUDA graph
         self._call = torch.compile(model, mode=opts.compile_mode, dynamic=False)
 

@@ -270,8 +270,9 @@ def run_step(step: Step, env: dict, log: Path, limit: float) -> None:
 def note(step: Step, text: str) -> str:
     """One line for the summary: what the step's output says in the end."""
     lines = [l.strip() for l in text.splitlines() if l.strip()]
-    skipped_graphs = len(re.findall(r"skipping cudagraphs", text))
-    extra = f"; {skipped_graphs} 'skipping cudagraphs' warnings" if skipped_graphs else ""
+    # compile falling back quietly: graphs skipped, or dynamo's cache full (the rest of that run eager)
+    extra = "".join(f"; {n} '{what}' warnings" for what in ("skipping cudagraphs", "recompile_limit")
+                    if (n := text.count(what)))
     if step.name == "env":
         return " ".join(l for l in lines if l.startswith(("{", "mlflow"))) + extra
     if step.name == "tests":
