@@ -4,6 +4,9 @@
 #   make bench         kdbench bench: classic loop vs kdbench vs ceiling, results into results/perf/
 #   make perf-executors  a suite's wall time in-process and on Ray (two one-thread workers), into results/perf/
 #   make bench-micro   pytest-benchmark micro-benchmarks, saved to results/perf/micro/ and compared with the last
+#   make test-slow     the slow tests (torch.compile on CPU: minutes), left out of `make test`
+#   make device-prep   wheels (.whl/) and a CIFAR-10 subset (.data/) for a GPU machine without network
+#   make device-check  scripts/device_check.py on this machine's GPU, results into device-check-out/
 VENV ?= .venv
 PYTHON ?= python3
 # Where datasets live: ../shared/data beside a kdbench checkout when it exists, else ./data.
@@ -16,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: install quickstart test bench bench-micro perf-executors
+.PHONY: install quickstart test test-slow bench bench-micro perf-executors device-prep device-check
 install: $(VENV)/.installed
 
 quickstart: $(VENV)/.installed
@@ -33,3 +36,12 @@ perf-executors: $(VENV)/.installed
 
 bench-micro: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest benchmarks --benchmark-autosave --benchmark-compare $(ARGS)
+
+test-slow: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -m slow $(ARGS)
+
+device-prep: $(VENV)/.installed
+	$(VENV)/bin/python scripts/device_check.py prepare $(ARGS)
+
+device-check: $(VENV)/.installed
+	$(VENV)/bin/python scripts/device_check.py run --out device-check-out $(ARGS)
