@@ -43,7 +43,15 @@ class RayExecutor(Executor):
         if started:
             # A local Ray's workers inherit this process's environment (PYTHONPATH, KDBENCH_*), and Ray sets their
             # OMP_NUM_THREADS to the task's CPUs. No dashboard: nothing needs it, and it slows a loaded machine.
-            ray.init(address=opts.address, include_dashboard=False, configure_logging=False)
+            for attempt in range(3):  # a loaded machine can miss Ray's fixed 30 s start-up wait: try again
+                try:
+                    ray.init(address=opts.address, include_dashboard=False, configure_logging=False)
+                    break
+                except Exception as exc:
+                    ray.shutdown()
+                    if attempt == 2 or opts.address or "timed out during startup" not in str(exc):
+                        raise
+                    self.console.print(f"[yellow]ray:[/] {str(exc).splitlines()[0]}; starting it again")
             where = opts.address or "a local Ray"
             self.console.print(f"ray: running jobs on {where} ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
                                f"{ray.cluster_resources().get('GPU', 0):g} GPUs), {self.cpus:g} CPU and "

@@ -107,6 +107,8 @@ class SlurmExecutor(Executor):
                 again = []
                 for job, result in zip(level, self.wait(tasks, level)):
                     if result is not None and result.status != HELD:
+                        if result.status == FAILED:
+                            self.console.print(f"[red]slurm:[/] {job.title} failed: {result.reason[-1000:]}")
                         outcome.record(result)
                         continue
                     if result is not None and not result.reason:  # another kdbench process trains it
