@@ -30,7 +30,7 @@ from kdbench.method import TeacherRoute
 from kdbench.plan import STORED_ROLES, Job, Plan
 from kdbench.registry import get_method
 from kdbench.seeding import stream_seed
-from kdbench.store import CorruptFile, ModelStore, load_checkpoint, save_checkpoint
+from kdbench.store import CorruptFile, ModelStore, checked_load, load_checkpoint, save_checkpoint
 from kdbench.teacher_cache import TeacherCache
 from kdbench.tracking import TAG, Tracker, code_version, environment, flatten
 from kdbench.zoo import create_model
@@ -52,8 +52,8 @@ def build_model(job: Job, data: DeviceData, opts: EngineOptions) -> torch.nn.Mod
     if job.source == "pretrained":
         kwargs["pretrained"] = True
     model = create_model(job.model, data.info.num_classes, data.info.input_shape[0], **kwargs)
-    if job.source == "checkpoint":
-        model.load_state_dict(torch.load(job.checkpoint, map_location="cpu", weights_only=True))
+    if job.source == "checkpoint":  # the file the plan hashed, checked again before a byte of it is unpickled
+        model.load_state_dict(checked_load(Path(job.checkpoint), job.config["checkpoint_sha256"]))
     return to_device(model, opts)
 
 
@@ -135,12 +135,15 @@ class Executor:
         spec = plan.suite.data.spec()
         self.data = load_data(replace(spec, download=spec.download or self.download), self.data_root,
                               self.opts.device)
+        self.plan = plan = plan.for_data(self.data.fingerprint)  # teachers keyed by the data they learn from
         self.tracker = self.tracker or Tracker()
         self.env = {**code_version(), **environment(str(self.opts.device))}
         parent = self.parent_run()
         outcome = Outcome(parent)
-        with self.stop.installed(), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                             TimeElapsedColumn(), console=self.console) as progress:
+        # The parent run is shared by every process working on this plan: the last one to leave ends it.
+        with self.store.workers(parent, f"suite-{plan.plan_hash}") as workers, self.stop.installed(), \
+                Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                         console=self.console) as progress:
             self.progress = progress
             jobs_bar = progress.add_task("jobs", total=len(plan.jobs))
             self.epoch_bar = progress.add_task("", total=1, visible=False)
@@ -154,9 +157,15 @@ class Executor:
                     progress.update(jobs_bar, total=len(self.plan.jobs))
                 self.run_all([j for j in self.plan.jobs if j not in first_wave], outcome, advance)
             except (Interrupted, KeyboardInterrupt):
-                self.tracker.end(parent, "KILLED")
+                if workers.leave():
+                    self.tracker.end(parent, "KILLED")
                 raise
-        self.tracker.end(parent, "FAILED" if outcome.failed else "FINISHED")
+            except BaseException:  # a bug outside any job: the parent must not stay RUNNING
+                if workers.leave():
+                    self.tracker.end(parent, "FAILED", traceback.format_exc())
+                raise
+            if workers.leave():
+                self.tracker.end(parent, "FAILED" if outcome.failed else "FINISHED")
         return outcome
 
     def parent_run(self) -> str:
@@ -172,6 +181,7 @@ class Executor:
                 return found.info.run_id
             tags = {f"{TAG}{k}": v for k, v in self.env.items()}
             tags[f"{TAG}plan"] = plan.plan_hash
+            tags[f"{TAG}suite_plan"] = plan.data_free_hash  # what `kdbench report` matches the suite file with
             return self.tracker.start_suite(plan.suite.name, str(plan.suite_path), tags,
                                             flatten("", plan.suite.model_dump(mode="json"), {}))
 
@@ -204,8 +214,16 @@ class Executor:
             advance()
         if deferred:
             self.console.print(f"waiting for another kdbench process to finish {deferred[0].title}")
-            with FileLock(str(self.store.lock_path(deferred[0].key))):
-                pass
+            lock = FileLock(str(self.store.lock_path(deferred[0].key)))
+            while True:  # in short waits: a stop request ends the wait at once, not when the other job ends
+                if self.stop():
+                    raise Interrupted(f"stopped while waiting for another process to finish {deferred[0].title}")
+                try:
+                    lock.acquire(timeout=0.5)
+                except Timeout:
+                    continue
+                lock.release()
+                break
         return deferred
 
     # ------------------------------------------------------------------------------------------ one job
