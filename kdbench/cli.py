@@ -205,14 +205,16 @@ def _size(n: float) -> str:
     return ""  # pragma: no cover
 
 
-def _entries_table(title: str, entries) -> Table:
-    table = Table(title=title, box=box.SIMPLE_HEAD)
-    for col in ("key", "kind", "model", "role", "size", "date"):
-        table.add_column(col, justify="right" if col == "size" else "left", no_wrap=True)
-    for e in entries:
-        table.add_row(e.key, e.kind, e.model, e.role, _size(e.size),
-                      time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime)))
-    return table
+def _print_entries(title: str, entries) -> None:
+    """Plain aligned lines, never cut to the terminal's width: keys and paths stay whole and copyable."""
+    rows = [("key", "kind", "model", "role", "size", "date")]
+    rows += [(e.key, e.kind, e.model or "-", e.role or "-", _size(e.size),
+              time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))) for e in entries]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out.print(title, markup=False, highlight=False, soft_wrap=True)
+    for r in rows:
+        out.print("  ".join(c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip(),
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 @store_app.command("list")
@@ -222,9 +224,9 @@ def store_list(store: Optional[Path] = typer.Option(None, "--store", help=STORE_
 
     model_store = _store(store)
     entries = model_store.entries()
-    out.print(_entries_table(f"{model_store.root}: {len(entries)} entries", entries))
+    _print_entries(f"{model_store.root}: {len(entries)} entries", entries)
     total = folder_size(model_store.root) if model_store.root.is_dir() else 0
-    out.print(f"total {_size(total)} in {model_store.root}", markup=False, highlight=False)
+    out.print(f"total {_size(total)} in {model_store.root}", markup=False, highlight=False, soft_wrap=True)
 
 
 @store_app.command("gc")
@@ -252,7 +254,8 @@ def store_gc(
         err.print(f"nothing to remove in {model_store.root}: every entry is referenced by a run in {tracking_uri()}",
                   markup=False, highlight=False)
         return
-    out.print(_entries_table(f"{'removing' if yes else 'would remove'} {len(doomed)} entries ({_size(total)})", doomed))
+    _print_entries(f"{'removing' if yes else 'would remove'} {len(doomed)} entries ({_size(total)}) from "
+                   f"{model_store.root}", doomed)
     if not yes:
         err.print("dry run: nothing removed; pass --yes to remove them", markup=False, highlight=False)
         return

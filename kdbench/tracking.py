@@ -32,8 +32,6 @@ def check_tracking(uri: str | None = None) -> None:
     """Fail in one line, at start-up, on a tracking store that cannot work: a server that does not answer within
     a few seconds (MLflow itself retries for minutes), or a SQLite database or folder that cannot be written.
     Creates nothing."""
-    import sqlite3
-
     from kdbench.store import check_writable
 
     uri = uri or tracking_uri()
@@ -55,17 +53,15 @@ def check_tracking(uri: str | None = None) -> None:
         return
     check_writable(path.parent if str(path.parent) else Path("."), "MLflow database folder")
     if path.exists():
-        try:  # takes the write lock and gives it back: fails on a read-only file or something not a database
-            con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=30)
-            try:
-                con.execute("BEGIN IMMEDIATE")
-                con.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                con.rollback()
-            finally:
-                con.close()
-        except sqlite3.Error as exc:
-            raise KdbenchError(f"MLflow database {path} cannot be written ({exc}); make it writable, or point "
-                               f"MLFLOW_TRACKING_URI at another store") from None
+        try:  # opened for writing (nothing written): fails on a read-only file, for root too (immutable, ro mount)
+            with open(path, "r+b") as f:
+                header = f.read(16)
+        except OSError as exc:
+            raise KdbenchError(f"MLflow database {path} cannot be written ({exc.strerror or exc}); make it writable, "
+                               f"or point MLFLOW_TRACKING_URI at another store") from None
+        if header and header != b"SQLite format 3\x00":
+            raise KdbenchError(f"MLflow database {path} is not a SQLite database; point MLFLOW_TRACKING_URI at "
+                               f"another store")
 
 
 def create_sqlite_store(path: Path) -> None:
@@ -137,6 +133,8 @@ class Tracker:
         if path is not None:
             # Creating the SQLite schema races when two processes do it at once: one creates, the other waits.
             with FileLock(str(path) + ".lock"):
+                for leftover in path.parent.glob(f".{path.name}.creating-*"):
+                    leftover.unlink(missing_ok=True)  # of a creator killed midway (a live one holds this lock)
                 if not path.exists():
                     create_sqlite_store(path)
                 self.client = MlflowClient(self.uri)
