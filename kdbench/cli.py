@@ -290,18 +290,18 @@ def main() -> None:
         signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread
         pass
+    interrupted: tuple[type[BaseException], ...] = (KeyboardInterrupt,)  # a signal may come during this import
     try:
         from kdbench.engine import Interrupted
 
+        interrupted = (KeyboardInterrupt, Interrupted)
         app()
     except KdbenchError as exc:
         err.print(f"kdbench: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
-    except Interrupted as exc:
-        err.print(f"kdbench: interrupted ({exc}); run the same command again to resume", markup=False)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        err.print("kdbench: interrupted; run the same command again to resume", markup=False)
+    except interrupted as exc:
+        why = f" ({exc})" if str(exc) else ""
+        err.print(f"kdbench: interrupted{why}; run the same command again to resume", markup=False)
         sys.exit(130)
     except SystemExit as exc:
         if exc.code == 130:  # typer turns a KeyboardInterrupt inside a command into a silent exit 130
