@@ -105,17 +105,18 @@ def run(
     """Run every job of a suite: teachers, then students of every method and seed, logged to MLflow."""
     plan = _load_plan(suite, methods, seeds, epochs)
     model_store = _store(store)
-    if dry_run:
-        _print_plan(plan, model_store)
+    from kdbench.data import cached_fingerprint, resolve_data_root
+
+    root = resolve_data_root(str(data_root) if data_root else None)
+    if dry_run:  # keys as the run will make them where the data's fingerprint is known without reading the data
+        _print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)), model_store)
         return
-    from kdbench.data import resolve_data_root
     from kdbench.executor import Executor
     from kdbench.store import check_writable
     from kdbench.tracking import check_tracking, tracking_uri
 
     check_tracking()  # before any data is read: a dead server or a read-only database is one line, at once
     check_writable(model_store.root, "model store")
-    root = resolve_data_root(str(data_root) if data_root else None)
     outcome = Executor(plan, root, device, console=err, fresh=fresh, download=download,
                        teacher_cache=teacher_cache, store=model_store).run()
     already = f" ({outcome.skipped} already done before)" if outcome.skipped else ""
@@ -141,8 +142,11 @@ def report(
     (PNG, SVG, PDF) of a suite's run, read from MLflow."""
     from kdbench.report import write_report
 
-    folder = write_report(suite, out_dir, run_id, x, methods=_csv(methods), title=title,
-                          notice=lambda line: err.print(f"kdbench: {line}", markup=False, highlight=False))
+    try:
+        folder = write_report(suite, out_dir, run_id, x, methods=_csv(methods), title=title,
+                              notice=lambda line: err.print(f"kdbench: {line}", markup=False, highlight=False))
+    except PermissionError as exc:  # a results folder that cannot be written: one line naming it
+        raise KdbenchError(f"{exc.filename or out_dir}: cannot be written ({exc.strerror}); choose another --out") from None
     err.print(f"report written to {folder}/ (report.md, comparison, cost, figure"
               f"{', paper_table' if (folder / 'paper_table.md').exists() else ''})")
 

@@ -55,6 +55,7 @@ __all__ = [
     "eval_batches",
     "make_generator",
     "data_fingerprint",
+    "cached_fingerprint",
 ]
 
 
@@ -268,6 +269,15 @@ def _fingerprint(spec: DataSpec, root: Path | None, splits) -> str | None:
     except OSError:
         pass  # an unwritable cache only costs a hash next time
     return fingerprint
+
+
+def cached_fingerprint(spec: DataSpec, root: Path | None) -> str | None:
+    """The fingerprint if it is cached for the files as they are now; None otherwise. Reads no data."""
+    try:
+        cache = _fingerprint_cache(spec, root)
+        return cache.read_text().strip() if cache is not None and cache.is_file() else None
+    except (KdbenchError, OSError):
+        return None
 
 
 def data_fingerprint(spec: DataSpec, root: Path | None) -> str | None:
