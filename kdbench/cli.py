@@ -100,25 +100,27 @@ def run(
     download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
     teacher_cache: bool = typer.Option(False, "--teacher-cache", help="compute each teacher's logits once per image "
                                        "and view, shared by logit-only methods and seeds (same numbers, faster)"),
+    executor: str = typer.Option("inprocess", "--executor", help="where the jobs run: inprocess"),
     store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP, show_default=False),
 ) -> None:
     """Run every job of a suite: teachers, then students of every method and seed, logged to MLflow."""
     plan = _load_plan(suite, methods, seeds, epochs)
     model_store = _store(store)
     from kdbench.data import cached_fingerprint, resolve_data_root
+    from kdbench.executors import get_executor
 
+    executor_cls = get_executor(executor)
     root = resolve_data_root(str(data_root) if data_root else None)
     if dry_run:  # keys as the run will make them where the data's fingerprint is known without reading the data
         _print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)), model_store)
         return
-    from kdbench.executor import Executor
     from kdbench.store import check_writable
     from kdbench.tracking import check_tracking, tracking_uri
 
     check_tracking()  # before any data is read: a dead server or a read-only database is one line, at once
     check_writable(model_store.root, "model store")
-    outcome = Executor(plan, root, device, console=err, fresh=fresh, download=download,
-                       teacher_cache=teacher_cache, store=model_store).run()
+    outcome = executor_cls(plan, root, device, console=err, fresh=fresh, download=download,
+                           teacher_cache=teacher_cache, store=model_store).run()
     already = f" ({outcome.skipped} already done before)" if outcome.skipped else ""
     err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed; MLflow {tracking_uri()}, "
               f"parent run {outcome.parent_run}")
