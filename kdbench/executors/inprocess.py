@@ -7,6 +7,7 @@ on one suite without training a job twice.
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -54,7 +55,11 @@ class InProcessExecutor(Executor):
             self.progress.advance(self.jobs_bar)
         if deferred:
             self.console.print(f"waiting for another kdbench process to finish {deferred[0].title}")
-            Claim(self.store.claim_path(deferred[0].key)).wait_free()
+            claim = Claim(self.store.claim_path(deferred[0].key))
+            while not claim.stale(claim.holder()):  # in short waits: a stop request ends the wait at once
+                if self.stop():
+                    raise Interrupted(f"stopped while waiting for another process to finish {deferred[0].title}")
+                time.sleep(0.5)
         return deferred
 
 
