@@ -90,6 +90,18 @@ class StepContext:
     probe: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
+def check_ranges(params: dict[str, Any], positive: tuple[str, ...] = (),
+                 non_negative: tuple[str, ...] = ()) -> str | None:
+    """For `check_params`: the first of these params out of its range, as a reason; None if all are in range."""
+    for key in positive:
+        if not params[key] > 0:
+            return f"{key} must be positive, got {params[key]!r}"
+    for key in non_negative:
+        if not params[key] >= 0:
+            return f"{key} must be at least 0, got {params[key]!r}"
+    return None
+
+
 Layer = int | str  # a stage index into the model's feature_info, or a module name (a forward hook)
 
 

@@ -390,7 +390,7 @@ def _get(raw: Any, loc: tuple) -> Any:
 
 def _check_names(path: Path, suite: Suite) -> None:
     from kdbench.zoo import known_models
-    from kdbench.registry import methods
+    from kdbench.registry import methods, unknown_method
 
     from kdbench.data import DataError, dataset_info
 
@@ -440,8 +440,10 @@ def _check_names(path: Path, suite: Suite) -> None:
     for i, entry in enumerate(suite.methods):
         if entry.method not in registry:
             close = difflib.get_close_matches(entry.method, list(registry), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(registry)})"
-            raise SuiteError(f"{path}: field 'methods.{i}': unknown method '{entry.method}'{hint}")
+            why = unknown_method(entry.method)
+            if close and why.startswith("unknown method"):
+                why = f"unknown method '{entry.method}' (did you mean '{close[0]}'?)"
+            raise SuiteError(f"{path}: field 'methods.{i}': {why}")
         method = registry[entry.method]
         defaults = method.defaults
         for key, value in entry.params.items():
