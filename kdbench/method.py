@@ -189,6 +189,12 @@ class Method(nn.Module):
         """A reason why these params (defaults filled in) cannot work, found at suite load time; None if fine."""
         return None
 
+    @classmethod
+    def check_models(cls, params: dict[str, Any], student: nn.Module, teacher: nn.Module | None) -> str | None:
+        """A reason why these params cannot work with this pair's models, found when the plan is made (the
+        models are built on the meta device: shapes and modules, no weights, no data); None if fine."""
+        return None
+
     def start_epoch(self, epoch: int, epochs: int, ctx: StepContext) -> None:
         """Called by the engine before each of the job's `epochs` (0-based `epoch`): a method's stage switch."""
 

@@ -20,7 +20,7 @@ from kdbench.method import AUTO
 from kdbench.registry import get_method
 from kdbench.store import sha256
 from kdbench.suite import AugmentConfig, MethodEntry, Suite, TrainConfig
-from kdbench.zoo import ModelStats, create_model, known_models, model_kwargs_problem, model_stats
+from kdbench.zoo import ModelStats, known_models, meta_model, model_kwargs_problem, model_stats
 
 STORE_VERSION = 2  # bump when a change to the engine changes what a given config trains to
 # 2: channels_last on CPU too (other convolution kernels, so other last bits)
@@ -195,26 +195,21 @@ def expand(patterns: list[str], names: list[str]) -> list[str]:
 
 def check_methods(suite: Suite, suite_path: Path, entries: list[MethodEntry], pair_names: list[tuple[str, str]],
                   info) -> None:
-    """Build every method once per pair on the meta device (no memory, no data): what a method can only check
-    against the models (a FitNets hint_layer out of range) is refused now, not after the teacher has trained."""
-    import torch
-
-    for t, s in pair_names:
-        with torch.device("meta"):
-            student = create_model(s, info.num_classes, info.input_shape[0], **suite.model_kwargs.get(s, {}))
-            teacher = create_model(t, info.num_classes, info.input_shape[0],
-                                   **{**suite.model_kwargs.get(t, {}), **suite.teacher.model_kwargs.get(t, {})})
-        for entry in entries:
-            method = get_method(entry.method)
-            params = {**method.defaults, **entry.params}
-            uses_teacher = method.needs(params).teacher != "none"
-            try:
-                with torch.device("meta"):
-                    method(params, student, teacher if uses_teacher else None, info.input_shape)
-            except (KdbenchError, ValueError, TypeError, IndexError, KeyError) as exc:
-                text = " ".join(str(exc).split()) or type(exc).__name__
+    """Each method's `check_models` for every pair, on models built on the meta device (no data, no memory):
+    what a method can only check against the models (a FitNets hint_layer out of range) is refused now,
+    not after the teacher has trained."""
+    for entry in entries:
+        method = get_method(entry.method)
+        params = {**method.defaults, **entry.params}
+        uses_teacher = method.needs(params).teacher != "none"
+        for t, s in pair_names:
+            student = meta_model(s, info.num_classes, info.input_shape[0], suite.model_kwargs.get(s, {}))
+            teacher = meta_model(t, info.num_classes, info.input_shape[0],
+                                 {**suite.model_kwargs.get(t, {}), **suite.teacher.model_kwargs.get(t, {})})
+            problem = method.check_models(params, student, teacher if uses_teacher else None)
+            if problem:
                 raise KdbenchError(f"{suite_path}: field 'methods.{suite.methods.index(entry)}': method "
-                                   f"'{entry.label}' cannot work for the pair {t} -> {s}: {text}") from None
+                                   f"'{entry.label}' for the pair {t} -> {s}: {problem}")
 
 
 def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = None, seeds: list[int] | None = None,
@@ -295,7 +290,7 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
         check_kwargs(t, {**suite.model_kwargs.get(t, {}), **suite.teacher.model_kwargs.get(t, {})},
                      "teacher.model_kwargs")
         stored_job(t)
-    check_methods(suite, suite_path, entries, pair_names, info)
+    check_methods(suite, suite_path, entries, pair_names, info)  # after model kwargs: they build the models
 
     def model_stats_of(name: str) -> int:
         return (models[name] if name in models else stats(name)).params

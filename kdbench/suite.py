@@ -304,14 +304,18 @@ def _expanded_size(root: yaml.Node) -> int:
     return size(root)
 
 
-class _BoundedLoader(yaml.SafeLoader):
-    """SafeLoader that measures the composed document, aliases expanded, before building any object."""
-
-    def compose_document(self):
-        node = super().compose_document()
-        if node is not None:
-            _expanded_size(node)
-        return node
+def _bounded_load(text: str) -> Any:
+    """Safe YAML: the document is composed into nodes (aliases are shared nodes there), measured with every
+    alias expanded, and only then built into Python objects."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _not_finite(value: Any, loc: tuple = ()) -> tuple | None:
@@ -341,7 +345,7 @@ def read_suite_yaml(path: Path) -> Any:
         raise SuiteError(f"{path}: not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start}; "
                          f"save the suite as UTF-8") from None
     try:
-        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 (a SafeLoader subclass)
+        return _bounded_load(text)
     except _Refused as exc:
         raise SuiteError(f"{path}: refused: {exc}") from None
     except RecursionError:

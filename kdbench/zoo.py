@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import types
+import typing
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -41,10 +43,21 @@ def model_stats(name: str, num_classes: int, input_shape: tuple[int, int, int], 
     return _model_stats(name, num_classes, tuple(input_shape), json.dumps(dict(kwargs), sort_keys=True, default=str))
 
 
+def meta_model(name: str, num_classes: int, in_chans: int, kwargs: dict[str, Any]) -> torch.nn.Module:
+    """The model on the meta device (shapes, no memory, no weights), built once per process: for planning."""
+    return _meta_model(name, num_classes, in_chans, json.dumps(kwargs, sort_keys=True, default=str))
+
+
+@lru_cache(maxsize=None)
+def _meta_model(name: str, num_classes: int, in_chans: int, kwargs: str) -> torch.nn.Module:
+    with torch.device("meta"):
+        return create_model(name, num_classes, in_chans, **json.loads(kwargs)).eval()
+
+
 @lru_cache(maxsize=None)
 def _model_stats(name: str, num_classes: int, input_shape: tuple[int, int, int], kwargs: str) -> ModelStats:
+    model = _meta_model(name, num_classes, input_shape[0], kwargs)
     with torch.device("meta"):
-        model = create_model(name, num_classes, input_shape[0], **json.loads(kwargs)).eval()
         params = sum(p.numel() for p in model.parameters())
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
@@ -52,18 +65,30 @@ def _model_stats(name: str, num_classes: int, input_shape: tuple[int, int, int],
     return ModelStats(name, params, counter.get_total_flops() // 2)
 
 
-def _kind_ok(value: Any, default: Any) -> bool:
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(default, (list, tuple)):
-        return isinstance(value, (list, tuple))
-    if isinstance(default, str):
-        return isinstance(value, str)
-    return True
+def _kinds(hint: Any) -> tuple | None:
+    """The runtime classes a constructor annotation admits (None: anything, or not understood)."""
+    if hint is Any:
+        return None
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = []
+    for a in args:
+        a = typing.get_origin(a) or a
+        if not isinstance(a, type):
+            return None
+        kinds.append(a)
+    return tuple(kinds)
+
+
+def _kind_ok(value: Any, kinds: tuple) -> bool:
+    if isinstance(value, bool):
+        return bool in kinds
+    if isinstance(value, int) and (int in kinds or float in kinds):
+        return True
+    if isinstance(value, str):
+        return str in kinds
+    if isinstance(value, list):  # YAML has lists where constructors say tuple or Sequence
+        return any(k in (list, tuple) or issubclass(list, k) for k in kinds)
+    return isinstance(value, kinds)
 
 
 def model_kwargs_problem(name: str, num_classes: int, input_shape: tuple[int, int, int],
@@ -73,17 +98,35 @@ def model_kwargs_problem(name: str, num_classes: int, input_shape: tuple[int, in
     Built on the meta device and run once, as for its statistics; a keyword the constructor declares with a
     default must be given a value of the default's kind (timm would take drop_rate: true as 1.0).
     """
+    if not kwargs:
+        return None
+    return _kwargs_problem(name, num_classes, tuple(input_shape), json.dumps(kwargs, sort_keys=True, default=str))
+
+
+@lru_cache(maxsize=None)
+def _kwargs_problem(name: str, num_classes: int, input_shape: tuple[int, int, int], kwargs_json: str) -> str | None:
+    kwargs = json.loads(kwargs_json)
     try:
-        with torch.device("meta"):
-            model = create_model(name, num_classes, input_shape[0], **kwargs)
+        model = _meta_model(name, num_classes, input_shape[0], kwargs_json)
         model_stats(name, num_classes, input_shape, tuple(sorted(kwargs.items())))
     except Exception as exc:  # noqa: BLE001 (any constructor error is the suite's: say it in one line)
         text = " ".join(str(exc).split()) or type(exc).__name__
         return f"{name} cannot be built with {kwargs}: {text}"
-    params = inspect.signature(type(model).__init__).parameters
+    # A keyword the constructor declares must get a value of its annotated kind (or its default's): timm
+    # would take drop_rate: true as 1.0. Keywords it does not declare went to timm and were accepted.
+    init = type(model).__init__
+    params = inspect.signature(init).parameters
+    try:
+        hints = typing.get_type_hints(init)
+    except Exception:  # noqa: BLE001 (an annotation we cannot resolve: fall back to the defaults' kinds)
+        hints = {}
     for key, value in kwargs.items():
-        default = params[key].default if key in params else None
-        if default not in (None, inspect.Parameter.empty) and not _kind_ok(value, default):
-            return (f"{key}: expected {type(default).__name__} (like its default, {default!r}, in "
-                    f"{type(model).__name__}), got {value!r}")
+        if key not in params:
+            continue
+        default = params[key].default
+        kinds = _kinds(hints[key]) if key in hints else (
+            None if default in (None, inspect.Parameter.empty) else (type(default),))
+        if kinds is not None and value is not None and not _kind_ok(value, kinds):
+            names = " or ".join(k.__name__ for k in kinds if k is not type(None))
+            return f"{key}: expected {names} (as {type(model).__name__} declares it), got {value!r}"
     return None

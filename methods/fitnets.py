@@ -21,6 +21,7 @@ from math import prod
 import torch
 from torch import nn
 
+from kdbench import KdbenchError
 from kdbench.losses import cross_entropy, hint_mse, kd_terms
 from kdbench.method import Method, check_ranges, resolve_layer, run_model
 
@@ -79,6 +80,16 @@ class FitNets(Method):
             return f"hint_fraction must lie strictly between 0 and 1, got {params['hint_fraction']}"
         # hint_layer and guided_layer are checked against the models when the plan builds the method
         return check_ranges(params, positive=("T",), non_negative=("hint_weight", "ce_weight", "kd_weight"))
+
+    @classmethod
+    def check_models(cls, params, student, teacher):
+        for key, model in (("guided_layer", student), ("hint_layer", teacher)):
+            if params[key] is not None:
+                try:
+                    resolve_layer(model, params[key])
+                except KdbenchError as exc:
+                    return f"{key}: {exc}"
+        return None
 
     def __init__(self, params, student, teacher, input_shape):
         super().__init__(params, student, teacher, input_shape)
