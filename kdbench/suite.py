@@ -349,7 +349,7 @@ def read_suite_yaml(path: Path) -> Any:
     except _Refused as exc:
         raise SuiteError(f"{path}: refused: {exc}") from None
     except RecursionError:
-        raise SuiteError(f"{path}: refused: YAML nested too deeply") from None
+        raise SuiteError(f"{path}: refused: exceeded maximum nesting depth") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
