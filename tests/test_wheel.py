@@ -22,6 +22,15 @@ from conftest import TINY
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_every_subpackage_is_in_the_wheel():
+    """pyproject.toml lists the packages (a mapped folder rules out `find`): a new subpackage must be listed."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "kdbench").rglob("__init__.py")}
+    assert on_disk | {"kdbench.builtin_methods"} == listed
+
+
 def run(cmd, **kw):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
     assert proc.returncode == 0, f"{cmd}: {proc.stdout}\n{proc.stderr}"
