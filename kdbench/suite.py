@@ -430,6 +430,12 @@ def _check_names(path: Path, suite: Suite) -> None:
                          ("teacher.checkpoints", suite.teacher.checkpoints)):
         for name in table:
             model_name(f"{field}.{name}", name)
+    for name in suite.display.models:
+        model_name(f"display.models.{name}", name)
+    for label in suite.display.methods:
+        if label not in [m.label for m in suite.methods]:
+            raise SuiteError(f"{path}: field 'display.methods.{label}': expected a method label of this suite "
+                             f"({', '.join(m.label for m in suite.methods)}), got '{label}'")
     for field, table in (("train.lr_by_model", suite.train.lr_by_model),
                          ("teacher.train.lr_by_model", suite.teacher.train.get("lr_by_model", {}))):
         for pattern in table:
