@@ -133,11 +133,9 @@ def run(
     if dry_run:
         _print_plan(plan)
         return
-    from kdbench.data import resolve_data_root
+    from kdbench.data import DataError, resolve_data_root
     from kdbench.executors import get_executor
     from kdbench.tracking import tracking_uri
-
-    from kdbench.data import DataError
 
     executor_cls = get_executor(executor)
     root = resolve_data_root(str(data_root) if data_root else None)
