@@ -287,7 +287,8 @@ class Executor:
     def job_params(self, job: Job) -> dict[str, str]:
         params = flatten("", {k: v for k, v in job.config.items() if k != "method_params"}, {})
         params.update({f"method.{k}": str(v) for k, v in job.config.get("method_params", {}).items()})
-        params.update({"role": job.role, "method_label": job.method.label, "config_hash": job.key, **self.env})
+        params.update({"role": job.role, "method_label": job.method.label, "config_hash": job.key,
+                       "combine": job.method.combine, **self.env})
         if job.teacher_model:
             params["teacher_model"] = job.teacher_model
         root = self.plan.root_teacher(job)
@@ -386,7 +387,8 @@ class Executor:
         result = fit(model, method, teacher, data, job.train, job.augment, job.seed, self.opts,
                      eval_batch_size=self.plan.suite.eval_batch_size, on_epoch=on_epoch, keep_route=keep_route,
                      on_route=on_route, route=self.teacher_route(job) if needs.route and job.teacher else None,
-                     teacher_cache=cache, checkpoint=checkpoint, resume=resume, should_stop=self.stop)
+                     teacher_cache=cache, checkpoint=checkpoint, resume=resume, should_stop=self.stop,
+                     combine=job.method.combine)
         if method.record:  # procedure details the method chose while training (RCO's anchors, FitNets' layers)
             self.tracker.log_params(run_id, {f"procedure.{k}": v for k, v in method.record.items()})
         if job.role in STORED_ROLES:
