@@ -4,6 +4,7 @@ here, the classic mistake (projecting a pair that does not conflict), the engine
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from kdbench.data import DataSpec, load_data
 from kdbench.engine import EngineOptions, Interrupted, fit
 from kdbench.plan import make_plan
 from kdbench.registry import get_method
+from kdbench.report import layout_for
 from kdbench.suite import AugmentConfig, TrainConfig, load_suite
 from kdbench.zoo import create_model
 
@@ -156,3 +158,7 @@ def test_suite_entry_combine_is_in_the_label_and_the_job_key(write_suite):
     alone = make_plan(load_suite(write_suite({"methods": ["kd"]}, name="alone.yaml")), Path(path))
     assert [j.key for j in alone.jobs if j.role == "student"] == [jobs["kd"].key]
     # refused where it would change nothing, or misspelt: tests/malformed_suites/combine_*.yaml
+    # the report's vanilla-KD reference is the summed entry, even when kd+pcgrad comes first
+    first = write_suite({"methods": [{"method": "kd", "combine": "pcgrad"}, "kd"]}, name="order.yaml")
+    runs = pd.DataFrame(columns=["role", "pair", "method", "method_name", "seed"])
+    assert layout_for(make_plan(load_suite(first), Path(first)), runs).kd == "kd"
