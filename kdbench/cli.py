@@ -92,6 +92,7 @@ def run(
     download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
     teacher_cache: bool = typer.Option(False, "--teacher-cache", help="compute each teacher's logits once per image "
                                        "and view, shared by logit-only methods and seeds (same numbers, faster)"),
+    executor: str = typer.Option("inprocess", "--executor", help="where the jobs run: inprocess"),
 ) -> None:
     """Run every job of a suite: teachers, then students of every method and seed, logged to MLflow."""
     plan = _load_plan(suite, methods, seeds, epochs)
@@ -99,12 +100,13 @@ def run(
         _print_plan(plan)
         return
     from kdbench.data import resolve_data_root
-    from kdbench.executor import Executor
+    from kdbench.executors import get_executor
     from kdbench.tracking import tracking_uri
 
+    executor_cls = get_executor(executor)
     root = resolve_data_root(str(data_root) if data_root else None)
-    outcome = Executor(plan, root, device, console=err, fresh=fresh, download=download,
-                       teacher_cache=teacher_cache).run()
+    outcome = executor_cls(plan, root, device, console=err, fresh=fresh, download=download,
+                           teacher_cache=teacher_cache).run()
     already = f" ({outcome.skipped} already done before)" if outcome.skipped else ""
     err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed; MLflow {tracking_uri()}, "
               f"parent run {outcome.parent_run}")
