@@ -80,8 +80,9 @@ class PCGrad:
         live = {k: v for k, v in terms.items() if v.requires_grad}
         grads: dict[str, list[torch.Tensor | None]] = {}
         for index, (name, term) in enumerate(live.items()):
-            grads[name] = list(torch.autograd.grad(term, params, retain_graph=index < len(live) - 1,
-                                                   allow_unused=True))
+            got = torch.autograd.grad(term, params, retain_graph=index < len(live) - 1, allow_unused=True)
+            # cloned: under a compiled step replayed as CUDA graphs, the next term's backward may reuse this memory
+            grads[name] = [g.clone() if g is not None else None for g in got]
         if not grads:
             return 0
         generator = torch.Generator().manual_seed(stream_seed(self.seed, "pcgrad", epoch, step))
