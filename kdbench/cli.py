@@ -73,7 +73,8 @@ def methods() -> None:
     """List the registered methods with their defaults."""
     from kdbench.registry import methods as registry
 
-    table = Table(title="methods", box=box.SIMPLE_HEAD)
+    table = Table(title="methods", box=box.SIMPLE_HEAD,
+                  caption="any method's loss terms can be combined by PCGrad: {method: NAME, combine: pcgrad}")
     for col in ("name", "defaults", "needs", "what it does"):
         table.add_column(col)
     for name, cls in registry().items():

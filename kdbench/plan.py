@@ -203,12 +203,17 @@ def assistant_jobs(suite: Suite, student_train: TrainConfig, teacher_key: str, t
         config = {**base_config(suite, data_fingerprint), "role": "assistant", "model": name,
                   "model_kwargs": suite.model_kwargs.get(name, {}), "seed": suite.teacher.seed,
                   "method": entry.method, "method_params": loss_params, "train": train.model_dump(),
-                  "teacher": prev_key}
+                  "teacher": prev_key, **combine_config(entry)}
         job = Job(content_hash(config), "assistant", name, suite.teacher.seed, entry, train, suite.augment, config,
                   teacher=prev_key, teacher_model=prev_model, pair=f"{prev_model}->{name}")
         jobs.append(job)
         prev_key, prev_model = job.key, name
     return jobs
+
+
+def combine_config(entry: MethodEntry) -> dict[str, str]:
+    """How the entry combines its loss terms, for a job's hash: absent when summed, so existing keys stay valid."""
+    return {"combine": entry.combine} if entry.combine != "sum" else {}
 
 
 def expand(patterns: list[str], names: list[str]) -> list[str]:
@@ -328,7 +333,7 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
                 train = student_train.for_model(s)
                 config = {**base, "model": s, "model_kwargs": suite.model_kwargs.get(s, {}), "seed": seed,
                           "method": entry.method, "method_params": params, "train": train.model_dump(),
-                          "teacher": chain[-1].key if chain else teacher_key, **extra}
+                          "teacher": chain[-1].key if chain else teacher_key, **extra, **combine_config(entry)}
                 key = content_hash(config)
                 if key not in jobs:
                     has_teacher = needs.teacher != "none"
