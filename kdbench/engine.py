@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kdbench import KdbenchError
+from kdbench.combine import PCGrad
 from kdbench.data import DeviceData, Split, epoch_batches, epoch_views, eval_batches, make_generator, normalize
 from kdbench.method import Batch, Method, PassCounts, StepContext, TeacherRoute
 from kdbench.seeding import stream_seed
@@ -34,9 +35,18 @@ class EngineOptions:
     device: torch.device
     bf16: bool  # bf16 autocast for forward passes (BatchNorm and losses stay float32)
     channels_last: bool
+    # torch.compile the models' forward (and so their backward) for training steps. On CUDA with CUDA graphs
+    # (mode "reduce-overhead"): a batch-64 CIFAR ResNet step is bound by kernel launches, not arithmetic.
+    compile: bool = False
+
+    @property
+    def compile_mode(self) -> str:
+        # reduce-overhead = inductor kernels replayed as CUDA graphs; CPU has no graphs, so plain inductor there.
+        return "reduce-overhead" if self.device.type == "cuda" else "default"
 
     @classmethod
-    def for_device(cls, name: str = "auto") -> "EngineOptions":
+    def for_device(cls, name: str = "auto", compile: bool | None = None) -> "EngineOptions":
+        """compile: None = on for CUDA, off on CPU (compiling costs about a minute per model on a small CPU)."""
         if name == "auto":
             name = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(name)
@@ -45,10 +55,41 @@ class EngineOptions:
         gpu = device.type == "cuda"
         # channels_last on CPU too: oneDNN's convolutions are faster in it (kdbench bench, 2-core Xeon: about
         # 20% for resnet56 -> resnet20, 9% for resnet32x4 -> resnet8x4).
-        return cls(device=device, bf16=gpu, channels_last=True)
+        return cls(device=device, bf16=gpu, channels_last=True, compile=gpu if compile is None else compile)
 
     def autocast(self):  # forward passes only: backward runs outside, in the types the forward chose
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+
+class Compiled:
+    """A model as methods see it when the engine compiles: calling it runs the compiled forward; every other
+    attribute (forward_intermediates, load_state_dict, train/eval, submodules) is the plain model's, so
+    state_dict keys stay unprefixed and feature paths run eagerly. The engine keeps the plain model for
+    evaluation and checkpoints."""
+
+    def __init__(self, model: nn.Module, opts: EngineOptions):
+        self.eager_module = model
+        # Models of one family share one forward, and each architecture, batch shape and mode is another entry
+        # of its compile cache: a suite has more than dynamo's default 8, past which it silently runs eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # dynamic=False: one graph per batch shape (the full batch, an epoch's last one), each replayable as a CUDA graph
+        self._call = torch.compile(model, mode=opts.compile_mode, dynamic=False)
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name == "eager_module":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.eager_module, name)
+
+
+COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper puts before every state_dict key
+
+
+def plain_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+    """A state_dict saved from a torch.compile'd module, with the wrapper's key prefix removed (others unchanged)."""
+    return {k.removeprefix(COMPILED_PREFIX): v for k, v in state.items()}
 
 
 def lr_factor(train: TrainConfig, epoch: int) -> float:
@@ -106,7 +147,8 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         teacher_cache: TeacherCache | None = None,
         checkpoint: Callable[[dict[str, Any]], None] | None = None,
         resume: dict[str, Any] | None = None,
-        should_stop: Callable[[], bool] = lambda: False) -> FitResult:
+        should_stop: Callable[[], bool] = lambda: False,
+        combine: str = "sum") -> FitResult:
     """Train `student` for `train.epochs` with `method`, evaluating on the test split after each epoch.
 
     on_epoch(epoch, metrics) gets 1-based epochs; on_route(epoch, state_dict) is called where keep_route(epoch).
@@ -117,6 +159,7 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
     (then Interrupted is raised); fit(..., resume=state) continues from such a state with the same numbers an
     uninterrupted run gives: each epoch's order and augmentation come from generators seeded by (seed, epoch),
     and a resumed epoch replays its draws up to the step where it stopped.
+    combine: how the student's named loss terms make its update: "sum", or "pcgrad" (kdbench.combine).
     """
     models = {"student": student}
     trainable = {"student": list(student.parameters()) + list(method.parameters())}
@@ -128,15 +171,22 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
             teacher.eval().requires_grad_(False)  # frozen: running statistics, no dropout, no gradient
     optimizers = {k: make_optimizer(p, train) for k, p in trainable.items()}
     passes = PassCounts()
+    combiner = PCGrad(seed) if combine == "pcgrad" else None
 
-    def update(which: str, loss: torch.Tensor, clip_grad_norm: float | None = None) -> None:
+    def update(which: str, loss: torch.Tensor | dict[str, torch.Tensor], clip_grad_norm: float | None = None) -> None:
         opt = optimizers[which]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        backwards = 1
+        if combiner is not None and which == "student" and isinstance(loss, dict):
+            # `epoch` and `batch` are the training loop's, read at call time: the projection order of a step
+            # is drawn from (seed, epoch, step), so a resumed run draws the same orders.
+            backwards = combiner.backward(loss, trainable[which], epoch, batch)
+        else:
+            (sum(loss.values()) if isinstance(loss, dict) else loss).backward()
         if clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(trainable[which], clip_grad_norm)
         opt.step()
-        setattr(passes, f"{which}_backward", getattr(passes, f"{which}_backward") + 1)
+        setattr(passes, f"{which}_backward", getattr(passes, f"{which}_backward") + backwards)
         model = models[which]
         if getattr(model, "max_norm", None):  # Hinton 2012's max-norm constraint, where the model asks for it
             model.apply_max_norm_(model.max_norm)
@@ -150,8 +200,13 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         and not method.trains_teacher and route is None
     if cached and not teacher_cache.serves(data.train, augment.crop_padding, augment.flip):
         raise ValueError("teacher_cache was built for another training split or augmentation")
-    ctx = StepContext(student=student, teacher=teacher, update=update, passes=passes, autocast=opts.autocast,
-                      route=route, probe=probe)
+    step_student, step_teacher = student, teacher
+    if opts.compile:
+        step_student = Compiled(student, opts)
+        step_teacher = Compiled(teacher, opts) if teacher is not None else None
+    graphs = opts.compile and opts.device.type == "cuda"
+    ctx = StepContext(student=step_student, teacher=step_teacher, update=update, passes=passes,
+                      autocast=opts.autocast, route=route, probe=probe)
     history: list[dict[str, float]] = []
     metrics: dict[str, float] = {}
     if train.epochs == 0:  # a model used as loaded (checkpoint, pretrained): evaluate only
@@ -165,18 +220,21 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
                 "models": {k: m.state_dict() for k, m in models.items() if k in trainable},
                 "method": method.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                 "history": list(history), "passes": asdict(passes), "cpu_rng": torch.get_rng_state(),
+                "combine": combiner.state_dict() if combiner is not None else None,
                 "cuda_rng": torch.cuda.get_rng_state_all() if opts.device.type == "cuda" else None}
 
     first_epoch, skip_batches, resumed_totals = 0, 0, None
     if resume is not None:
         for k, sd in resume["models"].items():
-            models[k].load_state_dict(sd)
+            models[k].load_state_dict(plain_state_dict(sd))
         method.load_state_dict(resume["method"])
         for k, sd in resume["optimizers"].items():
             optimizers[k].load_state_dict(sd)
         history[:] = resume["history"]
         metrics = history[-1] if history else {}
         passes.__dict__.update(resume["passes"])
+        if combiner is not None and resume.get("combine"):
+            combiner.load_state_dict(resume["combine"])
         torch.set_rng_state(resume["cpu_rng"])
         if resume["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(resume["cuda_rng"])
@@ -213,6 +271,8 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
                 continue
             x = normalize(images, data.info, channels_last=opts.channels_last)
             logits = teacher_cache.lookup(*drawn) if cached else None
+            if graphs:  # a new iteration: CUDA-graph outputs of the last step may be overwritten from here on
+                torch.compiler.cudagraph_mark_step_begin()
             terms = method.step(Batch(x, labels, epoch, train.epochs, logits), ctx)
             for name, value in terms.items():  # summed on the device: no sync per step
                 totals[name] = totals.get(name, 0) + value.float()
@@ -234,6 +294,9 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         metrics = {"train_loss": total_loss, **train_loss, "test_acc": test["acc"], "test_loss": test["loss"],
                    "lr": optimizers["student"].param_groups[0]["lr"], "epoch_time": time.perf_counter() - start,
                    "images_per_sec": images_seen / train_time}
+        metrics.update(method.epoch_metrics())  # a method's own per-epoch numbers (attention weights...)
+        if combiner is not None:
+            metrics.update(combiner.epoch_metrics())  # PCGrad: fraction of term pairs in conflict, cosines
         if method.trains_teacher:
             metrics["teacher_test_acc"] = evaluate(teacher, data.test, data, opts, eval_batch_size)["acc"]
         history.append(metrics)

@@ -124,6 +124,7 @@ class JobContext:
     store_root: Path
     data_root: Path | None
     device: str = "auto"
+    compile: bool | None = None  # torch.compile the models (None: on for CUDA, off on CPU)
     env: dict[str, str] = field(default_factory=dict)  # code version and environment, logged as params
     download: bool = False
     teacher_cache: bool = False  # share teacher outputs among logit-only methods
@@ -138,7 +139,7 @@ class JobContext:
     @property
     def opts(self) -> EngineOptions:
         if self.local.opts is None:
-            self.local.opts = EngineOptions.for_device(self.device)
+            self.local.opts = EngineOptions.for_device(self.device, self.compile)
         return self.local.opts
 
     @property
@@ -259,7 +260,8 @@ def job_params(plan: Plan, job: Job, ctx: JobContext) -> dict[str, str]:
     store = ctx.store
     params = flatten("", {k: v for k, v in job.config.items() if k != "method_params"}, {})
     params.update({f"method.{k}": str(v) for k, v in job.config.get("method_params", {}).items()})
-    params.update({"role": job.role, "method_label": job.method.label, "config_hash": job.key, **ctx.env})
+    params.update({"role": job.role, "method_label": job.method.label, "config_hash": job.key,
+                   "combine": job.method.combine, **ctx.env})
     if job.teacher_model:
         params["teacher_model"] = job.teacher_model
     root = plan.root_teacher(job)
@@ -367,7 +369,8 @@ def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
     result = fit(model, method, teacher, data, job.train, job.augment, job.seed, opts,
                  eval_batch_size=plan.suite.eval_batch_size, on_epoch=on_epoch, keep_route=keep_route,
                  on_route=on_route, route=teacher_route(plan, job, store) if needs.route and job.teacher else None,
-                 teacher_cache=cache, checkpoint=checkpoint, resume=resume, should_stop=ctx.local.should_stop or _never)
+                 teacher_cache=cache, checkpoint=checkpoint, resume=resume, should_stop=ctx.local.should_stop or _never,
+                 combine=job.method.combine)
     if method.record:  # procedure details the method chose while training (RCO's anchors, FitNets' layers)
         tracker.log_params(run_id, {f"procedure.{k}": v for k, v in method.record.items()})
     if job.role in STORED_ROLES:
