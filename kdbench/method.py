@@ -92,6 +92,18 @@ class StepContext:
     probe: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
+def check_ranges(params: dict[str, Any], positive: tuple[str, ...] = (),
+                 non_negative: tuple[str, ...] = ()) -> str | None:
+    """For `check_params`: the first of these params out of its range, as a reason; None if all are in range."""
+    for key in positive:
+        if not params[key] > 0:
+            return f"{key} must be positive, got {params[key]!r}"
+    for key in non_negative:
+        if not params[key] >= 0:
+            return f"{key} must be at least 0, got {params[key]!r}"
+    return None
+
+
 Layer = int | str  # a stage index into the model's feature_info, or a module name (a forward hook)
 
 
@@ -181,6 +193,12 @@ class Method(nn.Module):
     @classmethod
     def check_params(cls, params: dict[str, Any]) -> str | None:
         """A reason why these params (defaults filled in) cannot work, found at suite load time; None if fine."""
+        return None
+
+    @classmethod
+    def check_models(cls, params: dict[str, Any], student: nn.Module, teacher: nn.Module | None) -> str | None:
+        """A reason why these params cannot work with this pair's models, found when the plan is made (the
+        models are built on the meta device: shapes and modules, no weights, no data); None if fine."""
         return None
 
     def start_epoch(self, epoch: int, epochs: int, ctx: StepContext) -> None:

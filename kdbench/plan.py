@@ -20,7 +20,7 @@ from kdbench.method import AUTO
 from kdbench.registry import get_method
 from kdbench.store import sha256
 from kdbench.suite import AugmentConfig, MethodEntry, Suite, TrainConfig
-from kdbench.zoo import ModelStats, known_models, model_stats
+from kdbench.zoo import ModelStats, known_models, meta_model, model_kwargs_problem, model_stats
 
 STORE_VERSION = 2  # bump when a change to the engine changes what a given config trains to
 # 2: channels_last on CPU too (other convolution kernels, so other last bits)
@@ -223,6 +223,25 @@ def expand(patterns: list[str], names: list[str]) -> list[str]:
     return out
 
 
+def check_methods(suite: Suite, suite_path: Path, entries: list[MethodEntry], pair_names: list[tuple[str, str]],
+                  info) -> None:
+    """Each method's `check_models` for every pair, on models built on the meta device (no data, no memory):
+    what a method can only check against the models (a FitNets hint_layer out of range) is refused now,
+    not after the teacher has trained."""
+    for entry in entries:
+        method = get_method(entry.method)
+        params = {**method.defaults, **entry.params}
+        uses_teacher = method.needs(params).teacher != "none"
+        for t, s in pair_names:
+            student = meta_model(s, info.num_classes, info.input_shape[0], suite.model_kwargs.get(s, {}))
+            teacher = meta_model(t, info.num_classes, info.input_shape[0],
+                                 {**suite.model_kwargs.get(t, {}), **suite.teacher.model_kwargs.get(t, {})})
+            problem = method.check_models(params, student, teacher if uses_teacher else None)
+            if problem:
+                raise KdbenchError(f"{suite_path}: field 'methods.{suite.methods.index(entry)}': method "
+                                   f"'{entry.label}' for the pair {t} -> {s}: {problem}")
+
+
 def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = None, seeds: list[int] | None = None,
               epochs: int | None = None, data_fingerprint: str | None = None) -> Plan:
     """Expand a suite. `methods`, `seeds` and `epochs` narrow or shrink it (the CLI's options); `data_fingerprint`
@@ -238,7 +257,18 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
     info = dataset_info(suite.data.spec())
     names = known_models()
 
+    checked: set[str] = set()
+
+    def check_kwargs(name: str, kwargs: dict[str, Any], field: str) -> None:
+        """Model kwargs are checked against the model's constructor here, before anything is written."""
+        if (name, field) not in checked:
+            problem = model_kwargs_problem(name, info.num_classes, info.input_shape, kwargs)
+            if problem:
+                raise KdbenchError(f"{suite_path}: field '{field}.{name}': {problem}")
+            checked.add((name, field))
+
     def stats(name: str) -> ModelStats:
+        check_kwargs(name, suite.model_kwargs.get(name, {}), "model_kwargs")
         kwargs = tuple(sorted(suite.model_kwargs.get(name, {}).items()))
         return model_stats(name, info.num_classes, info.input_shape, kwargs)
 
@@ -292,7 +322,10 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
         return key
 
     for t in dict.fromkeys(t for t, _ in pair_names):
+        check_kwargs(t, {**suite.model_kwargs.get(t, {}), **suite.teacher.model_kwargs.get(t, {})},
+                     "teacher.model_kwargs")
         stored_job(t)
+    check_methods(suite, suite_path, entries, pair_names, info)  # after model kwargs: they build the models
 
     def model_stats_of(name: str) -> int:
         return (models[name] if name in models else stats(name)).params

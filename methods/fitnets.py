@@ -19,9 +19,10 @@ second stage: `layer2` of a CIFAR ResNet), or the last stage of shallower models
 import torch
 from torch import nn
 
+from kdbench import KdbenchError
 from kdbench.features import feature_shape, layer_name, make_regressor
 from kdbench.losses import cross_entropy, hint_mse, kd_terms
-from kdbench.method import Method, resolve_layer, run_model
+from kdbench.method import Method, check_ranges, resolve_layer, run_model
 
 SECOND_STAGE = 2  # feature_info index of the second stage when index 0 is the stem
 
@@ -43,6 +44,17 @@ class FitNets(Method):
             return "two_stage: stage 2 is KD: set kd_weight > 0 (the CRD values: ce_weight 0.1, kd_weight 0.9)"
         if not 0 < params["hint_fraction"] < 1:
             return f"hint_fraction must lie strictly between 0 and 1, got {params['hint_fraction']}"
+        # hint_layer and guided_layer are checked against the models when the plan builds the method
+        return check_ranges(params, positive=("T",), non_negative=("hint_weight", "ce_weight", "kd_weight"))
+
+    @classmethod
+    def check_models(cls, params, student, teacher):
+        for key, model in (("guided_layer", student), ("hint_layer", teacher)):
+            if params[key] is not None:
+                try:
+                    resolve_layer(model, params[key])
+                except KdbenchError as exc:
+                    return f"{key}: {exc}"
         return None
 
     def __init__(self, params, student, teacher, input_shape):
