@@ -1,4 +1,4 @@
-"""The `kdbench` command line: run, report, pairs, methods, store, bench."""
+"""The `kdbench` command line: run, report, validate, pairs, methods, store, bench."""
 
 from __future__ import annotations
 
@@ -34,21 +34,36 @@ def _csv(value: Optional[str]) -> Optional[list[str]]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
-def _load_plan(suite_path: Path, methods: Optional[str] = None, seeds: Optional[str] = None,
-               epochs: Optional[int] = None):
+def load_plan(suite_path: Path, methods: Optional[str] = None, seeds: Optional[str] = None,
+              epochs: Optional[int] = None):
+    """The suite validated and expanded into its plan: what `validate`, `pairs` and `run` start with.
+
+    Raises a one-line KdbenchError naming the file, the field and what was expected; writes nothing.
+    """
     from kdbench.plan import make_plan
     from kdbench.suite import load_suite
 
     suite = load_suite(suite_path)
     seed_list = None
-    if seeds:
+    if seeds is not None:
         try:
-            seed_list = [int(s) for s in _csv(seeds)]
+            seed_list = [int(s) for s in _csv(seeds) or []]
         except ValueError:
-            raise KdbenchError(f"--seeds: expected comma-separated non-negative integers, got '{seeds}'") from None
+            seed_list = []
+        if not seed_list or any(s < 0 for s in seed_list) or len(set(seed_list)) != len(seed_list):
+            raise KdbenchError(f"--seeds: expected comma-separated non-negative integers, each once, got '{seeds}'")
     if epochs is not None and epochs < 1:
         raise KdbenchError(f"--epochs: expected a positive integer, got {epochs}")
     return make_plan(suite, suite_path, methods=_csv(methods), seeds=seed_list, epochs=epochs)
+
+
+def _data_error(suite_path: Path, exc: Exception) -> KdbenchError:
+    """A dataset problem found at load time, named by the suite file and the data field it comes from."""
+    text = str(exc)
+    field = ("data.train_size" if " train: asked for the first" in text else
+             "data.test_size" if " test: asked for the first" in text else
+             "data.path" if text.startswith("imagefolder") else "data")
+    return KdbenchError(f"{suite_path}: field '{field}': {text}")
 
 
 def _pairs_table(plan) -> Table:
@@ -65,7 +80,27 @@ def _pairs_table(plan) -> Table:
 @app.command()
 def pairs(suite: Path = SuiteArg) -> None:
     """Print the suite's teacher-student pairs with parameters, MACs and capacity gap (needs no data)."""
-    out.print(_pairs_table(_load_plan(suite)))
+    out.print(_pairs_table(load_plan(suite)))
+
+
+@app.command()
+def validate(
+    suite: Path = SuiteArg,
+    methods: Optional[str] = typer.Option(None, help="only these method labels, comma-separated"),
+    seeds: Optional[str] = typer.Option(None, help="these seeds instead of the suite's, comma-separated"),
+    epochs: Optional[int] = typer.Option(None, help="shrink every schedule to this many epochs (milestones scale)"),
+) -> None:
+    """Check a suite and its plan (fields, models, methods against the models) without data or MLflow: exit 0 or 2."""
+    plan = load_plan(suite, methods, seeds, epochs)
+    roles: dict[str, int] = {}
+    for job in plan.jobs:
+        roles[job.role] = roles.get(job.role, 0) + 1
+    labels = list(dict.fromkeys(c.method for c in plan.cells))
+    seeds_used = sorted({c.seed for c in plan.cells})
+    out.print(f"{suite}: valid. {plan.suite.name}: {len(plan.pairs)} pairs x {len(labels)} methods "
+              f"({', '.join(labels)}) x {len(seeds_used)} seeds = {len(plan.cells)} cells; {len(plan.jobs)} jobs ("
+              + ", ".join(f"{n} {r}" for r, n in roles.items()) + f"); data {plan.suite.data.dataset}",
+              markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -73,7 +108,8 @@ def methods() -> None:
     """List the registered methods with their defaults."""
     from kdbench.registry import methods as registry
 
-    table = Table(title="methods", box=box.SIMPLE_HEAD)
+    table = Table(title="methods", box=box.SIMPLE_HEAD,
+                  caption="any method's loss terms can be combined by PCGrad: {method: NAME, combine: pcgrad}")
     for col in ("name", "defaults", "needs", "what it does"):
         table.add_column(col)
     for name, cls in registry().items():
@@ -122,9 +158,9 @@ def run(
     store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP, show_default=False),
 ) -> None:
     """Run every job of a suite: teachers, then students of every method and seed, logged to MLflow."""
-    plan = _load_plan(suite, methods, seeds, epochs)
+    plan = load_plan(suite, methods, seeds, epochs)
     model_store = _store(store)
-    from kdbench.data import cached_fingerprint, resolve_data_root
+    from kdbench.data import DataError, cached_fingerprint, resolve_data_root
     from kdbench.executors import get_executor, load_options
 
     executor_cls = get_executor(executor)
@@ -140,9 +176,11 @@ def run(
 
     check_tracking()  # before any data is read: a dead server or a read-only database is one line, at once
     check_writable(model_store.root, "model store")
-    outcome = executor_cls(plan, root, device, console=err, fresh=fresh, download=download,
-                           teacher_cache=teacher_cache, compile=compile, store=model_store,
-                           options=options).run()
+    try:
+        outcome = executor_cls(plan, root, device, console=err, fresh=fresh, download=download,
+                               teacher_cache=teacher_cache, compile=compile, store=model_store).run()
+    except DataError as exc:  # the data is loaded before anything is written: name the suite and its field
+        raise _data_error(suite, exc) from None
     already = f" ({outcome.skipped} already done before)" if outcome.skipped else ""
     err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed; MLflow {tracking_uri()}, "
               f"parent run {outcome.parent_run}")
@@ -282,7 +320,7 @@ def store_gc(
     model_store = _store(store)
     referenced = referenced_keys()
     for path in keep or []:
-        plan = _load_plan(path)
+        plan = load_plan(path)
         referenced |= {j.key for j in plan.for_data_root(resolve_data_root(str(data_root) if data_root else None)).jobs}
     doomed = model_store.unreferenced(referenced)
     total = sum(e.size for e in doomed)

@@ -81,13 +81,27 @@ class StepContext:
 
     student: nn.Module
     teacher: nn.Module | None
-    update: Callable[..., None]  # update(which: "student" | "teacher", loss, clip_grad_norm=None)
+    # update(which: "student" | "teacher", loss, clip_grad_norm=None). `loss` is a tensor, or a dict of named
+    # terms: the engine sums them, or combines them as the suite's `combine` says (PCGrad, kdbench.combine).
+    update: Callable[..., None]
     passes: PassCounts
     autocast: Callable[[], Any]  # `with ctx.autocast():` around forward passes (bf16 on GPU, a no-op on CPU)
     route: TeacherRoute | None = None  # when the method declared `needs_route`
     # probe(n): the first n training images (normalised, not augmented) and labels, for choices a method makes
     # during training (RCO's greedy anchors). Never the test split.
     probe: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def check_ranges(params: dict[str, Any], positive: tuple[str, ...] = (),
+                 non_negative: tuple[str, ...] = ()) -> str | None:
+    """For `check_params`: the first of these params out of its range, as a reason; None if all are in range."""
+    for key in positive:
+        if not params[key] > 0:
+            return f"{key} must be positive, got {params[key]!r}"
+    for key in non_negative:
+        if not params[key] >= 0:
+            return f"{key} must be at least 0, got {params[key]!r}"
+    return None
 
 
 Layer = int | str  # a stage index into the model's feature_info, or a module name (a forward hook)
@@ -161,6 +175,9 @@ class Method(nn.Module):
     # True: losses() reads only the frozen teacher's logits, so the engine may hand it shared teacher
     # outputs (computed once per image and view, reused across epochs, methods and seeds) instead of a forward.
     teacher_logits_only: ClassVar[bool] = False
+    # False: the student's update is not a sum of several named terms (ProKT: one KL term in its own step()),
+    # so a suite's `combine: pcgrad` would change nothing and is refused when the suite is loaded.
+    combinable: ClassVar[bool] = True
 
     def __init__(self, params: dict[str, Any], student: nn.Module, teacher: nn.Module | None,
                  input_shape: tuple[int, int, int]):
@@ -178,11 +195,25 @@ class Method(nn.Module):
         """A reason why these params (defaults filled in) cannot work, found at suite load time; None if fine."""
         return None
 
+    @classmethod
+    def check_models(cls, params: dict[str, Any], student: nn.Module, teacher: nn.Module | None) -> str | None:
+        """A reason why these params cannot work with this pair's models, found when the plan is made (the
+        models are built on the meta device: shapes and modules, no weights, no data); None if fine."""
+        return None
+
     def start_epoch(self, epoch: int, epochs: int, ctx: StepContext) -> None:
         """Called by the engine before each of the job's `epochs` (0-based `epoch`): a method's stage switch."""
 
     def losses(self, batch: Batch, student: Outputs, teacher: Outputs | None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Numbers that are not losses, logged as metrics at the end of each epoch (e.g. attention weights).
+
+        Accumulate them on the device in losses() (no host sync per step, in buffers so a resumed job keeps
+        them), read and reset them here: the engine calls it once per epoch.
+        """
+        return {}
 
     def step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         """One training step. The default: frozen teacher forward, student forward, sum of losses, update."""
@@ -199,5 +230,5 @@ class Method(nn.Module):
             student_out = run_model(ctx.student, batch.images, self.student_features)
             ctx.passes.student_forward += 1
             terms = self.losses(batch, student_out, teacher_out)
-        ctx.update("student", sum(terms.values()))
+        ctx.update("student", terms)  # named terms: summed, or combined as the suite says (`combine`)
         return {k: v.detach() for k, v in terms.items()}

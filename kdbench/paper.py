@@ -54,6 +54,13 @@ def check_reference(suite_path: Path, suite: Suite) -> None:
             if name not in mapping:
                 raise SuiteError(f"{suite_path}: field 'reference.{field}': the paper's '{name}' is not mapped "
                                  f"(map it to ours, or to null where we have none)")
+    # A mapped name the CSV never uses (in any of its tables) is a misspelling: its row would stay unmapped
+    every = pd.read_csv(Path(suite_path).parent / ref.csv, comment="#", dtype=str, keep_default_na=False)
+    for field, names in (("models", set(every.teacher) | set(every.student)), ("methods", set(every.method))):
+        for name in getattr(ref, field):
+            if name not in names:
+                raise SuiteError(f"{suite_path}: field 'reference.{field}.{name}': the paper's table "
+                                 f"({ref.csv}) has no {field[:-1]} '{name}'")
     for paper_name, ours in ref.models.items():
         if ours is not None and ours not in known_models():
             raise SuiteError(f"{suite_path}: field 'reference.models.{paper_name}': unknown model '{ours}'")

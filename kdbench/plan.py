@@ -20,7 +20,7 @@ from kdbench.method import AUTO
 from kdbench.registry import get_method
 from kdbench.store import sha256
 from kdbench.suite import AugmentConfig, MethodEntry, Suite, TrainConfig
-from kdbench.zoo import ModelStats, known_models, model_stats
+from kdbench.zoo import ModelStats, known_models, meta_model, model_kwargs_problem, model_stats
 
 STORE_VERSION = 2  # bump when a change to the engine changes what a given config trains to
 # 2: channels_last on CPU too (other convolution kernels, so other last bits)
@@ -203,7 +203,7 @@ def assistant_jobs(suite: Suite, student_train: TrainConfig, teacher_key: str, t
         config = {**base_config(suite, data_fingerprint), "role": "assistant", "model": name,
                   "model_kwargs": suite.model_kwargs.get(name, {}), "seed": suite.teacher.seed,
                   "method": entry.method, "method_params": loss_params, "train": train.model_dump(),
-                  "teacher": prev_key}
+                  "teacher": prev_key, **combine_config(entry)}
         job = Job(content_hash(config), "assistant", name, suite.teacher.seed, entry, train, suite.augment, config,
                   teacher=prev_key, teacher_model=prev_model, pair=f"{prev_model}->{name}")
         jobs.append(job)
@@ -211,11 +211,35 @@ def assistant_jobs(suite: Suite, student_train: TrainConfig, teacher_key: str, t
     return jobs
 
 
+def combine_config(entry: MethodEntry) -> dict[str, str]:
+    """How the entry combines its loss terms, for a job's hash: absent when summed, so existing keys stay valid."""
+    return {"combine": entry.combine} if entry.combine != "sum" else {}
+
+
 def expand(patterns: list[str], names: list[str]) -> list[str]:
     out: list[str] = []
     for pattern in patterns:
         out += [n for n in sorted(fnmatch.filter(names, pattern)) if n not in out]
     return out
+
+
+def check_methods(suite: Suite, suite_path: Path, entries: list[MethodEntry], pair_names: list[tuple[str, str]],
+                  info) -> None:
+    """Each method's `check_models` for every pair, on models built on the meta device (no data, no memory):
+    what a method can only check against the models (a FitNets hint_layer out of range) is refused now,
+    not after the teacher has trained."""
+    for entry in entries:
+        method = get_method(entry.method)
+        params = {**method.defaults, **entry.params}
+        uses_teacher = method.needs(params).teacher != "none"
+        for t, s in pair_names:
+            student = meta_model(s, info.num_classes, info.input_shape[0], suite.model_kwargs.get(s, {}))
+            teacher = meta_model(t, info.num_classes, info.input_shape[0],
+                                 {**suite.model_kwargs.get(t, {}), **suite.teacher.model_kwargs.get(t, {})})
+            problem = method.check_models(params, student, teacher if uses_teacher else None)
+            if problem:
+                raise KdbenchError(f"{suite_path}: field 'methods.{suite.methods.index(entry)}': method "
+                                   f"'{entry.label}' for the pair {t} -> {s}: {problem}")
 
 
 def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = None, seeds: list[int] | None = None,
@@ -233,7 +257,18 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
     info = dataset_info(suite.data.spec())
     names = known_models()
 
+    checked: set[str] = set()
+
+    def check_kwargs(name: str, kwargs: dict[str, Any], field: str) -> None:
+        """Model kwargs are checked against the model's constructor here, before anything is written."""
+        if (name, field) not in checked:
+            problem = model_kwargs_problem(name, info.num_classes, info.input_shape, kwargs)
+            if problem:
+                raise KdbenchError(f"{suite_path}: field '{field}.{name}': {problem}")
+            checked.add((name, field))
+
     def stats(name: str) -> ModelStats:
+        check_kwargs(name, suite.model_kwargs.get(name, {}), "model_kwargs")
         kwargs = tuple(sorted(suite.model_kwargs.get(name, {}).items()))
         return model_stats(name, info.num_classes, info.input_shape, kwargs)
 
@@ -287,7 +322,10 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
         return key
 
     for t in dict.fromkeys(t for t, _ in pair_names):
+        check_kwargs(t, {**suite.model_kwargs.get(t, {}), **suite.teacher.model_kwargs.get(t, {})},
+                     "teacher.model_kwargs")
         stored_job(t)
+    check_methods(suite, suite_path, entries, pair_names, info)  # after model kwargs: they build the models
 
     def model_stats_of(name: str) -> int:
         return (models[name] if name in models else stats(name)).params
@@ -328,7 +366,7 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
                 train = student_train.for_model(s)
                 config = {**base, "model": s, "model_kwargs": suite.model_kwargs.get(s, {}), "seed": seed,
                           "method": entry.method, "method_params": params, "train": train.model_dump(),
-                          "teacher": chain[-1].key if chain else teacher_key, **extra}
+                          "teacher": chain[-1].key if chain else teacher_key, **extra, **combine_config(entry)}
                 key = content_hash(config)
                 if key not in jobs:
                     has_teacher = needs.teacher != "none"

@@ -1,12 +1,21 @@
 """The method registry: every `Method` subclass found in the `methods/` folders and in installed packages.
 
-Sources, in order: the repository's own `methods/` folder, `./methods` of the working directory,
-folders listed in KDBENCH_METHODS (os.pathsep-separated), and the entry-point group
-`kdbench.methods` of pip-installed packages (each entry a module or a Method subclass).
+Sources, from the one that wins a name to the one that yields it: `./methods` of the working directory,
+folders listed in KDBENCH_METHODS (os.pathsep-separated, in order), the entry-point group
+`kdbench.methods` of pip-installed packages (each entry a module or a Method subclass), and last the
+built-in methods (the repository's `methods/` folder, installed as the package `kdbench.builtin_methods`).
+
+- A file whose source is byte-identical to one already read is the same method, read once (a copy of
+  the built-ins in ./methods, to edit one of them, is not a clash).
+- Two different definitions of one method name: the source listed first above wins, and one line on
+  stderr says which file wins over which.
+- A plugin that fails to import (a syntax error) is skipped with one line on stderr; the other methods
+  work, and a suite naming a method of that file fails at validation, naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import os
@@ -19,18 +28,24 @@ from types import ModuleType
 from kdbench import KdbenchError
 from kdbench.method import Method
 
-REPO_METHODS = Path(__file__).resolve().parents[1] / "methods"
+_PACKAGED = Path(__file__).resolve().parent / "builtin_methods"  # a wheel install: methods/ mapped there
+BUILTIN_METHODS = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[1] / "methods"
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def method_dirs() -> list[Path]:
-    dirs = [REPO_METHODS, Path.cwd() / "methods"]
+    """Method folders, the winning one first; the built-in folder last."""
+    dirs = [Path.cwd() / "methods"]
     dirs += [Path(p) for p in os.environ.get("KDBENCH_METHODS", "").split(os.pathsep) if p]
-    seen, unique = set(), []
+    seen, unique = {BUILTIN_METHODS.resolve()}, []
     for d in dirs:
         if d.is_dir() and d.resolve() not in seen:
             seen.add(d.resolve())
             unique.append(d)
-    return unique
+    return unique + [BUILTIN_METHODS] if BUILTIN_METHODS.is_dir() else unique
 
 
 def _classes_in(module: ModuleType) -> list[type[Method]]:
@@ -38,42 +53,93 @@ def _classes_in(module: ModuleType) -> list[type[Method]]:
             if issubclass(c, Method) and c is not Method and c.__module__ == module.__name__ and c.name]
 
 
-def _load_file(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"kdbench_methods.{path.stem}", path)
+def _load_file(path: Path, builtin: bool) -> ModuleType:
+    # One module name per file: ./methods/kd.py beside the built-in kd.py must not replace it in sys.modules.
+    suffix = "" if builtin else "_" + hashlib.sha256(str(path.resolve().parent).encode()).hexdigest()[:8]
+    spec = importlib.util.spec_from_file_location(f"kdbench_methods.{path.stem}{suffix}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # as an import would: dataclasses, pickling and inspect look a module up there
     try:
         spec.loader.exec_module(module)
     except Exception as exc:  # a broken plugin must not hide which file it is
         sys.modules.pop(spec.name, None)
-        raise KdbenchError(f"{path}: method plugin failed to import: {type(exc).__name__}: {exc}") from exc
+        where = f" (line {exc.lineno})" if isinstance(exc, SyntaxError) and exc.lineno else ""
+        text = " ".join(str(getattr(exc, "msg", None) or exc).split())
+        raise KdbenchError(f"{path}: method plugin failed to import: {type(exc).__name__}: {text}{where}") from exc
     return module
+
+
+_broken: dict[Path, str] = {}  # plugin file -> why it failed to import (filled by methods())
+
+
+def broken_plugins() -> dict[Path, str]:
+    """Plugin files skipped because they failed to import, with the one-line reason."""
+    methods()
+    return dict(_broken)
 
 
 @lru_cache(maxsize=1)
 def methods() -> dict[str, type[Method]]:
     found: dict[str, type[Method]] = {}
     origin: dict[str, str] = {}
+    sources: set[str] = set()
+    _broken.clear()
 
     def add(cls: type[Method], where: str) -> None:
         if cls.name in found and found[cls.name] is not cls:
-            raise KdbenchError(f"{where}: method '{cls.name}' is already defined in {origin[cls.name]}")
+            _say(f"kdbench: notice: method '{cls.name}': {origin[cls.name]} is used, not {where} "
+                 f"(sources differ; the first of ./methods, KDBENCH_METHODS, entry points, built-ins wins)")
+            return
         found[cls.name], origin[cls.name] = cls, where
 
-    for folder in method_dirs():
+    def load_folder(folder: Path) -> None:
+        builtin = folder == BUILTIN_METHODS
         for path in sorted(folder.glob("*.py")):
-            if not path.name.startswith("_"):
-                for cls in _classes_in(_load_file(path)):
-                    add(cls, str(path))
+            if path.name.startswith("_"):
+                continue
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if digest in sources:  # a byte-identical copy of a file already read: the same methods
+                continue
+            sources.add(digest)
+            try:
+                module = _load_file(path, builtin)
+            except KdbenchError as exc:
+                _broken[path] = str(exc)
+                _say(f"kdbench: warning: {exc}; skipped")
+                continue
+            for cls in _classes_in(module):
+                add(cls, str(path))
+
+    dirs = method_dirs()
+    for folder in [d for d in dirs if d != BUILTIN_METHODS]:
+        load_folder(folder)
     for ep in entry_points(group="kdbench.methods"):
-        obj = ep.load()
+        try:
+            obj = ep.load()
+        except Exception as exc:  # noqa: BLE001 (as for a file: say which, go on with the others)
+            _broken[Path(f"entry point {ep.name}")] = f"{type(exc).__name__}: {exc}"
+            _say(f"kdbench: warning: entry point {ep.name} ({ep.value}) failed to import: "
+                 f"{type(exc).__name__}: {' '.join(str(exc).split())}; skipped")
+            continue
         for cls in ([obj] if inspect.isclass(obj) else _classes_in(obj)):
             add(cls, f"entry point {ep.name}")
+    if BUILTIN_METHODS in dirs:
+        load_folder(BUILTIN_METHODS)
     return dict(sorted(found.items()))
+
+
+def unknown_method(name: str) -> str:
+    """Why `name` is not a method: a broken plugin that may define it, else the known names."""
+    registry = methods()
+    for path, reason in _broken.items():
+        if path.stem == name:
+            return f"method '{name}' is in a plugin that failed to import: {reason}"
+    broken = f"; plugins that failed to import: {', '.join(map(str, _broken))}" if _broken else ""
+    return f"unknown method '{name}' (known: {', '.join(registry)}){broken}"
 
 
 def get_method(name: str) -> type[Method]:
     registry = methods()
     if name not in registry:
-        raise KdbenchError(f"unknown method '{name}' (known: {', '.join(registry)})")
+        raise KdbenchError(unknown_method(name))
     return registry[name]

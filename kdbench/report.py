@@ -206,7 +206,7 @@ def layout_for(plan, runs: pd.DataFrame) -> Layout:
     baselines = [m.label for m in suite.methods if m.method == "baseline"]
     baselines += sorted(set(students[students.method_name == "baseline"].method) - set(baselines))
     seeds = sorted(set(suite.seeds) | set(students.seed))
-    kd = [m.label for m in suite.methods if m.method == "kd"]
+    kd = [m.label for m in suite.methods if m.method == "kd" and m.combine == "sum"]  # not kd+pcgrad: plain KD
     kd.sort(key=lambda label: bool(next(m for m in suite.methods if m.label == label).params))  # defaults first
     display = suite.display
     names = {**display.models, **display.methods}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.losses import cross_entropy
-from kdbench.method import Method
+from kdbench.method import Method, check_ranges
 
 
 def dkd_terms(student_logits, teacher_logits, labels, T):
@@ -34,6 +34,10 @@ class DKD(Method):
     summary = "decoupled KD: alpha TCKD + beta NCKD (target / non-target KL), warmed up, + CE"
     defaults = {"alpha": 1.0, "beta": 8.0, "T": 4.0, "ce_weight": 1.0, "warmup": 20}
     teacher_logits_only = True  # reads only the (frozen) teacher's logits: shared teacher outputs apply
+
+    @classmethod
+    def check_params(cls, params):
+        return check_ranges(params, positive=("T",), non_negative=("alpha", "beta", "ce_weight", "warmup"))
 
     def losses(self, batch, student, teacher):
         p = self.params

@@ -4,7 +4,7 @@ Defaults are those of the CIFAR-100 benchmark of Tian et al. (CRD): T = 4, CE we
 """
 
 from kdbench.losses import kd_terms
-from kdbench.method import Method
+from kdbench.method import Method, check_ranges
 
 
 class KD(Method):
@@ -12,6 +12,10 @@ class KD(Method):
     summary = "Hinton's soft targets: CE + T^2 KL(teacher || student), batchmean"
     defaults = {"T": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
     teacher_logits_only = True
+
+    @classmethod
+    def check_params(cls, params):
+        return check_ranges(params, positive=("T",), non_negative=("ce_weight", "kd_weight"))
 
     def losses(self, batch, student, teacher):
         p = self.params

@@ -16,7 +16,7 @@ The paper's image protocol could not be read: results are labelled "protocol ass
 import torch
 
 from kdbench.losses import cross_entropy, kl_div
-from kdbench.method import Method, Needs
+from kdbench.method import Method, Needs, check_ranges
 
 
 class ProKT(Method):
@@ -26,6 +26,7 @@ class ProKT(Method):
                 "eps": 1.0, "eta": 0.001, "beta0": 1.0, "zero_init_heads": False}
     trains_teacher = True
     protocol_note = "protocol assumed"
+    combinable = False  # its own step(): the student update is one KL term, so PCGrad would change nothing
 
     @classmethod
     def needs(cls, params):
@@ -39,7 +40,7 @@ class ProKT(Method):
             return f"lambda must lie in [0, 1], got {params['lambda']}"
         if params["teacher_epoch"] < 0:
             return f"teacher_epoch must be a route epoch or 0 (the final teacher), got {params['teacher_epoch']}"
-        return None
+        return check_ranges(params, positive=("clip_grad_norm",), non_negative=("eps", "eta", "beta0"))
 
     def __init__(self, params, student, teacher, input_shape):
         super().__init__(params, student, teacher, input_shape)

@@ -15,7 +15,7 @@ import torch
 
 from kdbench import KdbenchError
 from kdbench.losses import kd_loss, kd_terms
-from kdbench.method import Method, run_model
+from kdbench.method import Method, check_ranges, run_model
 
 
 def equal_interval_anchors(route_epochs: list[int], n: int) -> list[int]:
@@ -55,7 +55,7 @@ class RCO(Method):
         if split is not None and (len(split) != params["anchors"] or not all(
                 isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in split)):
             return f"split must list {params['anchors']} positive numbers (one weight per stage), got {split!r}"
-        return None
+        return check_ranges(params, positive=("T", "gss_threshold", "probe_size"), non_negative=("ce_weight", "kd_weight"))
 
     def __init__(self, params, student, teacher, input_shape):
         super().__init__(params, student, teacher, input_shape)

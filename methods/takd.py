@@ -11,7 +11,7 @@ student in size, "auto" has no assistant and the cell is plain KD (recorded).
 """
 
 from kdbench.losses import kd_terms
-from kdbench.method import AUTO, Method, Needs
+from kdbench.method import AUTO, Method, Needs, check_ranges
 
 
 def chain_of(value) -> tuple[str, ...]:
@@ -40,7 +40,7 @@ class TAKD(Method):
             unknown = [a for a in chain if a not in known_models()]
             if unknown:
                 return f"assistants: unknown model {unknown[0]!r}"
-        return None
+        return check_ranges(params, positive=("T",), non_negative=("ce_weight", "kd_weight"))
 
     def losses(self, batch, student, teacher):
         p = self.params

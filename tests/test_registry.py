@@ -1,11 +1,14 @@
 """Method plugins come from methods/ folders and from installed packages' entry points, without editing kdbench."""
 
+import os
+import shutil
 import sys
 
 import pytest
 
 from kdbench import KdbenchError
 from kdbench import registry
+from kdbench.cli import main
 
 PLUGIN = '''
 from kdbench.losses import cross_entropy
@@ -52,10 +55,66 @@ def test_entry_point_of_an_installed_package(fresh_registry, tmp_path, monkeypat
     sys.modules.pop("kdplugin_pkg", None)
 
 
-def test_two_plugins_with_one_name_is_an_error(fresh_registry, tmp_path, monkeypatch):
+def test_a_plugin_overrides_a_builtin_and_says_so(fresh_registry, tmp_path, monkeypatch, capsys):
     folder = tmp_path / "clash"
     folder.mkdir()
     (folder / "again.py").write_text(PLUGIN.format(cls="Again", name="kd"))
     monkeypatch.setenv("KDBENCH_METHODS", str(folder))
-    with pytest.raises(KdbenchError, match="method 'kd' is already defined"):
-        registry.methods()
+    assert registry.get_method("kd").__name__ == "Again"
+    notice = [line for line in capsys.readouterr().err.splitlines() if "notice" in line]
+    assert len(notice) == 1 and str(folder / "again.py") in notice[0] and "kd.py" in notice[0], notice
+
+
+def test_first_of_two_plugin_folders_wins(fresh_registry, tmp_path, monkeypatch, capsys):
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mine.py").write_text(PLUGIN.format(cls=name.title(), name="mine"))
+    monkeypatch.setenv("KDBENCH_METHODS", os.pathsep.join(str(tmp_path / n) for n in ("first", "second")))
+    assert registry.get_method("mine").__name__ == "First"
+    assert "notice: method 'mine'" in capsys.readouterr().err
+
+
+def test_a_copy_of_the_builtins_in_dot_methods_is_no_clash(fresh_registry, tmp_path, capsys):
+    """A user copies methods/ to edit one method: identical files are the same methods, the edited one wins."""
+    shutil.copytree(registry.BUILTIN_METHODS, tmp_path / "methods")
+    assert {"baseline", "kd", "fitnets", "rco", "takd", "prokt", "dkd"} <= set(registry.methods())
+    assert capsys.readouterr().err == ""
+    edited = tmp_path / "methods" / "kd.py"
+    edited.write_text(edited.read_text().replace('"T": 4.0', '"T": 2.0'))
+    registry.methods.cache_clear()
+    assert registry.get_method("kd").defaults["T"] == 2.0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(edited) in err[0] and "is used, not" in err[0], err
+
+
+def test_a_broken_plugin_is_skipped_in_one_line(fresh_registry, tmp_path, capsys):
+    (tmp_path / "methods").mkdir()
+    (tmp_path / "methods" / "broken.py").write_text("def oops(:\n")
+    (tmp_path / "methods" / "fine.py").write_text(PLUGIN.format(cls="Fine", name="fine"))
+    found = registry.methods()
+    assert "fine" in found and "kd" in found
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken.py" in err[0] and "SyntaxError" in err[0] and "line 1" in err[0], err
+    with pytest.raises(KdbenchError, match="broken.py: method plugin failed to import"):
+        registry.get_method("broken")
+
+
+def test_cli_with_a_broken_plugin(fresh_registry, tmp_path, write_suite, monkeypatch, capsys):
+    """`kdbench methods` lists the others (exit 0); a suite naming the broken one fails at validation, naming it."""
+    (tmp_path / "methods").mkdir()
+    (tmp_path / "methods" / "broken.py").write_text("class Broken(:\n")
+    path = write_suite({"methods": ["baseline", "broken"]})
+    monkeypatch.setattr(sys, "argv", ["kdbench", "methods"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 0
+    assert "baseline" in out and "kd" in out
+    err = err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kdbench: warning: ") and "broken.py" in err[0], err
+    monkeypatch.setattr(sys, "argv", ["kdbench", "validate", str(path)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert str(path) in err[0] and "methods.1" in err[0] and "broken.py" in err[0] and "SyntaxError" in err[0], err

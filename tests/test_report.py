@@ -46,7 +46,7 @@ SUITE = {
         "csv": "paper.csv", "table": "t1", "title": "A made-up paper, table 1", "metric": "test_errors",
         "test_images": 200, "protocol": "assumed: everything",
         "models": {"T": GOOD, "S": STUDENT, "plainT": None},
-        "methods": {"Teacher": "teacher", "Student": "baseline", "KD": "kd", "AT": None, "KD-T8": "kd_T8"},
+        "methods": {"Teacher": "teacher", "Student": "baseline", "KD": "kd", "AT": None},
     },
 }
 PAPER_CSV = """# A made-up table to test the mapping

@@ -60,3 +60,16 @@ def test_good_suite_loads_and_shipped_suites_validate(write_suite):
     repo = Path(__file__).resolve().parents[1]
     for path in sorted((repo / "suites").rglob("*.yaml")):
         load_suite(path)
+
+
+def test_validate_command_summarises_and_writes_nothing(write_suite, tmp_path, monkeypatch, capsys):
+    from kdbench.cli import main
+
+    path = write_suite()
+    monkeypatch.setattr(sys, "argv", ["kdbench", "validate", str(path)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert out.startswith(f"{path}: valid. tiny: 1 pairs x 2 methods (baseline, kd) x 1 seeds = 2 cells; 3 jobs"), out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]
