@@ -9,6 +9,7 @@ PY=${PYTHON:-$(command -v python3)}
 out=${PERF_OUT:-results/perf/executors.md}
 work=$(mktemp -d "${TMPDIR:-/tmp}/kdbench-perf.XXXXXX")
 trap 'rm -rf "$work"' EXIT
+load_before=$(cut -d" " -f1-3 /proc/loadavg)
 export OMP_NUM_THREADS=1
 run() {  # name, kdbench run options...; prints the wall seconds
   local name=$1; shift
@@ -27,7 +28,7 @@ mkdir -p "$(dirname "$out")"
 {
   echo "# Executors: wall time of one suite"
   echo
-  echo "Suite \`$suite\` on $(nproc) CPU cores ($(uname -n), load average before: $(cut -d' ' -f1-3 /proc/loadavg)),"
+  echo "Suite \`$suite\` on $(nproc --all) CPU cores ($(uname -n), load average before: $load_before),"
   echo "$(date -u +%Y-%m-%dT%H:%MZ), kdbench $(git rev-parse --short HEAD 2>/dev/null || echo '?'); each run in a fresh store and database."
   echo
   echo "| executor | command | wall s |"
