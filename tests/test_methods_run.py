@@ -16,7 +16,8 @@ from kdbench.suite import load_suite
 
 SUITE = {
     "name": "methods",
-    "data": {"dataset": "synthetic", "train_size": 64, "test_size": 32, "num_classes": 4, "image_size": 16},
+    "data": {"dataset": "synthetic", "train_size": 80, "val_size": 16, "test_size": 32, "num_classes": 4,
+             "image_size": 16},  # 64 trained on, 16 held out for takd_auto's choice
     "augment": {"crop_padding": 2, "flip": True},
     "teachers": ["cifar_resnet20", "cifar_resnet14"],  # resnet14: a candidate assistant for "auto"
     "students": ["cifar_resnet8"],
