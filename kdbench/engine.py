@@ -159,6 +159,7 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
                       route=route, probe=probe)
     history: list[dict[str, float]] = []
     metrics: dict[str, float] = {}
+
     def evaluated() -> dict[str, float]:
         """Test accuracy and loss (reported only), and validation's where there is a split (what choices use)."""
         out = {}

@@ -142,8 +142,8 @@ class Plan:
                                    job.method, config["method_params"])
             for a in chain:
                 jobs.setdefault(a.key, a)
-            choice = (f"auto: {chosen}, validation accuracy closest to {target:.2f}, the mean of teacher {job.teacher_model} "
-                      f"and student {job.model}; candidates: " + ", ".join(f"{n} {a:.2f}" for n, a in sorted(acc.items())))
+            choice = (f"auto: {chosen}, validation accuracy closest to {target:.2f}, the mean of teacher "
+                      f"{job.teacher_model} and student {job.model}; candidates: " + ", ".join(f"{n} {a:.2f}" for n, a in sorted(acc.items())))
             jobs[job.key] = replace(job, teacher=chain[-1].key, assistants=(chosen,), assistant_choice=choice)
         return replace(self, jobs=in_waves(jobs.values())), failed
 

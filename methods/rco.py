@@ -7,8 +7,10 @@ epochs are the job's, the same as the KD baseline's, split by `split` (default: 
 Anchor choice: "equal" (EEIS, the default): the checkpoints closest to equal epoch intervals of the
 teacher's run; "greedy" (GSS): at each stage start, the furthest later checkpoint whose KD loss for
 the current student, on the first `probe_size` validation images (data.val_size), stays under
-`gss_threshold` (the next checkpoint when none does); the last stage always uses the final teacher. The paper's anchor count,
-split and threshold could not be read: they are parameters, and each stage's anchor is recorded.
+`gss_threshold` (the next checkpoint when none does); the last stage always uses the final teacher.
+The paper's anchor count, split and threshold could not be read: they are parameters, and each
+stage's anchor is recorded. The anchor is state outside the parameters: it is checkpointed, and a
+job resumed inside a stage reloads it into the teacher.
 """
 
 from dataclasses import replace
