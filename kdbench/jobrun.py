@@ -124,6 +124,7 @@ class JobContext:
     store_root: Path
     data_root: Path | None
     device: str = "auto"
+    compile: bool | None = None  # torch.compile the models (None: on for CUDA, off on CPU)
     env: dict[str, str] = field(default_factory=dict)  # code version and environment, logged as params
     download: bool = False
     teacher_cache: bool = False  # share teacher outputs among logit-only methods
@@ -138,7 +139,7 @@ class JobContext:
     @property
     def opts(self) -> EngineOptions:
         if self.local.opts is None:
-            self.local.opts = EngineOptions.for_device(self.device)
+            self.local.opts = EngineOptions.for_device(self.device, self.compile)
         return self.local.opts
 
     @property

@@ -60,11 +60,12 @@ class Executor:
 
     def __init__(self, plan: Plan, data_root: Path | None, device: str = "auto", tracker: Tracker | None = None,
                  store: ModelStore | None = None, console: Console | None = None, fresh: bool = False,
-                 download: bool = False, teacher_cache: bool = False):
+                 download: bool = False, teacher_cache: bool = False, compile: bool | None = None):
         self.plan = plan
         self.data_root = data_root
         self.device = device
-        self.opts = EngineOptions.for_device(device)  # a bad --device stops here, before anything else
+        self.compile = compile  # None: the device's default (on for CUDA)
+        self.opts = EngineOptions.for_device(device, compile)  # a bad --device stops here, before anything else
         self.console = console or Console(stderr=True)
         self.store = store or ModelStore()
         self.tracker = tracker
@@ -80,12 +81,14 @@ class Executor:
     def run(self) -> Outcome:
         plan = self.plan
         ctx = JobContext(parent_run="", tracking_uri="", store_root=self.store.root, data_root=self.data_root,
-                         device=self.device, download=self.download, teacher_cache=self.teacher_cache,
+                         device=self.device, compile=self.compile, download=self.download,
+                         teacher_cache=self.teacher_cache,
                          local=Local(opts=self.opts, store=self.store, reporter=Reporter(self.console)))
         ctx.data(plan)  # a missing dataset stops the suite before anything is written to MLflow
         self.tracker = self.tracker or Tracker()
         ctx.local.tracker, ctx.tracking_uri = self.tracker, self.tracker.uri
-        ctx.env = {**code_version(), **environment(str(ctx.opts.device))}
+        ctx.env = {**code_version(), **environment(str(ctx.opts.device)),
+                   "compile": ctx.opts.compile_mode if ctx.opts.compile else "off"}
         ctx.parent_run = self.parent_run(ctx.env)  # before any worker starts: workers only add child runs
         self.ctx = ctx
         outcome = Outcome(ctx.parent_run)
