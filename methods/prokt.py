@@ -26,6 +26,7 @@ class ProKT(Method):
                 "eps": 1.0, "eta": 0.001, "beta0": 1.0, "zero_init_heads": False}
     trains_teacher = True
     protocol_note = "protocol assumed"
+    combinable = False  # its own step(): the student update is one KL term, so PCGrad would change nothing
 
     @classmethod
     def needs(cls, params):
