@@ -252,8 +252,9 @@ def job_tags(plan: Plan, job: Job) -> dict[str, str]:
     return tags
 
 
-def stored_accuracy(store: ModelStore, key: str) -> float | None:
-    return store.meta(key)["metrics"]["test_acc"] if store.has(key) else None
+def stored_accuracy(store: ModelStore, key: str, metric: str = "test_acc") -> float | None:
+    """A stored model's last-epoch `metric`: test_acc to report it, val_acc to choose by it (None: absent)."""
+    return store.meta(key)["metrics"].get(metric) if store.has(key) else None
 
 
 def job_params(plan: Plan, job: Job, ctx: JobContext) -> dict[str, str]:
@@ -320,6 +321,11 @@ def _resume_state(job: Job, path: Path, ctx: JobContext):
         state = load_checkpoint(path)
     except CorruptFile as exc:
         ctx.reporter.print(f"[red]corrupted[/] {exc}; restarting {job.title} from scratch")
+        path.unlink()
+        return None, {}
+    if "method_extra" not in state:  # written before methods' own state was saved: resuming could be wrong
+        ctx.reporter.print(f"{path}: checkpoint of an older kdbench lacks the method's state; restarting "
+                           f"{job.title} from scratch")
         path.unlink()
         return None, {}
     ctx.reporter.print(f"resuming {job.title} from epoch {state['epoch'] + 1}, step {state['batch']}")

@@ -56,12 +56,15 @@ class Needs:
     route: the stored teacher's route checkpoints, lent to the method as `StepContext.route` (RCO).
     assistants: models trained between the teacher and the student, in order (TAKD): each an ordinary
       KD run from the model before it, stored like a teacher; ("auto",) lets the executor choose one.
+    choice: a choice these params make on the validation split (e.g. "assistants 'auto'"), in words for the
+      error that refuses a suite without `data.val_size`; "" when the method chooses nothing.
     """
 
     teacher: str = "trained"
     teacher_epoch: int = 0
     route: bool = False
     assistants: tuple[str, ...] = ()
+    choice: str = ""
 
 
 AUTO = "auto"  # an assistant chosen at run time, once the accuracies it is chosen by exist
@@ -87,8 +90,8 @@ class StepContext:
     passes: PassCounts
     autocast: Callable[[], Any]  # `with ctx.autocast():` around forward passes (bf16 on GPU, a no-op on CPU)
     route: TeacherRoute | None = None  # when the method declared `needs_route`
-    # probe(n): the first n training images (normalised, not augmented) and labels, for choices a method makes
-    # during training (RCO's greedy anchors). Never the test split.
+    # probe(n): the first n validation images (normalised, not augmented) and labels, for choices a method makes
+    # during training (RCO's greedy anchors; declare them in `Needs.choice`). Never the test or training split.
     probe: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
@@ -202,7 +205,24 @@ class Method(nn.Module):
         return None
 
     def start_epoch(self, epoch: int, epochs: int, ctx: StepContext) -> None:
-        """Called by the engine before each of the job's `epochs` (0-based `epoch`): a method's stage switch."""
+        """Called by the engine before each of the job's `epochs` (0-based `epoch`): a method's stage switch.
+
+        Not called again for an epoch resumed in its middle: what it set must be in the method's state (see
+        `extra_state`) or be restored by `resumed`.
+        """
+
+    def extra_state(self) -> dict[str, Any]:
+        """State outside parameters and buffers that a resumed job needs; the engine checkpoints it beside the
+        method's state_dict. Override with `{**super().extra_state(), ...}` and extend `load_extra_state`.
+        (Not torch's get_extra_state: that would put a non-tensor into every `state_dict()`.)"""
+        return {"record": dict(self.record)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.record = dict(state["record"])
+
+    def resumed(self, ctx: StepContext) -> None:
+        """Called once when a job resumes from a checkpoint, after its state is loaded and before training goes on:
+        restore what lives outside the method and the trainable models (RCO reloads its anchor into the teacher)."""
 
     def losses(self, batch: Batch, student: Outputs, teacher: Outputs | None) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -121,8 +121,8 @@ class Executor:
             self.run_jobs(first_wave, outcome)
             if any(j.pending for j in self.plan.jobs):
                 # The accuracies that choose "auto" assistants exist now that the first wave is done.
-                self.plan, self.unresolved = self.plan.resolve_assistants(lambda key: stored_accuracy(self.store,
-                                                                                                     key))
+                self.plan, self.unresolved = self.plan.resolve_assistants(  # chosen on validation, never on test
+                    lambda key: stored_accuracy(self.store, key, "val_acc"))
             self.run_jobs([j for j in self.plan.jobs if j not in first_wave], outcome)
         except (Interrupted, KeyboardInterrupt):
             if self.workers.leave():  # never while another process still works on the shared parent
