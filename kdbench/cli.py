@@ -105,8 +105,8 @@ def run(
     outcome = Executor(plan, root, device, console=err, fresh=fresh, download=download,
                        teacher_cache=teacher_cache).run()
     already = f" ({outcome.skipped} already done before)" if outcome.skipped else ""
-    err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed; MLflow {tracking_uri()}, "
-              f"parent run {outcome.parent_run}")
+    err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed, "
+              f"{len(outcome.collapsed)} collapsed; MLflow {tracking_uri()}, parent run {outcome.parent_run}")
     if outcome.failed:
         raise typer.Exit(1)
 

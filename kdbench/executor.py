@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kdbench import KdbenchError
 from kdbench.data import DeviceData, load_data
-from kdbench.engine import Diverged, EngineOptions, Interrupted, fit
+from kdbench.engine import Diverged, EngineOptions, Interrupted, collapse_reason, fit
 from kdbench.method import TeacherRoute
 from kdbench.plan import STORED_ROLES, Job, Plan
 from kdbench.registry import get_method
@@ -43,6 +43,7 @@ class Outcome:
     parent_run: str
     finished: list[str] = field(default_factory=list)  # job keys
     failed: dict[str, str] = field(default_factory=dict)  # job key -> reason
+    collapsed: dict[str, str] = field(default_factory=dict)  # finished, but at chance or never learned: no number
     skipped: int = 0  # jobs already finished by an earlier or concurrent run
 
 
@@ -67,7 +68,7 @@ def job_tags(plan: Plan, job: Job) -> dict[str, str]:
     tags = {f"{TAG}suite": plan.suite.name, f"{TAG}role": job.role, f"{TAG}student": job.model,
             f"{TAG}teacher": job.teacher_model or "", f"{TAG}method": job.method.label,
             f"{TAG}method_name": job.method.method, f"{TAG}seed": str(job.seed), f"{TAG}job": job.key,
-            f"{TAG}pair": job.pair or ""}
+            f"{TAG}pair": job.pair or "", f"{TAG}identity": plan.identities()[job.key]}
     if job.role in ("teacher", "reference"):
         tags[f"{TAG}teacher"] = job.model
         tags[f"{TAG}student"] = ""
@@ -137,6 +138,12 @@ class Executor:
                               self.opts.device)
         self.tracker = self.tracker or Tracker()
         self.env = {**code_version(), **environment(str(self.opts.device))}
+        changed = [j for j in plan.method_changed(self.tracker.finished_identities(plan.suite.name))
+                   if not (j.role in STORED_ROLES and self.store.has(j.key))]
+        if changed:  # the job keys cover the method's code: these would have been reused before the edit
+            methods = ", ".join(dict.fromkeys(j.method.method for j in changed))
+            self.console.print(f"{len(changed)} jobs retrain because their method's code changed since this "
+                               f"suite last ran them ({methods})")
         parent = self.parent_run()
         outcome = Outcome(parent)
         with self.stop.installed(), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -214,8 +221,11 @@ class Executor:
         parent = outcome.parent_run
         existing = self.tracker.job_run(parent, job.key)
         if existing is not None and existing.info.status == "FINISHED":
-            outcome.finished.append(job.key)
-            outcome.skipped += 1
+            if existing.data.tags.get(f"{TAG}collapsed"):
+                outcome.collapsed[job.key] = existing.data.tags[f"{TAG}collapsed"]
+            else:
+                outcome.finished.append(job.key)
+                outcome.skipped += 1
             return
         reason = existing.data.tags.get(f"{TAG}failure", "") if existing is not None else ""
         if existing is not None and existing.info.status == "FAILED" and reason.startswith(DIVERGED):
@@ -233,8 +243,7 @@ class Executor:
             self.tracker.end(run_id, "FAILED", blocked)
             return
         if job.role in STORED_ROLES and self.store.has(job.key) and self.usable(job):
-            self.log_stored(job, parent, run_id)
-            outcome.finished.append(job.key)
+            self.log_stored(job, parent, run_id, outcome)
             return
         if run_id is not None:
             self.tracker.reopen(run_id)
@@ -269,10 +278,20 @@ class Executor:
         wall = time.perf_counter() - start
         final = {"wall_time": wall, **{k: float(v) for k, v in asdict(result.passes).items()}}
         self.tracker.log_metrics(run_id, final, step=job.train.epochs)
-        self.tracker.end(run_id, "FINISHED")
+        self.finish(job, run_id, result.history, outcome)
         self.store.checkpoint_path(job.key).unlink(missing_ok=True)
-        outcome.finished.append(job.key)
         self.console.print(f"done {job.title}: test acc {result.metrics['test_acc']:.2f}% ({wall:.1f} s)")
+
+    def finish(self, job: Job, run_id: str, history: list[dict[str, float]], outcome: Outcome) -> None:
+        """End a trained job's run FINISHED; one that collapsed is tagged so, with why, and counted apart."""
+        reason = collapse_reason(history, self.data.info.num_classes, len(self.data.test))
+        if reason:
+            self.tracker.set_tags(run_id, {f"{TAG}status": "collapsed", f"{TAG}collapsed": reason})
+            outcome.collapsed[job.key] = reason
+            self.console.print(f"[yellow]collapsed[/] {job.title}: {reason}")
+        else:
+            outcome.finished.append(job.key)
+        self.tracker.end(run_id, "FINISHED")
 
     def usable(self, job: Job) -> bool:
         """A stored teacher whose files fail their hash check is moved aside and trained again, never used."""
@@ -311,14 +330,14 @@ class Executor:
             if epoch > done:
                 self.tracker.log_metrics(run_id, metrics, step=epoch)
 
-    def log_stored(self, job: Job, parent: str, run_id: str | None) -> None:
+    def log_stored(self, job: Job, parent: str, run_id: str | None, outcome: Outcome) -> None:
         """A teacher from the store still gets its child run, so every suite run reports its teachers."""
         meta = self.store.meta(job.key)
         if run_id is None:
             run_id = self.tracker.start_job(parent, job.title, {**job_tags(self.plan, job), f"{TAG}reused": "true"},
                                             self.job_params(job))
         self.log_history(run_id, meta["history"])
-        self.tracker.end(run_id, "FINISHED")
+        self.finish(job, run_id, meta["history"], outcome)
         self.console.print(f"[dim]reused[/] {job.title}: test acc {meta['metrics']['test_acc']:.2f}%")
 
     def build_teacher(self, job: Job) -> torch.nn.Module | None:
