@@ -122,7 +122,8 @@ def report(
     """Tables (Markdown, LaTeX, CSV) and the accuracy-vs-gap figure of a suite's run, read from MLflow."""
     from kdbench.report import write_report
 
-    folder = write_report(suite, out_dir, run_id, x)
+    folder = write_report(suite, out_dir, run_id, x, warn=lambda line: err.print(f"kdbench: note: {line}",
+                                                                                   markup=False, highlight=False))
     err.print(f"report written to {folder}/ (report.md, comparison, cost, figure"
               f"{', paper_table' if (folder / 'paper_table.md').exists() else ''})")
 

@@ -234,6 +234,8 @@ def pick(runs: pd.DataFrame, seeds: Iterable[int]) -> Cell:
     finished only by other code shows as "other method code" (rerun the suite to retrain it).
     """
     values, missing = {}, {}
+    if "method_hash" not in runs:
+        runs = runs.assign(method_hash="")
     finished = runs[(runs.status == "FINISHED") & runs.test_acc.notna()]
     code = finished.sort_values("start_time", kind="stable").iloc[-1].method_hash if len(finished) else None
     for seed in sorted(set(seeds) | set(runs.seed)):
@@ -570,9 +572,21 @@ def failures_markdown(runs: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def stale_methods(runs: pd.DataFrame) -> list[str]:
+    """Methods whose finished runs were trained by other code than the registered method's now."""
+    from kdbench.registry import method_hash, methods
+
+    known = methods()
+    done = runs[(runs.status == "FINISHED") & (runs.method_hash != "") & runs.method_name.isin(list(known))]
+    return sorted({name for name, code in zip(done.method_name, done.method_hash) if code != method_hash(name)})
+
+
 def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | None = None, x: str = "gap",
-                 uri: str | None = None) -> Path:
-    """Read the suite's runs from MLflow and write its tables and figure into out/<suite>/; returns that folder."""
+                 uri: str | None = None, warn=None) -> Path:
+    """Read the suite's runs from MLflow and write its tables and figure into out/<suite>/; returns that folder.
+
+    warn(line) hears of methods whose reported runs come from other code than today's (the files stay a pure
+    function of the store, so they do not say it)."""
     from kdbench.paper import paper_frame, paper_latex, paper_markdown
     from kdbench.plan import make_plan
     from kdbench.suite import load_suite
@@ -585,12 +599,17 @@ def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | No
     parent = find_parent(client, suite.name, run_id)
     runs = load_runs(client, parent)
     layout = layout_for(plan, runs)
+    stale = stale_methods(runs)
+    if stale and warn is not None:
+        warn(f"runs of {', '.join(stale)} in this report were trained by other method code than today's "
+             f"(param method_hash): run the suite again to retrain them")
     table = comparison_frame(runs, layout)
     cost = cost_frame(runs, layout)
 
     folder = out / suite.name
     folder.mkdir(parents=True, exist_ok=True)
-    write_csv(runs.drop(columns=["start_time"]), folder / "runs.csv")
+    # method_hash stays out of runs.csv for now: the committed results' files keep their bytes (it is in MLflow).
+    write_csv(runs.drop(columns=["start_time", "method_hash"]), folder / "runs.csv")
     write_csv(table, folder / "comparison.csv")
     (folder / "comparison.md").write_text(comparison_markdown(table, layout))
     (folder / "comparison.tex").write_text(comparison_latex(table, layout))
