@@ -118,12 +118,17 @@ def report(
                                          help="the parent run id to report (default: the suite's latest run)"),
     out_dir: Path = typer.Option(Path("results"), "--out", help="write into OUT/<suite name>/"),
     x: str = typer.Option("gap", "--x", help="the figure's x axis: gap (teacher/student parameters) or teacher_acc"),
+    methods: Optional[str] = typer.Option(None, "--methods",
+                                          help="method labels to plot, comma-separated (default: every method)"),
+    title: Optional[str] = typer.Option(None, "--title", help="the figure's title (default: the suite's display "
+                                        "title, else the dataset and what is plotted)"),
 ) -> None:
-    """Tables (Markdown, LaTeX, CSV) and the accuracy-vs-gap figure of a suite's run, read from MLflow."""
+    """Tables (Markdown, LaTeX, CSV) with confidence intervals and paired tests, and the accuracy-vs-gap figure
+    (PNG, SVG, PDF) of a suite's run, read from MLflow."""
     from kdbench.report import write_report
 
-    folder = write_report(suite, out_dir, run_id, x, warn=lambda line: err.print(f"kdbench: note: {line}",
-                                                                                   markup=False, highlight=False))
+    folder = write_report(suite, out_dir, run_id, x, methods=_csv(methods), title=title,
+                          warn=lambda line: err.print(f"kdbench: note: {line}", markup=False, highlight=False))
     err.print(f"report written to {folder}/ (report.md, comparison, cost, figure"
               f"{', paper_table' if (folder / 'paper_table.md').exists() else ''})")
 
