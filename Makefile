@@ -3,6 +3,9 @@
 #   make test          virtual environment, install with test extras, run the tests
 #   make bench         kdbench bench: classic loop vs kdbench vs ceiling, results into results/perf/
 #   make bench-micro   pytest-benchmark micro-benchmarks, saved to results/perf/micro/ and compared with the last
+#   make test-slow     the slow tests (torch.compile on CPU: minutes), left out of `make test`
+#   make device-prep   wheels (.whl/) and a CIFAR-10 subset (.data/) for a GPU machine without network
+#   make device-check  scripts/device_check.py on this machine's GPU, results into device-check-out/
 VENV ?= .venv
 PYTHON ?= python3
 # Where datasets live: ../shared/data beside a kdbench checkout when it exists, else ./data.
@@ -15,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: install quickstart test bench bench-micro
+.PHONY: install quickstart test test-slow bench bench-micro device-prep device-check
 install: $(VENV)/.installed
 
 quickstart: $(VENV)/.installed
@@ -29,3 +32,12 @@ bench: $(VENV)/.installed
 
 bench-micro: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest benchmarks --benchmark-autosave --benchmark-compare $(ARGS)
+
+test-slow: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -m slow $(ARGS)
+
+device-prep: $(VENV)/.installed
+	$(VENV)/bin/python scripts/device_check.py prepare $(ARGS)
+
+device-check: $(VENV)/.installed
+	$(VENV)/bin/python scripts/device_check.py run --out device-check-out $(ARGS)

@@ -41,7 +41,7 @@ from torch import nn
 
 from kdbench import KdbenchError
 from kdbench.data import DataSpec, DatasetInfo, DeviceData, Split, dataset_info, load_data, normalize, num_views
-from kdbench.engine import EngineOptions, fit, make_optimizer
+from kdbench.engine import Compiled, EngineOptions, fit, make_optimizer
 from kdbench.losses import cross_entropy, kd_loss
 from kdbench.registry import get_method, methods
 from kdbench.suite import AugmentConfig, TrainConfig
@@ -76,6 +76,7 @@ class BenchSettings:
     cell_batch_size: int = 64
     cell_methods: int = 5
     cell_seeds: int = 3
+    compile: bool | None = None  # torch.compile the models (engine and ceiling); default: on for CUDA, off on CPU
 
     def steps_for(self, batch_size: int, gpu: bool) -> int:
         return self.steps or (100 if gpu else max(2, CPU_IMAGES_PER_ROUND // batch_size))
@@ -159,9 +160,11 @@ def classic_transform(info: DatasetInfo, padding: int = CROP_PADDING):
 
 
 def kd_step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-            autocast: Callable) -> torch.Tensor:
+            autocast: Callable, graphs: bool = False) -> torch.Tensor:
     """One vanilla-KD step with the kd method's default weights: teacher under no_grad, student, update."""
     p = get_method("kd").defaults
+    if graphs:  # compiled with CUDA graphs: a new iteration, as the engine marks it
+        torch.compiler.cudagraph_mark_step_begin()
     with autocast():
         with torch.no_grad():
             t = teacher(x)
@@ -227,10 +230,15 @@ class EngineLoop:
 
 
 class CeilingLoop:
+    """The models alone, compiled as the engine compiles them (so the engine is never measured against less)."""
+
     lead_in = 0
 
     def __init__(self, student, teacher, data: DeviceData, batch_size: int, opts: EngineOptions):
-        self.student, self.teacher, self.opts, self.batch_size = student, teacher, opts, batch_size
+        self.student, self.opts, self.batch_size = student, opts, batch_size
+        self.graphs = opts.compile and opts.device.type == "cuda"
+        self.step_student = Compiled(student, opts) if opts.compile else student
+        self.step_teacher = Compiled(teacher, opts) if opts.compile else teacher
         self.x = normalize(data.train.images[:batch_size], data.info, channels_last=opts.channels_last)
         self.y = data.train.labels[:batch_size]
         self.opt = make_optimizer(list(student.parameters()), TRAIN)
@@ -238,7 +246,7 @@ class CeilingLoop:
     def run(self, steps: int) -> int:
         self.student.train()
         for _ in range(steps):
-            kd_step(self.student, self.teacher, self.opt, self.x, self.y, self.opts.autocast)
+            kd_step(self.step_student, self.step_teacher, self.opt, self.x, self.y, self.opts.autocast, self.graphs)
         return steps * self.batch_size
 
 
@@ -358,6 +366,7 @@ class BenchResult:
     peak_how: str = ""
     rows: list[Row] = field(default_factory=list)
     cell: dict | None = None
+    compile: list[dict] = field(default_factory=list)  # per model and batch size: torch.compile's cost
 
     def rows_of(self, teacher: str, student: str, batch_size: int) -> dict[str, Row]:
         return {r.loop: r for r in self.rows if (r.teacher, r.student, r.batch_size) == (teacher, student, batch_size)}
@@ -381,7 +390,7 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
     import torchvision
 
     check_settings(settings)
-    opts = EngineOptions.for_device(settings.device)
+    opts = EngineOptions.for_device(settings.device, settings.compile)
     gpu = opts.device.type == "cuda"
     s = settings.resolved(gpu)
     result = BenchResult(settings=asdict(s), device=str(opts.device), device_name=device_name(opts.device),
@@ -390,6 +399,7 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
                          command=" ".join(["kdbench", *sys.argv[1:]]) if sys.argv[0].endswith(("kdbench", "cli.py"))
                          else " ".join(sys.argv), load_before=_load())
     result.settings["data_root"] = str(s.data_root) if s.data_root else None
+    result.settings["compile_mode"] = opts.compile_mode if opts.compile else None
     progress("measuring the matrix peak")
     result.peak, result.peak_how = matmul_peak(opts.device)
     progress("building the data")
@@ -397,6 +407,9 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
     for teacher_name, student_name in s.pairs:
         flops = train_flops_per_image(teacher_name, student_name, data.info)
         for batch_size in s.batch_sizes:
+            if opts.compile:
+                progress(f"{teacher_name} -> {student_name}, batch {batch_size}: compiling")
+                result.compile += compile_costs(teacher_name, student_name, batch_size, opts, data)
             loops = build_loops(teacher_name, student_name, batch_size, s, opts, data, host_images, host_labels)
             steps = s.steps_for(batch_size, gpu)
             rates = measure(loops, s.rounds, steps, opts.device,
@@ -412,6 +425,49 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
         row.peak = result.peak
     result.load_after = _load()
     return result
+
+
+def compile_costs(teacher_name: str, student_name: str, batch_size: int, opts: EngineOptions,
+                  data: DeviceData) -> list[dict]:
+    """What compiling costs per model: the first calls of the compiled model (tracing, inductor, recording the
+    CUDA graphs) beyond the same number of steady calls. The teacher as the engine runs it (eval, no_grad), the
+    student as it trains (forward and backward). The loops then reuse the compiled code (same shapes)."""
+    info = data.info
+    x = normalize(data.train.images[:batch_size], info, channels_last=opts.channels_last)
+    y = data.train.labels[:batch_size]
+    graphs = opts.device.type == "cuda"
+    costs = []
+    for name, role in ((teacher_name, "teacher"), (student_name, "student")):
+        torch.manual_seed(0)
+        model = create_model(name, info.num_classes, info.input_shape[0]).to(opts.device)
+        if opts.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model.train(role == "student").requires_grad_(role == "student")
+        wrapped = Compiled(model, opts)
+
+        def call():
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            with opts.autocast(), torch.set_grad_enabled(role == "student"):
+                out = wrapped(x)
+            if role == "student":
+                cross_entropy(out.float(), y).backward()
+
+        def timed(n: int) -> float:
+            synchronize(opts.device)
+            start = time.perf_counter()
+            for _ in range(n):
+                call()
+            synchronize(opts.device)
+            return time.perf_counter() - start
+
+        calls = 3  # CUDA graph trees warm up once, then record: both inside the first three
+        first = timed(calls)
+        steady = timed(calls)
+        costs.append({"model": name, "role": role, "batch_size": batch_size, "mode": opts.compile_mode,
+                      "seconds": max(first - steady, 0.0), "first_calls_s": first, "steady_calls_s": steady})
+        del wrapped, model
+    return costs
 
 
 def build_loops(teacher_name: str, student_name: str, batch_size: int, s: BenchSettings, opts: EngineOptions,
@@ -525,6 +581,8 @@ def cache_cell(s: BenchSettings, opts: EngineOptions, data: DeviceData, progress
         "teacher_images_without": plain["teacher_images"], "teacher_images_with": shared["teacher_images"],
         "fill_s": shared["fill_s"], "cache_mb": shared["cache_mb"],
         "identical": plain["histories"] == shared["histories"],
+        "max_rel_diff": max_rel_diff(plain["histories"], shared["histories"]),
+        "compiled": opts.compile,
         "rates": {"full_step": full_rate, "shared_step": shared_rate, "teacher_fill": fill_rate},
         "protocol": {"runs": runs_in_cell, "epochs": PROTOCOL_EPOCHS, "train_images": TRAIN_IMAGES,
                      "distinct_views_per_image": distinct, "without_h": without_p / 3600, "with_h": with_p / 3600,
@@ -532,6 +590,17 @@ def cache_cell(s: BenchSettings, opts: EngineOptions, data: DeviceData, progress
                      "cache_gb": fills_p * info.num_classes * bytes_per_logit / 1e9},
     }
 
+
+
+def max_rel_diff(a: list, b: list) -> float:
+    """The largest relative difference between the numbers of two lists of histories (same structure)."""
+    worst = 0.0
+    for ha, hb in zip(a, b):
+        for ea, eb in zip(ha, hb):
+            for k in ea:
+                x, y = float(ea[k]), float(eb.get(k, float("nan")))
+                worst = max(worst, abs(x - y) / max(abs(x), abs(y), 1e-12)) if x != y else worst
+    return worst
 
 
 # ---------------------------------------------------------------------------------------------------- output
@@ -579,10 +648,17 @@ def header_lines(result: BenchResult) -> list[str]:
              f"{steps} timed steps per loop, interleaved; classic DataLoader workers: {s['workers']}",
              f"matrix peak: {result.peak / 1e12:.3f} TFLOP/s ({result.peak_how}, measured; the higher of two "
              f"measurements, before and after the loops)"]
+    lines.append(f"torch.compile: {s.get('compile_mode') or 'off'}")
     if result.load_before is not None:
         lines.append(f"load average (1, 5, 15 min) before: {result.load_before}, after: {result.load_after} "
                      f"on {os.cpu_count()} cores")
     return lines
+
+
+def compile_lines(result: BenchResult) -> list[str]:
+    return [f"compile {short(c['model'])} ({c['role']}, batch {c['batch_size']}, {c['mode']}): {c['seconds']:.1f} s "
+            f"(first {c['first_calls_s']:.1f} s, steady {c['steady_calls_s']:.2f} s for the same calls)"
+            for c in result.compile]
 
 
 def cell_lines(cell: dict) -> list[str]:
@@ -594,7 +670,10 @@ def cell_lines(cell: dict) -> list[str]:
         f"forwards (images)",
         f"with shared teacher outputs:    {cell['with_s']:.1f} s, {cell['teacher_images_with']:,} teacher forwards "
         f"({cell['fill_s']:.1f} s of fills; cache {cell['cache_mb']:.1f} MiB); saving {100 * cell['saving']:.1f}%",
-        f"every loss and accuracy identical with and without: {'yes' if cell['identical'] else 'NO'}",
+        f"every loss and accuracy identical with and without: {'yes' if cell['identical'] else 'NO'}"
+        + ("" if cell["identical"] else f" (largest relative difference {cell.get('max_rel_diff', float('nan')):.2g}"
+           + ("; expected with torch.compile: shared outputs come from the eager teacher, the steps from the "
+              "compiled one" if cell.get("compiled") else "") + ")"),
         f"projected to the protocol's cell ({p['runs']} runs x {p['epochs']} epochs x {p['train_images']:,} images; "
         f"{p['distinct_views_per_image']:.1f} distinct views per image): {p['without_h']:.1f} h without, "
         f"{p['with_h']:.1f} h with (saving {100 * p['saving']:.0f}%); cache {p['cache_gb']:.2f} GB",
@@ -617,6 +696,8 @@ def print_result(result: BenchResult, console) -> None:
     for row in table_rows(result):
         table.add_row(*row)
     console.print(table)
+    for line in compile_lines(result):
+        console.print(line, highlight=False, markup=False)
     if result.cell:
         for line in cell_lines(result.cell):
             console.print(line, highlight=False, markup=False)
@@ -633,6 +714,10 @@ def markdown(result: BenchResult) -> str:
               "the measured matrix peak. '240 epochs': 240 x 50,000 images at the median rate (training only; "
               "evaluation adds a student forward of 10,000 images per epoch). Ratios: median of per-round ratios "
               "(the loops are interleaved, so each round's three numbers share the machine's state)."]
+    if result.compile:
+        lines += ["", "## Compile cost per model", "", "The first 3 calls of the compiled model (tracing, inductor, "
+                  "recording CUDA graphs) beyond 3 steady calls; the teacher under no_grad, the student forward "
+                  "and backward.", ""] + [f"- {l}" for l in compile_lines(result)]
     if result.cell:
         lines += ["", "## Shared teacher outputs", ""] + [f"- {l}" for l in cell_lines(result.cell)]
     return "\n".join(lines) + "\n"

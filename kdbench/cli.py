@@ -91,6 +91,9 @@ def run(
     download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
     teacher_cache: bool = typer.Option(False, "--teacher-cache", help="compute each teacher's logits once per image "
                                        "and view, shared by logit-only methods and seeds (same numbers, faster)"),
+    executor: str = typer.Option("inprocess", "--executor", help="where the jobs run: inprocess"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the models for "
+                                           "training steps (CUDA graphs on a GPU) [default: on for CUDA, off on CPU]"),
 ) -> None:
     """Run every job of a suite: teachers, then students of every method and seed, logged to MLflow."""
     plan = _load_plan(suite, methods, seeds, epochs)
@@ -98,12 +101,13 @@ def run(
         _print_plan(plan)
         return
     from kdbench.data import resolve_data_root
-    from kdbench.executor import Executor
+    from kdbench.executors import get_executor
     from kdbench.tracking import tracking_uri
 
+    executor_cls = get_executor(executor)
     root = resolve_data_root(str(data_root) if data_root else None)
-    outcome = Executor(plan, root, device, console=err, fresh=fresh, download=download,
-                       teacher_cache=teacher_cache).run()
+    outcome = executor_cls(plan, root, device, console=err, fresh=fresh, download=download,
+                           teacher_cache=teacher_cache, compile=compile).run()
     already = f" ({outcome.skipped} already done before)" if outcome.skipped else ""
     err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed, "
               f"{len(outcome.collapsed)} collapsed; MLflow {tracking_uri()}, parent run {outcome.parent_run}")
@@ -150,6 +154,8 @@ def bench(
     cell_train_size: Optional[int] = typer.Option(None, help="images in the cache cell [default: 50000 GPU, 128 CPU]"),
     cell_epochs: Optional[int] = typer.Option(None, help="epochs per run in the cache cell [default: 2]"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="also write <device>.md, .csv, .json into this folder"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the models for "
+                                           "training steps (CUDA graphs on a GPU) [default: on for CUDA, off on CPU]"),
 ) -> None:
     """Measure training speed: the field's classic loop, kdbench's engine and the models' ceiling, side by side."""
     from kdbench.bench import BenchSettings, print_result, run_bench, write_result
@@ -168,7 +174,8 @@ def bench(
             raise KdbenchError(f"--pairs: expected teacher:student pairs, comma-separated, got '{pairs}'")
     settings = BenchSettings(device=device, rounds=rounds, steps=steps, workers=workers, loops=tuple(_csv(loops) or ()),
                              dataset=dataset, data_root=resolve_data_root(str(data_root) if data_root else None),
-                             cache_cell=cache_cell, cell_train_size=cell_train_size, cell_epochs=cell_epochs)
+                             cache_cell=cache_cell, cell_train_size=cell_train_size, cell_epochs=cell_epochs,
+                             compile=compile)
     if pair_list:
         settings.pairs = pair_list
     settings.batch_sizes = ints(batch_sizes, "--batch-sizes") or settings.batch_sizes

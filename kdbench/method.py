@@ -141,7 +141,8 @@ def run_model(model: nn.Module, images: torch.Tensor, feature_indices: list[Laye
         return Outputs(logits=model.forward_head(final), features=[feats[order.index(i)] for i in feature_indices])
     names = [i if isinstance(i, str) else model.feature_info[i]["module"] for i in feature_indices]
     with _hooked(model, list(dict.fromkeys(names))) as got:
-        logits = model(images)
+        # A compiled model would skip hooks added after it was compiled: the hooked forward runs eagerly.
+        logits = getattr(model, "eager_module", model)(images)
     return Outputs(logits=logits, features=[got[n] for n in names])
 
 

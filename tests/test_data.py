@@ -198,6 +198,7 @@ def test_make_generator():
     assert torch.equal(a, b)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_epoch_has_no_host_sync():
     dev = torch.device("cuda")
