@@ -5,6 +5,8 @@ Every initialisation draws from the job's own seed stream, so a job builds the s
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from kdbench import KdbenchError
@@ -13,7 +15,7 @@ from kdbench.engine import EngineOptions
 from kdbench.method import TeacherRoute
 from kdbench.plan import Job, Plan
 from kdbench.seeding import stream_seed
-from kdbench.store import ModelStore
+from kdbench.store import ModelStore, checked_load
 from kdbench.zoo import create_model
 
 
@@ -28,8 +30,8 @@ def build_model(job: Job, data: DeviceData, opts: EngineOptions) -> torch.nn.Mod
     if job.source == "pretrained":
         kwargs["pretrained"] = True
     model = create_model(job.model, data.info.num_classes, data.info.input_shape[0], **kwargs)
-    if job.source == "checkpoint":
-        model.load_state_dict(torch.load(job.checkpoint, map_location="cpu", weights_only=True))
+    if job.source == "checkpoint":  # the file the plan hashed, checked again before a byte of it is unpickled
+        model.load_state_dict(checked_load(Path(job.checkpoint), job.config["checkpoint_sha256"]))
     return to_device(model, opts)
 
 

@@ -1,8 +1,10 @@
-"""The `kdbench` command line: run, report, pairs, methods, bench."""
+"""The `kdbench` command line: run, report, pairs, methods, store, bench."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +21,13 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)  # log lines stay whole: paths must stay copyable
 
 SuiteArg = typer.Argument(..., help="suite file (YAML)", show_default=False)
+STORE_HELP = "the model store: trained teachers, route checkpoints, assistants [default: $KDBENCH_STORE, else ./kdbench-store]"
+
+
+def _store(path: Optional[Path]):
+    from kdbench.store import ModelStore
+
+    return ModelStore(path)
 
 
 def _csv(value: Optional[str]) -> Optional[list[str]]:
@@ -64,7 +73,8 @@ def methods() -> None:
     """List the registered methods with their defaults."""
     from kdbench.registry import methods as registry
 
-    table = Table(title="methods", box=box.SIMPLE_HEAD)
+    table = Table(title="methods", box=box.SIMPLE_HEAD,
+                  caption="any method's loss terms can be combined by PCGrad: {method: NAME, combine: pcgrad}")
     for col in ("name", "defaults", "needs", "what it does"):
         table.add_column(col)
     for name, cls in registry().items():
@@ -94,20 +104,26 @@ def run(
     executor: str = typer.Option("inprocess", "--executor", help="where the jobs run: inprocess"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the models for "
                                            "training steps (CUDA graphs on a GPU) [default: on for CUDA, off on CPU]"),
+    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP, show_default=False),
 ) -> None:
     """Run every job of a suite: teachers, then students of every method and seed, logged to MLflow."""
     plan = _load_plan(suite, methods, seeds, epochs)
-    if dry_run:
-        _print_plan(plan)
-        return
-    from kdbench.data import resolve_data_root
+    model_store = _store(store)
+    from kdbench.data import cached_fingerprint, resolve_data_root
     from kdbench.executors import get_executor
-    from kdbench.tracking import tracking_uri
 
     executor_cls = get_executor(executor)
     root = resolve_data_root(str(data_root) if data_root else None)
+    if dry_run:  # keys as the run will make them where the data's fingerprint is known without reading the data
+        _print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)), model_store)
+        return
+    from kdbench.store import check_writable
+    from kdbench.tracking import check_tracking, tracking_uri
+
+    check_tracking()  # before any data is read: a dead server or a read-only database is one line, at once
+    check_writable(model_store.root, "model store")
     outcome = executor_cls(plan, root, device, console=err, fresh=fresh, download=download,
-                           teacher_cache=teacher_cache, compile=compile).run()
+                           teacher_cache=teacher_cache, compile=compile, store=model_store).run()
     already = f" ({outcome.skipped} already done before)" if outcome.skipped else ""
     err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed, "
               f"{len(outcome.collapsed)} collapsed; MLflow {tracking_uri()}, parent run {outcome.parent_run}")
@@ -131,8 +147,11 @@ def report(
     (PNG, SVG, PDF) of a suite's run, read from MLflow."""
     from kdbench.report import write_report
 
-    folder = write_report(suite, out_dir, run_id, x, methods=_csv(methods), title=title,
-                          warn=lambda line: err.print(f"kdbench: note: {line}", markup=False, highlight=False))
+    try:
+        folder = write_report(suite, out_dir, run_id, x, methods=_csv(methods), title=title,
+                              notice=lambda line: err.print(f"kdbench: {line}", markup=False, highlight=False))
+    except PermissionError as exc:  # a results folder that cannot be written: one line naming it
+        raise KdbenchError(f"{exc.filename or out_dir}: cannot be written ({exc.strerror}); choose another --out") from None
     err.print(f"report written to {folder}/ (report.md, comparison, cost, figure"
               f"{', paper_table' if (folder / 'paper_table.md').exists() else ''})")
 
@@ -191,11 +210,81 @@ def bench(
             err.print(f"wrote {path}")
 
 
-def _print_plan(plan) -> None:
-    from kdbench.plan import STORED_ROLES
-    from kdbench.store import ModelStore
+store_app = typer.Typer(no_args_is_help=True, help="What the model store holds, and removing what no run refers to.")
+app.add_typer(store_app, name="store")
 
-    store = ModelStore()
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""  # pragma: no cover
+
+
+def _print_entries(title: str, entries) -> None:
+    """Plain aligned lines, never cut to the terminal's width: keys and paths stay whole and copyable."""
+    rows = [("key", "kind", "model", "role", "size", "date")]
+    rows += [(e.key, e.kind, e.model or "-", e.role or "-", _size(e.size),
+              time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))) for e in entries]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out.print(title, markup=False, highlight=False, soft_wrap=True)
+    for r in rows:
+        out.print("  ".join(c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip(),
+                  markup=False, highlight=False, soft_wrap=True)
+
+
+@store_app.command("list")
+def store_list(store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP, show_default=False)) -> None:
+    """Every entry of the store (trained models, unfinished jobs' checkpoints, corrupted entries moved aside)."""
+    from kdbench.store import folder_size
+
+    model_store = _store(store)
+    entries = model_store.entries()
+    _print_entries(f"{model_store.root}: {len(entries)} entries", entries)
+    total = folder_size(model_store.root) if model_store.root.is_dir() else 0
+    out.print(f"total {_size(total)} in {model_store.root}", markup=False, highlight=False, soft_wrap=True)
+
+
+@store_app.command("gc")
+def store_gc(
+    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP, show_default=False),
+    keep: Optional[list[Path]] = typer.Option(None, "--keep", help="also keep every model this suite's plan needs "
+                                              "(repeatable)", show_default=False),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder, to key --keep suites' "
+                                             "teachers by their data [default: $KDBENCH_DATA]"),
+    yes: bool = typer.Option(False, "--yes", help="remove them; without it, only list what would be removed"),
+) -> None:
+    """Remove what no run refers to: entries whose key no run in the MLflow store (any status) names in a tag or
+    param, and no --keep suite needs; corrupted entries always go. Lists them unless --yes."""
+    from kdbench.data import resolve_data_root
+    from kdbench.tracking import referenced_keys, tracking_uri
+
+    model_store = _store(store)
+    referenced = referenced_keys()
+    for path in keep or []:
+        plan = _load_plan(path)
+        referenced |= {j.key for j in plan.for_data_root(resolve_data_root(str(data_root) if data_root else None)).jobs}
+    doomed = model_store.unreferenced(referenced)
+    total = sum(e.size for e in doomed)
+    if not doomed:
+        err.print(f"nothing to remove in {model_store.root}: every entry is referenced by a run in {tracking_uri()}",
+                  markup=False, highlight=False)
+        return
+    _print_entries(f"{'removing' if yes else 'would remove'} {len(doomed)} entries ({_size(total)}) from "
+                   f"{model_store.root}", doomed)
+    if not yes:
+        err.print("dry run: nothing removed; pass --yes to remove them", markup=False, highlight=False)
+        return
+    busy = [e for e in doomed if not model_store.remove(e)]
+    freed = total - sum(e.size for e in busy)
+    err.print(f"removed {len(doomed) - len(busy)} entries, {_size(freed)} freed"
+              + (f"; {len(busy)} in use by a running process, kept" if busy else ""), markup=False, highlight=False)
+
+
+def _print_plan(plan, store) -> None:
+    from kdbench.plan import STORED_ROLES
+
     out.print(_pairs_table(plan))
     table = Table(title=f"{len(plan.jobs)} jobs, {len(plan.cells)} cells", box=box.SIMPLE_HEAD)
     for col in ("#", "role", "model", "method", "seed", "teacher", "epochs", "key", "store"):
@@ -209,17 +298,32 @@ def _print_plan(plan) -> None:
     out.print(table)
 
 
-def main() -> None:
-    from kdbench.engine import Interrupted
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C until the executor installs its own handlers: exit 130, one line
 
+
+def main() -> None:
     try:
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread
+        pass
+    interrupted: tuple[type[BaseException], ...] = (KeyboardInterrupt,)  # a signal may come during this import
+    try:
+        from kdbench.engine import Interrupted
+
+        interrupted = (KeyboardInterrupt, Interrupted)
         app()
     except KdbenchError as exc:
         err.print(f"kdbench: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
-    except Interrupted as exc:
-        err.print(f"kdbench: interrupted ({exc}); run the same command again to resume", markup=False)
+    except interrupted as exc:
+        why = f" ({exc})" if str(exc) else ""
+        err.print(f"kdbench: interrupted{why}; run the same command again to resume", markup=False)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130:  # typer turns a KeyboardInterrupt inside a command into a silent exit 130
+            err.print("kdbench: interrupted; run the same command again to resume", markup=False)
+        raise
 
 
 if __name__ == "__main__":

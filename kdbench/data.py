@@ -29,6 +29,7 @@ from typing import Iterator, NamedTuple
 import torch
 
 from kdbench import KdbenchError
+from kdbench.store import atomic_save, atomic_write, file_digest
 
 __all__ = [
     "DataError",
@@ -53,6 +54,8 @@ __all__ = [
     "epoch_batches",
     "eval_batches",
     "make_generator",
+    "data_fingerprint",
+    "cached_fingerprint",
 ]
 
 
@@ -168,6 +171,7 @@ class DeviceData:
     info: DatasetInfo
     train: Split
     test: Split
+    fingerprint: str | None = None  # of the whole dataset as read from disk (None: generated, nothing on disk)
 
 
 def resolve_data_root(cli_root: str | None) -> Path | None:
@@ -208,6 +212,7 @@ def load_data(spec: DataSpec, root: Path | None, device: torch.device | str) -> 
     else:  # pragma: no cover - dataset_info already rejected it
         raise DataError(f"unknown dataset {name!r}")
 
+    fingerprint = _fingerprint(spec, root, (tr, te))
     device = torch.device(device)
     splits = []
     for split_name, (images, labels), size in (("train", tr, spec.train_size), ("test", te, spec.test_size)):
@@ -215,7 +220,74 @@ def load_data(spec: DataSpec, root: Path | None, device: torch.device | str) -> 
         _check_split(images, labels, info, f"{name} {split_name}")
         # One host-to-device copy per split; contiguous so batch gathers are plain strided reads.
         splits.append(Split(images.to(device).contiguous(), labels.to(device=device, dtype=torch.int64).contiguous()))
-    return DeviceData(info, splits[0], splits[1])
+    return DeviceData(info, splits[0], splits[1], fingerprint)
+
+
+# --- Fingerprints -----------------------------------------------------------------------------------
+# A dataset read from disk is fingerprinted by the sha256 of its loaded uint8 tensors (labels included), so a
+# teacher trained on damaged images is never reused once they are fixed (the fingerprint is part of its key).
+# Hashing is cheap (about a second for CIFAR); it is cached under a key of the files' names, sizes and times,
+# so it is computed once per version of the files.
+
+
+def _source_files(spec: DataSpec, root: Path | None) -> list[Path] | None:
+    """The files a dataset is read from; None for generated data."""
+    if spec.dataset == "synthetic":
+        return None
+    if spec.dataset == "imagefolder":
+        path = _user_path(spec.path or "", root)
+        return [path] if path.is_file() else [p for p, _ in _list_files(_tree_root(path, path))]
+    folder = {"cifar100": "cifar-100-python", "cifar10": "cifar-10-batches-py", "mnist": "MNIST/raw",
+              "fashion_mnist": "FashionMNIST/raw"}[spec.dataset]
+    base = _real_root(spec, root) / folder
+    return sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else []
+
+
+def _fingerprint_cache(spec: DataSpec, root: Path | None) -> Path | None:
+    files = _source_files(spec, root)
+    if files is None:
+        return None
+    stats = [(str(p), *(lambda st: (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))(p.stat())) for p in files]
+    return _cache_dir() / "fingerprints" / f"{spec.dataset}-{_key({'dataset': spec.dataset, 'files': stats})}.txt"
+
+
+def _fingerprint(spec: DataSpec, root: Path | None, splits) -> str | None:
+    cache = _fingerprint_cache(spec, root)
+    if cache is None:
+        return None
+    try:
+        return cache.read_text().strip()
+    except OSError:
+        pass
+    digest = hashlib.sha256()
+    for images, labels in splits:
+        for tensor in (images, labels):
+            digest.update(tensor.contiguous().numpy())
+    fingerprint = digest.hexdigest()[:16]
+    try:
+        atomic_write(cache, fingerprint.encode())
+    except OSError:
+        pass  # an unwritable cache only costs a hash next time
+    return fingerprint
+
+
+def cached_fingerprint(spec: DataSpec, root: Path | None) -> str | None:
+    """The fingerprint if it is cached for the files as they are now; None otherwise. Reads no data."""
+    try:
+        cache = _fingerprint_cache(spec, root)
+        return cache.read_text().strip() if cache is not None and cache.is_file() else None
+    except (KdbenchError, OSError):
+        return None
+
+
+def data_fingerprint(spec: DataSpec, root: Path | None) -> str | None:
+    """The dataset's fingerprint: from the cache, else by loading it (None for generated data)."""
+    cache = _fingerprint_cache(spec, root)
+    if cache is None:
+        return None
+    if cache.is_file():
+        return cache.read_text().strip()
+    return load_data(spec, root, "cpu").fingerprint
 
 
 def _real_root(spec: DataSpec, root: Path | None) -> Path:
@@ -333,11 +405,7 @@ def _verify_md5sums(folder: Path, name: str, how: str) -> None:
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 # --- Image folders ----------------------------------------------------------------------------------
@@ -497,10 +565,7 @@ def _read_tensor_cache(path: Path) -> dict | None:
 
 def _write_tensor_cache(path: Path, data: dict) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(data, tmp)
-        os.replace(tmp, path)
+        atomic_save(data, path)
     except OSError:
         pass  # an unwritable cache only costs speed next time
 

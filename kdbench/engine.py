@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kdbench import KdbenchError
+from kdbench.combine import PCGrad
 from kdbench.data import DeviceData, Split, epoch_batches, epoch_views, eval_batches, make_generator, normalize
 from kdbench.method import Batch, Method, PassCounts, StepContext, TeacherRoute
 from kdbench.seeding import stream_seed
@@ -174,7 +175,8 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         teacher_cache: TeacherCache | None = None,
         checkpoint: Callable[[dict[str, Any]], None] | None = None,
         resume: dict[str, Any] | None = None,
-        should_stop: Callable[[], bool] = lambda: False) -> FitResult:
+        should_stop: Callable[[], bool] = lambda: False,
+        combine: str = "sum") -> FitResult:
     """Train `student` for `train.epochs` with `method`, evaluating on the test split after each epoch.
 
     on_epoch(epoch, metrics) gets 1-based epochs; on_route(epoch, state_dict) is called where keep_route(epoch).
@@ -185,6 +187,7 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
     (then Interrupted is raised); fit(..., resume=state) continues from such a state with the same numbers an
     uninterrupted run gives: each epoch's order and augmentation come from generators seeded by (seed, epoch),
     and a resumed epoch replays its draws up to the step where it stopped.
+    combine: how the student's named loss terms make its update: "sum", or "pcgrad" (kdbench.combine).
     """
     models = {"student": student}
     trainable = {"student": list(student.parameters()) + list(method.parameters())}
@@ -196,15 +199,22 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
             teacher.eval().requires_grad_(False)  # frozen: running statistics, no dropout, no gradient
     optimizers = {k: make_optimizer(p, train) for k, p in trainable.items()}
     passes = PassCounts()
+    combiner = PCGrad(seed) if combine == "pcgrad" else None
 
-    def update(which: str, loss: torch.Tensor, clip_grad_norm: float | None = None) -> None:
+    def update(which: str, loss: torch.Tensor | dict[str, torch.Tensor], clip_grad_norm: float | None = None) -> None:
         opt = optimizers[which]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        backwards = 1
+        if combiner is not None and which == "student" and isinstance(loss, dict):
+            # `epoch` and `batch` are the training loop's, read at call time: the projection order of a step
+            # is drawn from (seed, epoch, step), so a resumed run draws the same orders.
+            backwards = combiner.backward(loss, trainable[which], epoch, batch)
+        else:
+            (sum(loss.values()) if isinstance(loss, dict) else loss).backward()
         if clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(trainable[which], clip_grad_norm)
         opt.step()
-        setattr(passes, f"{which}_backward", getattr(passes, f"{which}_backward") + 1)
+        setattr(passes, f"{which}_backward", getattr(passes, f"{which}_backward") + backwards)
         model = models[which]
         if getattr(model, "max_norm", None):  # Hinton 2012's max-norm constraint, where the model asks for it
             model.apply_max_norm_(model.max_norm)
@@ -238,6 +248,7 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
                 "models": {k: m.state_dict() for k, m in models.items() if k in trainable},
                 "method": method.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                 "history": list(history), "passes": asdict(passes), "cpu_rng": torch.get_rng_state(),
+                "combine": combiner.state_dict() if combiner is not None else None,
                 "cuda_rng": torch.cuda.get_rng_state_all() if opts.device.type == "cuda" else None}
 
     first_epoch, skip_batches, resumed_totals = 0, 0, None
@@ -250,6 +261,8 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         history[:] = resume["history"]
         metrics = history[-1] if history else {}
         passes.__dict__.update(resume["passes"])
+        if combiner is not None and resume.get("combine"):
+            combiner.load_state_dict(resume["combine"])
         torch.set_rng_state(resume["cpu_rng"])
         if resume["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(resume["cuda_rng"])
@@ -309,6 +322,9 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         metrics = {"train_loss": total_loss, **train_loss, "test_acc": test["acc"], "test_loss": test["loss"],
                    "lr": optimizers["student"].param_groups[0]["lr"], "epoch_time": time.perf_counter() - start,
                    "images_per_sec": images_seen / train_time}
+        metrics.update(method.epoch_metrics())  # a method's own per-epoch numbers (attention weights...)
+        if combiner is not None:
+            metrics.update(combiner.epoch_metrics())  # PCGrad: fraction of term pairs in conflict, cosines
         if method.trains_teacher:
             metrics["teacher_test_acc"] = evaluate(teacher, data.test, data, opts, eval_batch_size)["acc"]
         history.append(metrics)

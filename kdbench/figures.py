@@ -150,10 +150,13 @@ def _pair_ticks(ax, pairs: pd.DataFrame, x: str, layout, null_formatter) -> None
 def save_figure(fig, stem: Path) -> list[Path]:
     """PNG, SVG and PDF with no date, software stamp or random ids in them: the same figure, the same bytes.
 
-    Each is written under a temporary name and renamed: a killed report never leaves a truncated figure."""
-    import os
+    Each is written under a temporary name and renamed (store.atomic_write): a killed report never leaves a
+    truncated figure."""
+    import io
 
     import matplotlib
+
+    from kdbench.store import atomic_write
 
     paths = []
     metadata = {".png": {"Software": None}, ".svg": {"Date": None, "Creator": None},
@@ -161,8 +164,8 @@ def save_figure(fig, stem: Path) -> list[Path]:
     with matplotlib.rc_context({"svg.hashsalt": "kdbench", "svg.fonttype": "path", "pdf.fonttype": 42}):
         for suffix, meta in metadata.items():
             path = stem.with_suffix(suffix)
-            tmp = path.with_name(f".{path.name}.tmp")
-            fig.savefig(tmp, dpi=150, metadata=meta, format=suffix[1:])
-            os.replace(tmp, path)
+            buffer = io.BytesIO()
+            fig.savefig(buffer, dpi=150, metadata=meta, format=suffix[1:])
+            atomic_write(path, buffer.getvalue())
             paths.append(path)
     return paths

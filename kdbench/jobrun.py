@@ -273,7 +273,8 @@ def job_params(plan: Plan, job: Job, ctx: JobContext) -> dict[str, str]:
     store = ctx.store
     params = flatten("", {k: v for k, v in job.config.items() if k != "method_params"}, {})
     params.update({f"method.{k}": str(v) for k, v in job.config.get("method_params", {}).items()})
-    params.update({"role": job.role, "method_label": job.method.label, "config_hash": job.key, **ctx.env})
+    params.update({"role": job.role, "method_label": job.method.label, "config_hash": job.key,
+                   "combine": job.method.combine, **ctx.env})
     if job.teacher_model:
         params["teacher_model"] = job.teacher_model
     root = plan.root_teacher(job)
@@ -381,7 +382,8 @@ def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
     result = fit(model, method, teacher, data, job.train, job.augment, job.seed, opts,
                  eval_batch_size=plan.suite.eval_batch_size, on_epoch=on_epoch, keep_route=keep_route,
                  on_route=on_route, route=teacher_route(plan, job, store) if needs.route and job.teacher else None,
-                 teacher_cache=cache, checkpoint=checkpoint, resume=resume, should_stop=ctx.local.should_stop or _never)
+                 teacher_cache=cache, checkpoint=checkpoint, resume=resume, should_stop=ctx.local.should_stop or _never,
+                 combine=job.method.combine)
     if method.record:  # procedure details the method chose while training (RCO's anchors, FitNets' layers)
         tracker.log_params(run_id, {f"procedure.{k}": v for k, v in method.record.items()})
     if job.role in STORED_ROLES:

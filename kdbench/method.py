@@ -81,7 +81,9 @@ class StepContext:
 
     student: nn.Module
     teacher: nn.Module | None
-    update: Callable[..., None]  # update(which: "student" | "teacher", loss, clip_grad_norm=None)
+    # update(which: "student" | "teacher", loss, clip_grad_norm=None). `loss` is a tensor, or a dict of named
+    # terms: the engine sums them, or combines them as the suite's `combine` says (PCGrad, kdbench.combine).
+    update: Callable[..., None]
     passes: PassCounts
     autocast: Callable[[], Any]  # `with ctx.autocast():` around forward passes (bf16 on GPU, a no-op on CPU)
     route: TeacherRoute | None = None  # when the method declared `needs_route`
@@ -167,6 +169,9 @@ class Method(nn.Module):
     # Params that count epochs of the stored teacher's run (ProKT's teacher_epoch): scaled with the teachers'
     # schedule and moved to the nearest route checkpoint it keeps; 0 stays 0.
     teacher_epoch_params: ClassVar[tuple[str, ...]] = ()
+    # False: the student's update is not a sum of several named terms (ProKT: one KL term in its own step()),
+    # so a suite's `combine: pcgrad` would change nothing and is refused when the suite is loaded.
+    combinable: ClassVar[bool] = True
 
     def __init__(self, params: dict[str, Any], student: nn.Module, teacher: nn.Module | None,
                  input_shape: tuple[int, int, int]):
@@ -190,6 +195,14 @@ class Method(nn.Module):
     def losses(self, batch: Batch, student: Outputs, teacher: Outputs | None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def epoch_metrics(self) -> dict[str, float]:
+        """Numbers that are not losses, logged as metrics at the end of each epoch (e.g. attention weights).
+
+        Accumulate them on the device in losses() (no host sync per step, in buffers so a resumed job keeps
+        them), read and reset them here: the engine calls it once per epoch.
+        """
+        return {}
+
     def step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         """One training step. The default: frozen teacher forward, student forward, sum of losses, update."""
         with ctx.autocast():
@@ -205,5 +218,5 @@ class Method(nn.Module):
             student_out = run_model(ctx.student, batch.images, self.student_features)
             ctx.passes.student_forward += 1
             terms = self.losses(batch, student_out, teacher_out)
-        ctx.update("student", sum(terms.values()))
+        ctx.update("student", terms)  # named terms: summed, or combined as the suite says (`combine`)
         return {k: v.detach() for k, v in terms.items()}

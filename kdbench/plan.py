@@ -100,6 +100,8 @@ class Plan:
     cells: list[Cell]
     jobs: list[Job]  # in dependency order: every job comes after the job that teaches it
     student_train: TrainConfig | None = None  # the students' schedule (after --epochs): assistants train with it
+    options: dict[str, Any] = field(default_factory=dict)  # make_plan's keyword arguments, to plan again
+    suite_hash: str = ""  # the plan hash before the data's fingerprint was known (what a report matches)
     _ids: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def job(self, key: str) -> Job:
@@ -126,6 +128,25 @@ class Plan:
         `previous` (identity -> keys of its finished runs) has their identity under other keys only."""
         ids = self.identities()
         return [j for j in self.jobs if previous.get(ids[j.key]) and j.key not in previous[ids[j.key]]]
+
+    @property
+    def data_free_hash(self) -> str:
+        """The plan's identity from the suite alone (no data read): what `kdbench report` compares runs with."""
+        return self.suite_hash or self.plan_hash
+
+    def for_data(self, fingerprint: str | None) -> "Plan":
+        """This plan with the fingerprint of the data read from disk in every job's key (teachers are never
+        reused across versions of a dataset's files); unchanged for generated data."""
+        if fingerprint is None or fingerprint == self.options.get("data_fingerprint"):
+            return self
+        plan = make_plan(self.suite, self.suite_path, **{**self.options, "data_fingerprint": fingerprint})
+        return replace(plan, suite_hash=self.data_free_hash)
+
+    def for_data_root(self, root: Path | None) -> "Plan":
+        """for_data with the fingerprint of the dataset under `root` (cached, or computed by reading it)."""
+        from kdbench.data import data_fingerprint
+
+        return self.for_data(data_fingerprint(self.suite.data.spec(), root))
 
     def root_teacher(self, job: Job) -> Job | None:
         """The pair's teacher job behind `job` (through any assistants); None without a stored teacher."""
@@ -154,7 +175,7 @@ class Plan:
             target = (acc.pop("teacher") + acc.pop("student")) / 2
             chosen = min(acc, key=lambda name: (abs(acc[name] - target), name))
             chain = assistant_jobs(self.suite, self.student_train, job.teacher, job.teacher_model, (chosen,),
-                                   job.method, config["method_params"])
+                                   job.method, config["method_params"], self.options.get("data_fingerprint"))
             for a in chain:
                 jobs.setdefault(a.key, a)
             choice = (f"auto: {chosen}, accuracy closest to {target:.2f}, the mean of teacher {job.teacher_model} "
@@ -209,12 +230,16 @@ def in_waves(jobs) -> list[Job]:
     return sorted(jobs, key=lambda j: WAVES[j.role])
 
 
-def base_config(suite: Suite) -> dict[str, Any]:
-    return {"store_version": STORE_VERSION, "data": suite.data.model_dump(), "augment": suite.augment.model_dump()}
+def base_config(suite: Suite, data_fingerprint: str | None = None) -> dict[str, Any]:
+    config = {"store_version": STORE_VERSION, "data": suite.data.model_dump(), "augment": suite.augment.model_dump()}
+    if data_fingerprint is not None:  # data read from disk: its content, not only its name (see data.py)
+        config["data_fingerprint"] = data_fingerprint
+    return config
 
 
 def assistant_jobs(suite: Suite, student_train: TrainConfig, teacher_key: str, teacher_model: str,
-                   chain: tuple[str, ...], entry: MethodEntry, params: dict[str, Any]) -> list[Job]:
+                   chain: tuple[str, ...], entry: MethodEntry, params: dict[str, Any],
+                   data_fingerprint: str | None = None) -> list[Job]:
     """One job per assistant of `chain`, each distilled from the one before (the first from the teacher).
 
     An assistant is keyed by what determines it (its model, its teacher's key, the loss params, the
@@ -224,15 +249,21 @@ def assistant_jobs(suite: Suite, student_train: TrainConfig, teacher_key: str, t
     jobs, prev_key, prev_model = [], teacher_key, teacher_model
     for name in chain:
         train = student_train.for_model(name)
-        config = {**base_config(suite), "role": "assistant", "model": name,
+        config = {**base_config(suite, data_fingerprint), "role": "assistant", "model": name,
                   "model_kwargs": suite.model_kwargs.get(name, {}), "seed": suite.teacher.seed,
                   "method": entry.method, "method_hash": method_hash(entry.method), "method_params": loss_params,
-                  "train": train.model_dump(), "teacher": prev_key}
+                  "train": train.model_dump(),
+                  "teacher": prev_key, **combine_config(entry)}
         job = Job(content_hash(config), "assistant", name, suite.teacher.seed, entry, train, suite.augment, config,
                   teacher=prev_key, teacher_model=prev_model, pair=f"{prev_model}->{name}")
         jobs.append(job)
         prev_key, prev_model = job.key, name
     return jobs
+
+
+def combine_config(entry: MethodEntry) -> dict[str, str]:
+    """How the entry combines its loss terms, for a job's hash: absent when summed, so existing keys stay valid."""
+    return {"combine": entry.combine} if entry.combine != "sum" else {}
 
 
 def expand(patterns: list[str], names: list[str]) -> list[str]:
@@ -243,8 +274,10 @@ def expand(patterns: list[str], names: list[str]) -> list[str]:
 
 
 def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = None, seeds: list[int] | None = None,
-              epochs: int | None = None) -> Plan:
-    """Expand a suite. `methods`, `seeds` and `epochs` narrow or shrink it (the CLI's options)."""
+              epochs: int | None = None, data_fingerprint: str | None = None) -> Plan:
+    """Expand a suite. `methods`, `seeds` and `epochs` narrow or shrink it (the CLI's options); `data_fingerprint`
+    (known once the data is read: Plan.for_data) enters every job's key."""
+    options = {"methods": methods, "seeds": seeds, "epochs": epochs, "data_fingerprint": data_fingerprint}
     if methods:
         unknown = set(methods) - {m.label for m in suite.methods}
         if unknown:
@@ -277,7 +310,7 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
     teacher_train = suite.teacher_train()
     if epochs is not None and teacher_train.epochs > 0:
         teacher_train = teacher_train.scaled_to(epochs)
-    base = base_config(suite)
+    base = base_config(suite, data_fingerprint)
     teacher_augment = suite.teacher.augment or suite.augment
 
     jobs: dict[str, Job] = {}
@@ -292,6 +325,9 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
         config = {**base, "augment": teacher_augment.model_dump(), "model": t, "model_kwargs": kwargs, "seed": suite.teacher.seed,
                   "method": TEACHER_METHOD.method, "method_hash": method_hash(TEACHER_METHOD.method),
                   "method_params": {}, "train": train.model_dump(), "source": suite.teacher.source}
+        # Everything the store keeps for it is part of the key: the route checkpoints too (RCO distils from them).
+        route_every = suite.teacher.route_every or default_route_every(train.epochs)
+        config["route_every"] = route_every
         checkpoint = None
         if suite.teacher.source == "checkpoint":
             checkpoint = str((suite_path.parent / suite.teacher.checkpoints[t]).resolve())
@@ -302,7 +338,7 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
         teacher_keys[t] = key
         jobs[key] = Job(key, role, t, suite.teacher.seed, TEACHER_METHOD, train, teacher_augment, config,
                         source=suite.teacher.source, checkpoint=checkpoint,
-                        route_every=suite.teacher.route_every or default_route_every(train.epochs))
+                        route_every=route_every)
         return key
 
     def teacher_route(epochs: int) -> list[int]:
@@ -349,7 +385,7 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
                 if any(a <= b for a, b in zip(sizes, sizes[1:])):
                     raise KdbenchError(f"{suite_path}: method '{entry.label}': assistants {list(assistants)} must shrink "
                                        f"from teacher {t} to student {s} in size; use 'auto' or list `pairs`")
-                chain = assistant_jobs(suite, student_train, teacher_key, t, assistants, entry, params)
+                chain = assistant_jobs(suite, student_train, teacher_key, t, assistants, entry, params, data_fingerprint)
                 for a in chain:
                     jobs.setdefault(a.key, a)
             for seed in seeds:
@@ -357,7 +393,7 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
                 config = {**base, "model": s, "model_kwargs": suite.model_kwargs.get(s, {}), "seed": seed,
                           "method": entry.method, "method_hash": method_hash(entry.method),
                           "method_params": params, "train": train.model_dump(),
-                          "teacher": chain[-1].key if chain else teacher_key, **extra}
+                          "teacher": chain[-1].key if chain else teacher_key, **extra, **combine_config(entry)}
                 key = content_hash(config)
                 if key not in jobs:
                     has_teacher = needs.teacher != "none"
@@ -368,4 +404,4 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
                                     assistant_choice="auto: no suite model between teacher and student"
                                     if extra.get("assistants") == AUTO and not assistants else "")
                 cells.append(Cell(pair, entry.label, seed, key))
-    return Plan(suite, suite_path, models, pairs, cells, in_waves(jobs.values()), student_train)
+    return Plan(suite, suite_path, models, pairs, cells, in_waves(jobs.values()), student_train, options)

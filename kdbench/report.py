@@ -18,7 +18,8 @@ import pandas as pd
 from kdbench import KdbenchError
 from kdbench.figures import X_AXES, accuracy_figure, save_figure
 from kdbench.stats import ALPHA, NO_TEST, Paired, holm, mean_ci
-from kdbench.tracking import TAG, tracking_uri
+from kdbench.store import atomic_write
+from kdbench.tracking import TAG, check_tracking, tracking_uri
 
 PASSES = ("teacher_forward", "teacher_backward", "student_forward", "student_backward")
 TEACHER = "teacher"  # the row of teacher accuracies (teacher runs carry the method label "baseline")
@@ -39,13 +40,19 @@ def open_client(uri: str | None = None):
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise KdbenchError(f"no MLflow store at {uri[len('sqlite:///'):]} (MLFLOW_TRACKING_URI={uri}): "
                            f"run the suite first, or point MLFLOW_TRACKING_URI at the store that has it")
+    if not uri.startswith("sqlite:///"):
+        check_tracking(uri)  # a server that does not answer: one line now, not minutes of retries
     return MlflowClient(uri)
 
 
-def find_parent(client, suite_name: str, run_id: str | None = None):
-    """The suite's parent run: the given one, or the latest."""
+def find_parent(client, suite_name: str, run_id: str | None = None, plan_hash: str | None = None,
+                notice=None):
+    """The suite's parent run: the given one; else the latest run of the suite as it is now (`plan_hash`, the
+    plan's data-free hash), else the latest run of any version of it. `notice(line)` hears which run was taken
+    and why whenever that is not simply the latest run of the suite as it is."""
     from mlflow.exceptions import MlflowException
 
+    notice = notice or (lambda line: None)
     where = client.tracking_uri
     if run_id:
         try:
@@ -59,14 +66,34 @@ def find_parent(client, suite_name: str, run_id: str | None = None):
         if run.data.tags.get(f"{TAG}suite") != suite_name:
             raise KdbenchError(f"--run {run_id}: a run of suite '{run.data.tags.get(f'{TAG}suite')}', "
                                f"not of '{suite_name}'")
+        if plan_hash and plan_of(run) != plan_hash:
+            notice(f"reporting run {run_id} as asked; it ran another version of the suite (or other --methods, "
+                   f"--seeds, --epochs) than the suite file is now")
         return run
     exp = client.get_experiment_by_name(suite_name)
     runs = [] if exp is None else client.search_runs(
         [exp.experiment_id], filter_string=f"tags.`{TAG}role` = 'suite'",
-        order_by=["attributes.start_time DESC"], max_results=1)
+        order_by=["attributes.start_time DESC"], max_results=1000)
     if not runs:
         raise KdbenchError(f"suite '{suite_name}' has no runs in {where}: run it first (kdbench run SUITE)")
-    return runs[0]
+    if plan_hash is None:
+        return runs[0]
+    matching = [r for r in runs if plan_of(r) == plan_hash]
+    if not matching:
+        notice(f"no run of suite '{suite_name}' as its file is now (plan {plan_hash}); reporting the latest run "
+               f"{runs[0].info.run_id} (plan {plan_of(runs[0]) or 'unknown'}), of another version of the suite or "
+               f"made with --methods, --seeds or --epochs: run the suite again, or pass --run to choose")
+        return runs[0]
+    if matching[0] is not runs[0]:
+        notice(f"reporting run {matching[0].info.run_id}, the latest of the suite as its file is now; the newer run "
+               f"{runs[0].info.run_id} ran another version of it (pass --run to report that one)")
+    return matching[0]
+
+
+def plan_of(parent) -> str:
+    """The data-free plan hash a parent run was made with (older runs: their plan hash)."""
+    tags = parent.data.tags
+    return tags.get(f"{TAG}suite_plan") or tags.get(f"{TAG}plan", "")
 
 
 def failure_reason(status: str, failure: str) -> str:
@@ -185,7 +212,7 @@ def layout_for(plan, runs: pd.DataFrame) -> Layout:
     baselines = [m.label for m in suite.methods if m.method == "baseline"]
     baselines += sorted(set(students[students.method_name == "baseline"].method) - set(baselines))
     seeds = sorted(set(suite.seeds) | set(students.seed))
-    kd = [m.label for m in suite.methods if m.method == "kd"]
+    kd = [m.label for m in suite.methods if m.method == "kd" and m.combine == "sum"]  # not kd+pcgrad: plain KD
     kd.sort(key=lambda label: bool(next(m for m in suite.methods if m.label == label).params))  # defaults first
     display = suite.display
     names = {**display.models, **display.methods}
@@ -588,7 +615,12 @@ def cost_latex(cost: pd.DataFrame, suite: str) -> str:
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
-    frame.to_csv(path, index=False, float_format="%.6f", lineterminator="\n")
+    write_text(path, frame.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Every report file is written atomically: a kill leaves the old file or the new one, never half of one."""
+    atomic_write(path, text.encode())
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -629,11 +661,8 @@ def stale_methods(runs: pd.DataFrame) -> list[str]:
 
 def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | None = None, x: str = "gap",
                  uri: str | None = None, methods: list[str] | None = None, title: str | None = None,
-                 warn=None) -> Path:
-    """Read the suite's runs from MLflow and write its tables and figure into out/<suite>/; returns that folder.
-
-    warn(line) hears of methods whose reported runs come from other code than today's (the files stay a pure
-    function of the store, so they do not say it)."""
+                 notice=None) -> Path:
+    """Read the suite's runs from MLflow and write its tables and figure into out/<suite>/; returns that folder."""
     from kdbench.paper import paper_frame, paper_latex, paper_markdown
     from kdbench.plan import make_plan
     from kdbench.suite import load_suite
@@ -643,12 +672,12 @@ def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | No
     suite = load_suite(suite_path)
     plan = make_plan(suite, suite_path)
     client = open_client(uri)
-    parent = find_parent(client, suite.name, run_id)
+    parent = find_parent(client, suite.name, run_id, plan.data_free_hash, notice)
     runs = load_runs(client, parent)
     layout = layout_for(plan, runs)
     stale = stale_methods(runs)
-    if stale and warn is not None:
-        warn(f"runs of {', '.join(stale)} in this report were trained by other method code than today's "
+    if stale and notice is not None:
+        notice(f"runs of {', '.join(stale)} in this report were trained by other method code than today's "
              f"(param method_hash): run the suite again to retrain them")
     table = comparison_frame(runs, layout)
     cost = cost_frame(runs, layout)
@@ -658,13 +687,13 @@ def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | No
     # method_hash stays out of runs.csv for now: the committed results' files keep their bytes (it is in MLflow).
     write_csv(runs.drop(columns=["start_time", "method_hash"]), folder / "runs.csv")
     write_csv(table, folder / "comparison.csv")
-    (folder / "comparison.md").write_text(comparison_markdown(table, layout))
-    (folder / "comparison.tex").write_text(comparison_latex(table, layout))
-    (folder / "differences.md").write_text(differences_markdown(table, layout))
-    (folder / "differences.tex").write_text(differences_latex(table, layout))
+    write_text(folder / "comparison.md", comparison_markdown(table, layout))
+    write_text(folder / "comparison.tex", comparison_latex(table, layout))
+    write_text(folder / "differences.md", differences_markdown(table, layout))
+    write_text(folder / "differences.tex", differences_latex(table, layout))
     write_csv(cost, folder / "cost.csv")
-    (folder / "cost.md").write_text(cost_markdown(cost))
-    (folder / "cost.tex").write_text(cost_latex(cost, suite.name))
+    write_text(folder / "cost.md", cost_markdown(cost))
+    write_text(folder / "cost.tex", cost_latex(cost, suite.name))
     figure = f"accuracy_vs_{x}"
     save_figure(accuracy_figure(table, layout, x, methods, title), folder / figure)
 
@@ -675,12 +704,12 @@ def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | No
     if suite.reference is not None:
         paper = paper_frame(suite, suite_path, runs, layout)
         write_csv(paper, folder / "paper_table.csv")
-        (folder / "paper_table.md").write_text(paper_markdown(paper, suite.reference))
-        (folder / "paper_table.tex").write_text(paper_latex(paper, suite.reference))
+        write_text(folder / "paper_table.md", paper_markdown(paper, suite.reference))
+        write_text(folder / "paper_table.tex", paper_latex(paper, suite.reference))
         sections += ["\n## Published numbers beside ours\n\n", paper_markdown(paper, suite.reference)]
     failures = failures_markdown(runs)
     if failures:
         sections += ["\n## Runs without a number\n\n", failures]
     sections.append(f"\nRegenerate: `kdbench report {suite_path.as_posix()} --run {parent.info.run_id}`\n")
-    (folder / "report.md").write_text("".join(sections))
+    write_text(folder / "report.md", "".join(sections))
     return folder

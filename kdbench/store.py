@@ -12,8 +12,10 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +24,52 @@ import torch
 from kdbench import KdbenchError
 
 
+STORE_ENV = "KDBENCH_STORE"
+DEFAULT_STORE = "kdbench-store"
+
+
 def default_store() -> Path:
-    return Path(os.environ.get("KDBENCH_STORE", "kdbench-store"))
+    """`--store`, else $KDBENCH_STORE, else ./kdbench-store (the CLI's --store sets the variable)."""
+    return Path(os.environ.get(STORE_ENV) or DEFAULT_STORE)
 
 
 class CorruptFile(KdbenchError):
     pass
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    digest = hashlib.new(algorithm, usedforsecurity=False) if algorithm == "md5" else hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256(path: Path) -> str:
+    return file_digest(path, "sha256")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """One line naming `folder` unless files can be created in it (or, if it does not exist yet, in the folder
+    that would hold it). Tries for real: permission bits say nothing to root, nor about a read-only mount."""
+    folder = Path(folder)
+    probe_in = folder
+    while not probe_in.exists() and probe_in != probe_in.parent:
+        probe_in = probe_in.parent
+    try:
+        if not probe_in.is_dir():
+            raise NotADirectoryError(f"{probe_in} is not a folder")
+        fd, tmp = tempfile.mkstemp(dir=probe_in, prefix=".kdbench-write-probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise KdbenchError(f"{what} {folder} cannot be written ({reason}); make it writable or choose another "
+                           f"location") from None
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: mkstemp makes files private (0600); what is written here gets the usual mode
 
 
 def atomic_write(path: Path, *chunks: bytes) -> None:
@@ -44,6 +78,7 @@ def atomic_write(path: Path, *chunks: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
@@ -79,8 +114,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     digest, _, payload = raw.partition(b"\n")
     if hashlib.sha256(payload).hexdigest().encode() != digest:
         raise CorruptFile(f"{path}: checkpoint is truncated or altered (content hash mismatch)")
-    try:
-        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    try:  # plain data only: a crafted pickle must not run code, even with a matching hash
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CorruptFile(f"{path}: checkpoint cannot be read ({type(exc).__name__})") from None
 
@@ -99,6 +134,70 @@ def checked_load(path: Path, expected_sha256: str | None) -> Any:
         raise CorruptFile(f"{path}: cannot be read ({type(exc).__name__}); delete it to retrain") from None
 
 
+SPECIAL = ("jobs", "locks", "corrupt")  # the store's own folders; every other folder is a model entry
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One thing the store holds: a model (complete, or partial while or after training), a resumable
+    checkpoint of an unfinished job, or a corrupted entry moved aside."""
+    key: str
+    kind: str  # "model", "partial", "checkpoint", "corrupt"
+    model: str
+    role: str
+    size: int  # bytes
+    mtime: float
+    path: Path
+
+
+def folder_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def folder_mtime(path: Path) -> float:
+    return max([path.stat().st_mtime] + [p.stat().st_mtime for p in path.rglob("*") if p.is_file()])
+
+
+class Workers:
+    """The processes working on one parent run, each holding a lock file while it works: the parent's final
+    status is set by the last one to leave, never while another still trains."""
+
+    def __init__(self, store: "ModelStore", parent: str, guard: Path):
+        from filelock import FileLock
+
+        self.folder = store.root / "locks" / f"workers-{parent}"
+        self.guard = FileLock(str(guard))  # serialises leaving: two workers leaving at once never both stay silent
+        self.mine = FileLock(str(self.folder / f"{os.getpid()}-{time.monotonic_ns()}.lock"))
+
+    def __enter__(self) -> "Workers":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.mine.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.mine.is_locked:
+            self.mine.release()
+            Path(self.mine.lock_file).unlink(missing_ok=True)
+
+    def leave(self) -> bool:
+        """Stop counting this process; True if no other process still works on the parent run."""
+        from filelock import FileLock, Timeout
+
+        with self.guard:
+            self.__exit__()
+            for path in self.folder.glob("*.lock"):
+                other = FileLock(str(path))
+                try:
+                    other.acquire(timeout=0)
+                except Timeout:
+                    return False
+                other.release()
+                path.unlink(missing_ok=True)  # a worker that died without leaving
+            return True
+
+
 class ModelStore:
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root is not None else default_store()
@@ -112,7 +211,10 @@ class ModelStore:
     def verify(self, key: str) -> None:
         """Raise CorruptFile unless the stored model and its route checkpoints match their recorded hashes."""
         meta = self.meta(key)
-        files = [("model.pt", meta["model_sha256"])] + [(r["file"], r["sha256"]) for r in meta["route"].values()]
+        try:
+            files = [("model.pt", meta["model_sha256"])] + [(r["file"], r["sha256"]) for r in meta["route"].values()]
+        except (KeyError, TypeError, AttributeError):
+            raise CorruptFile(f"{self.folder(key) / 'meta.json'}: its route record is malformed") from None
         for name, digest in files:
             path = self.folder(key) / name
             if not path.is_file() or sha256(path) != digest:
@@ -134,8 +236,18 @@ class ModelStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
+    def workers(self, parent: str, guard: str) -> Workers:
+        return Workers(self, parent, self.lock_path(guard))
+
     def meta(self, key: str) -> dict[str, Any]:
-        return json.loads((self.folder(key) / "meta.json").read_text())
+        path = self.folder(key) / "meta.json"
+        try:
+            meta = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CorruptFile(f"{path}: truncated or not JSON") from None
+        if not isinstance(meta, dict) or not {"model_sha256", "route", "metrics"} <= meta.keys():
+            raise CorruptFile(f"{path}: not a complete model record")
+        return meta
 
     def save_route(self, key: str, epoch: int, state_dict: dict[str, torch.Tensor]) -> tuple[str, str]:
         """Keep the model as it is after `epoch` (1-based); returns (relative file name, sha256)."""
@@ -160,3 +272,51 @@ class ModelStore:
     def load_route(self, key: str, epoch: int) -> dict[str, torch.Tensor]:
         entry = self.meta(key)["route"][str(epoch)]
         return checked_load(self.folder(key) / entry["file"], entry["sha256"])
+
+    # -------------------------------------------------------------------------------- listing, clean-up
+
+    def entries(self) -> list[Entry]:
+        """Everything the store holds, in a stable order (models, then checkpoints, then corrupted entries)."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for path in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name not in SPECIAL):
+            model, role, kind = "?", "?", "partial"
+            if (path / "meta.json").is_file():
+                try:
+                    config = self.meta(path.name).get("config", {})
+                    model, role, kind = config.get("model", "?"), config.get("role", "teacher"), "model"
+                except CorruptFile:
+                    kind = "corrupt"
+            out.append(Entry(path.name, kind, model, role, folder_size(path), folder_mtime(path), path))
+        jobs = self.root / "jobs"
+        for path in sorted(jobs.iterdir()) if jobs.is_dir() else []:
+            out.append(Entry(path.name, "checkpoint", "", "", folder_size(path), folder_mtime(path), path))
+        corrupt = self.root / "corrupt"
+        for path in sorted(corrupt.iterdir()) if corrupt.is_dir() else []:
+            out.append(Entry(path.name.rsplit("-", 2)[0], "corrupt", "", "", folder_size(path), folder_mtime(path),
+                             path))
+        return out
+
+    def unreferenced(self, referenced: set[str]) -> list[Entry]:
+        """What no reference keeps: models and checkpoints whose key is not in `referenced`, and every corrupted
+        entry (moved aside, never used again)."""
+        return [e for e in self.entries() if e.kind == "corrupt" or e.key not in referenced]
+
+    def remove(self, entry: Entry) -> bool:
+        """Delete an entry unless a process holds its job's lock right now (it is being trained or used)."""
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(self.lock_path(entry.key)))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        try:
+            if entry.path.is_dir():
+                shutil.rmtree(entry.path)
+            else:
+                entry.path.unlink(missing_ok=True)
+        finally:
+            lock.release()
+        return True

@@ -92,6 +92,8 @@ class MethodEntry(Strict):
     method: str
     label: str
     params: dict[str, Any] = {}
+    # How the method's named loss terms make the student's update: summed, or PCGrad (kdbench.combine).
+    combine: Literal["sum", "pcgrad"] = "sum"
 
 
 class ReferenceConfig(Strict):
@@ -144,7 +146,10 @@ class Suite(Strict):
     @field_validator("methods", mode="before")
     @classmethod
     def _method_forms(cls, value):
-        """Accept `kd`, `{kd: {T: 8}}` or `{method: kd, label: kd_T8, params: {T: 8}}`."""
+        """Accept `kd`, `{kd: {T: 8}}` or `{method: kd, label: kd_T8, params: {T: 8}, combine: pcgrad}`.
+
+        Without a label, an entry is labelled by its method, plus `+pcgrad` when it combines its terms so.
+        """
         if not isinstance(value, list):
             return value
         out = []
@@ -155,7 +160,8 @@ class Suite(Strict):
                 (name, params), = item.items()
                 out.append({"method": name, "label": name, "params": params if params is not None else {}})
             elif isinstance(item, dict) and "method" in item:
-                out.append({"label": item["method"], **item})
+                combine = item.get("combine", "sum")
+                out.append({"label": f"{item['method']}+{combine}" if combine != "sum" else item["method"], **item})
             else:
                 out.append(item)
         return out
@@ -291,6 +297,9 @@ def _check_names(path: Path, suite: Suite) -> None:
             if (defaults[key] is not None or key in method.param_types) and not ok and value is not defaults[key]:
                 names = " or ".join(t.__name__ for t in expected)
                 raise SuiteError(f"{path}: field 'methods.{i}.{key}': expected {names}, got {value!r}")
+        if entry.combine != "sum" and not method.combinable:
+            raise SuiteError(f"{path}: field 'methods.{i}.combine': method '{entry.method}' cannot use "
+                             f"'{entry.combine}': its student update is a single loss term, so it would change nothing")
         problem = method.check_params({**defaults, **entry.params})
         if problem:
             raise SuiteError(f"{path}: field 'methods.{i}': method '{entry.method}': {problem}")

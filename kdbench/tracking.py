@@ -13,14 +13,73 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdbench import __version__
+from kdbench import KdbenchError, __version__
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 TAG = "kdbench."  # prefix of kdbench's own tags
+PROBE_TIMEOUT_S = 5.0  # a tracking server that has not answered in this time is reported as down
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def check_tracking(uri: str | None = None) -> None:
+    """Fail in one line, at start-up, on a tracking store that cannot work: a server that does not answer within
+    a few seconds (MLflow itself retries for minutes), or a SQLite database or folder that cannot be written.
+    Creates nothing."""
+    from kdbench.store import check_writable
+
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S).close()
+        except urllib.error.HTTPError:
+            pass  # it answered: whatever it said, MLflow's own calls will say more
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = str(getattr(exc, "reason", None) or exc) or type(exc).__name__
+            raise KdbenchError(f"MLflow tracking server {uri} does not answer ({reason} within {PROBE_TIMEOUT_S:.0f} s); "
+                               f"start it, or point MLFLOW_TRACKING_URI at a running one") from None
+        return
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    check_writable(path.parent if str(path.parent) else Path("."), "MLflow database folder")
+    if path.exists():
+        try:  # opened for writing (nothing written): fails on a read-only file, for root too (immutable, ro mount)
+            with open(path, "r+b") as f:
+                header = f.read(16)
+        except OSError as exc:
+            raise KdbenchError(f"MLflow database {path} cannot be written ({exc.strerror or exc}); make it writable, "
+                               f"or point MLFLOW_TRACKING_URI at another store") from None
+        if header and header != b"SQLite format 3\x00":
+            raise KdbenchError(f"MLflow database {path} is not a SQLite database; point MLFLOW_TRACKING_URI at "
+                               f"another store")
+
+
+def create_sqlite_store(path: Path) -> None:
+    """Create and migrate a new MLflow SQLite database under a temporary name, then rename it into place: a kill
+    at any moment leaves no database or a complete one, never a half-migrated one on which every run fails."""
+    from mlflow.tracking import MlflowClient
+
+    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    try:
+        client = MlflowClient(f"sqlite:///{tmp}")
+        client.search_experiments(max_results=1)  # creates the schema
+        engine = getattr(client._tracking_client.store, "engine", None)
+        if engine is not None:
+            engine.dispose()
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+            leftover.unlink(missing_ok=True)
 
 
 def code_version() -> dict[str, str]:
@@ -70,9 +129,14 @@ class Tracker:
 
         self.uri = uri or tracking_uri()
         mlflow.set_tracking_uri(self.uri)
-        if self.uri.startswith("sqlite:///"):
+        path = sqlite_path(self.uri)
+        if path is not None:
             # Creating the SQLite schema races when two processes do it at once: one creates, the other waits.
-            with FileLock(self.uri[len("sqlite:///"):] + ".lock"):
+            with FileLock(str(path) + ".lock"):
+                for leftover in path.parent.glob(f".{path.name}.creating-*"):
+                    leftover.unlink(missing_ok=True)  # of a creator killed midway (a live one holds this lock)
+                if not path.exists():
+                    create_sqlite_store(path)
                 self.client = MlflowClient(self.uri)
                 self.client.search_experiments(max_results=1)
         else:
@@ -158,4 +222,36 @@ class Tracker:
     def end(self, run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
         if reason:
             self.set_tags(run_id, {f"{TAG}failure": reason[:5000]})
+        elif status == "FINISHED" and f"{TAG}failure" in self.client.get_run(run_id).data.tags:
+            # Finished after a resume: the failure of an earlier attempt no longer describes this run.
+            self.client.delete_tag(run_id, f"{TAG}failure")
         self.client.set_terminated(run_id, status)
+
+
+def referenced_keys(uri: str | None = None) -> set[str]:
+    """Every tag and param value of every run in the tracking store, deleted runs included: a superset of the
+    job keys runs refer to (their own job, their teacher, assistant and reference jobs), for `kdbench store gc`.
+    Refuses a store that does not exist, rather than calling every model unreferenced."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    uri = uri or tracking_uri()
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise KdbenchError(f"no MLflow store at {path} (MLFLOW_TRACKING_URI={uri}): without it no run can be checked, "
+                           f"so nothing is removed; point MLFLOW_TRACKING_URI at the store your runs are in")
+    if path is None:
+        check_tracking(uri)
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    keys: set[str] = set()
+    token = None
+    while experiments:
+        page = client.search_runs(experiments, run_view_type=ViewType.ALL, max_results=1000, page_token=token)
+        for run in page:
+            keys.update(run.data.tags.values())
+            keys.update(run.data.params.values())
+        token = page.token
+        if not token:
+            break
+    return keys

@@ -8,6 +8,7 @@ class Baseline(Method):
     name = "baseline"
     summary = "student alone, cross-entropy only"
     needs_teacher = False
+    combinable = False  # one term: PCGrad would change nothing
 
     def losses(self, batch, student, teacher):
         return {"ce": cross_entropy(student.logits, batch.labels)}

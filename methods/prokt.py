@@ -27,6 +27,7 @@ class ProKT(Method):
     trains_teacher = True
     teacher_epoch_params = ("teacher_epoch",)  # a route epoch of the teacher's run: --epochs scales it
     protocol_note = "protocol assumed"
+    combinable = False  # its own step(): the student update is one KL term, so PCGrad would change nothing
 
     @classmethod
     def needs(cls, params):

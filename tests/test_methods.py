@@ -58,7 +58,7 @@ class Harness:
         for m in self.modules.values():
             m.zero_grad(set_to_none=True)
         before = {name: state(m) for name, m in self.modules.items()}
-        loss.backward()
+        (sum(loss.values()) if isinstance(loss, dict) else loss).backward()  # named terms: summed, as by default
         grads = {name for name, m in self.modules.items() if has_grad(m)}
         self.opts[which].step()
         setattr(self.ctx.passes, f"{which}_backward", getattr(self.ctx.passes, f"{which}_backward") + 1)

@@ -9,6 +9,7 @@ jobs can run at the same time. `self.ctx` is picklable: send it with the plan an
 
 from __future__ import annotations
 
+import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +89,9 @@ class Executor:
                          device=self.device, compile=self.compile, download=self.download,
                          teacher_cache=self.teacher_cache,
                          local=Local(opts=self.opts, store=self.store, reporter=Reporter(self.console)))
-        ctx.data(plan)  # a missing dataset stops the suite before anything is written to MLflow
+        # A missing dataset stops the suite before anything is written to MLflow; teachers are keyed by the data
+        # they learn from (its fingerprint, known once it is read).
+        self.plan = plan = plan.for_data(ctx.data(plan).fingerprint)
         self.tracker = self.tracker or Tracker()
         ctx.local.tracker, ctx.tracking_uri = self.tracker, self.tracker.uri
         ctx.env = {**code_version(), **environment(str(ctx.opts.device)),
@@ -102,9 +105,19 @@ class Executor:
         ctx.parent_run = self.parent_run(ctx.env)  # before any worker starts: workers only add child runs
         self.ctx = ctx
         outcome = Outcome(ctx.parent_run)
-        with self.session(outcome):
-            self.run_waves(outcome)
-        self.tracker.end(outcome.parent_run, "FAILED" if outcome.failed else "FINISHED")
+        # The parent run is shared by every process working on this plan: the last one to leave ends it.
+        with self.store.workers(ctx.parent_run, f"suite-{plan.plan_hash}") as self.workers:
+            try:
+                with self.session(outcome):
+                    self.run_waves(outcome)
+            except (Interrupted, KeyboardInterrupt):
+                raise
+            except BaseException:  # a bug outside any job: the parent must not stay RUNNING
+                if self.workers.leave():
+                    self.tracker.end(outcome.parent_run, "FAILED", traceback.format_exc())
+                raise
+            if self.workers.leave():
+                self.tracker.end(outcome.parent_run, "FAILED" if outcome.failed else "FINISHED")
         return outcome
 
     def session(self, outcome: Outcome):
@@ -122,7 +135,8 @@ class Executor:
                                                                                                      key))
             self.run_jobs([j for j in self.plan.jobs if j not in first_wave], outcome)
         except (Interrupted, KeyboardInterrupt):
-            self.tracker.end(outcome.parent_run, "KILLED")
+            if self.workers.leave():  # never while another process still works on the shared parent
+                self.tracker.end(outcome.parent_run, "KILLED")
             raise
 
     def blocked(self, job: Job, outcome: Outcome) -> str | None:
@@ -146,6 +160,7 @@ class Executor:
                 return found.info.run_id
             tags = {f"{TAG}{k}": v for k, v in env.items()}
             tags[f"{TAG}plan"] = plan.plan_hash
+            tags[f"{TAG}suite_plan"] = plan.data_free_hash  # what `kdbench report` matches the suite file with
             return self.tracker.start_suite(plan.suite.name, str(plan.suite_path), tags,
                                             flatten("", plan.suite.model_dump(mode="json"), {}))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kdbench.engine import Interrupted
@@ -54,8 +54,16 @@ class InProcessExecutor(Executor):
             self.progress.advance(self.jobs_bar)
         if deferred:
             self.console.print(f"waiting for another kdbench process to finish {deferred[0].title}")
-            with FileLock(str(self.store.lock_path(deferred[0].key))):
-                pass
+            lock = FileLock(str(self.store.lock_path(deferred[0].key)))
+            while True:  # in short waits: a stop request ends the wait at once, not when the other job ends
+                if self.stop():
+                    raise Interrupted(f"stopped while waiting for another process to finish {deferred[0].title}")
+                try:
+                    lock.acquire(timeout=0.5)
+                except Timeout:
+                    continue
+                lock.release()
+                break
         return deferred
 
 
