@@ -164,8 +164,8 @@ def run(
     except DataError as exc:  # the data is loaded before anything is written: name the suite and its field
         raise _data_error(suite, exc) from None
     already = f" ({outcome.skipped} already done before)" if outcome.skipped else ""
-    err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed; MLflow {tracking_uri()}, "
-              f"parent run {outcome.parent_run}")
+    err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed, "
+              f"{len(outcome.collapsed)} collapsed; MLflow {tracking_uri()}, parent run {outcome.parent_run}")
     if outcome.failed:
         raise typer.Exit(1)
 

@@ -30,6 +30,34 @@ class Diverged(KdbenchError):
     pass
 
 
+CHANCE_MARGIN_PP = 2.0  # a final accuracy less than this (or 3 standard errors) above chance is a collapse
+
+
+def collapse_reason(history: list[dict[str, float]], num_classes: int, test_size: int) -> str | None:
+    """Why a finished run's number means nothing (it collapsed), or None.
+
+    Collapsed: the last epoch's test accuracy lies within max(2 pp, 3 standard errors of a chance-level
+    classifier on this test split) of chance (100 / classes %); or, over two or more epochs, no training
+    loss term ever fell below its first epoch's mean. Per term, not the total: a warm-up (DKD) raises the
+    total on a healthy run while its cross-entropy falls.
+    """
+    if not history or "test_acc" not in history[-1]:
+        return None
+    chance = 100.0 / num_classes
+    p = 1.0 / num_classes
+    margin = max(CHANCE_MARGIN_PP, 300.0 * math.sqrt(p * (1 - p) / max(test_size, 1)))
+    acc = history[-1]["test_acc"]
+    if acc < chance + margin:
+        return f"collapsed: test accuracy {acc:.2f}% is within {margin:.1f} pp of chance ({chance:.2f}%)"
+    terms = [k for k in history[0] if k.startswith("train_") and k != "train_loss"]
+    later = {k: [h[k] for h in history[1:] if k in h] for k in terms}
+    later = {k: v for k, v in later.items() if v}  # a stage's term that stops (FitNets' hint) says nothing here
+    if later and all(not any(v < history[0][k] for v in values) for k, values in later.items()):
+        return (f"collapsed: the training loss never fell below its first epoch's "
+                f"({history[0].get('train_loss', math.nan):.4g} -> {history[-1].get('train_loss', math.nan):.4g})")
+    return None
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     device: torch.device

@@ -28,7 +28,7 @@ from rich.console import Console
 from kdbench import KdbenchError
 from kdbench.build import build_model, build_teacher, teacher_route
 from kdbench.data import DeviceData, load_data
-from kdbench.engine import Diverged, EngineOptions, Interrupted, fit
+from kdbench.engine import Diverged, EngineOptions, Interrupted, collapse_reason, fit
 from kdbench.plan import STORED_ROLES, Job, Plan
 from kdbench.registry import get_method
 from kdbench.store import CorruptFile, ModelStore, load_checkpoint, save_checkpoint
@@ -42,13 +42,14 @@ FINISHED = "finished"  # trained now, or taken from the store
 SKIPPED = "skipped"  # finished by an earlier or concurrent run
 FAILED = "failed"
 HELD = "held"  # another process holds the job's claim: try again later
+COLLAPSED = "collapsed"  # finished (now or before), but at chance or never learned: no number (see collapse_reason)
 
 
 @dataclass
 class JobResult:
     key: str
     status: str
-    reason: str = ""  # why it failed
+    reason: str = ""  # why it failed or collapsed
     test_acc: float | None = None
 
 
@@ -187,7 +188,8 @@ def _claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobR
     parent = ctx.parent_run
     existing = tracker.job_run(parent, job.key)
     if existing is not None and existing.info.status == "FINISHED":
-        return JobResult(job.key, SKIPPED)
+        collapsed = existing.data.tags.get(f"{TAG}collapsed")
+        return JobResult(job.key, COLLAPSED, collapsed) if collapsed else JobResult(job.key, SKIPPED)
     reason = existing.data.tags.get(f"{TAG}failure", "") if existing is not None else ""
     if existing is not None and existing.info.status == "FAILED" and reason.startswith(DIVERGED):
         return JobResult(job.key, FAILED, reason)
@@ -228,10 +230,21 @@ def _claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobR
     wall = time.perf_counter() - start
     final = {"wall_time": wall, **{k: float(v) for k, v in asdict(result.passes).items()}}
     tracker.log_metrics(run_id, final, step=job.train.epochs)
-    tracker.end(run_id, "FINISHED")
+    status, why = _finish(plan, job, ctx, run_id, result.history)
     store.checkpoint_path(job.key).unlink(missing_ok=True)
     say(f"done {job.title}: test acc {result.metrics['test_acc']:.2f}% ({wall:.1f} s)")
-    return JobResult(job.key, FINISHED, test_acc=result.metrics["test_acc"])
+    return JobResult(job.key, status, why, test_acc=result.metrics["test_acc"])
+
+
+def _finish(plan: Plan, job: Job, ctx: JobContext, run_id: str, history: list[dict[str, float]]) -> tuple[str, str]:
+    """End a trained (or stored) job's run FINISHED; one that collapsed is tagged so, with why: (status, reason)."""
+    data = ctx.data(plan)
+    why = collapse_reason(history, data.info.num_classes, len(data.test))
+    if why:
+        ctx.tracker.set_tags(run_id, {f"{TAG}status": "collapsed", f"{TAG}collapsed": why})
+        ctx.reporter.print(f"[yellow]collapsed[/] {job.title}: {why}")
+    ctx.tracker.end(run_id, "FINISHED")
+    return (COLLAPSED, why) if why else (FINISHED, "")
 
 
 # ---------------------------------------------------------------------------------------------- tracking
@@ -241,7 +254,7 @@ def job_tags(plan: Plan, job: Job) -> dict[str, str]:
     tags = {f"{TAG}suite": plan.suite.name, f"{TAG}role": job.role, f"{TAG}student": job.model,
             f"{TAG}teacher": job.teacher_model or "", f"{TAG}method": job.method.label,
             f"{TAG}method_name": job.method.method, f"{TAG}seed": str(job.seed), f"{TAG}job": job.key,
-            f"{TAG}pair": job.pair or ""}
+            f"{TAG}pair": job.pair or "", f"{TAG}identity": plan.identities()[job.key]}
     if job.role in ("teacher", "reference"):
         tags[f"{TAG}teacher"] = job.model
         tags[f"{TAG}student"] = ""
@@ -295,9 +308,9 @@ def _log_stored(plan: Plan, job: Job, ctx: JobContext, run_id: str | None) -> Jo
         run_id = ctx.tracker.start_job(ctx.parent_run, job.title, {**job_tags(plan, job), f"{TAG}reused": "true"},
                                        job_params(plan, job, ctx))
     _log_history(ctx.tracker, run_id, meta["history"])
-    ctx.tracker.end(run_id, "FINISHED")
+    status, why = _finish(plan, job, ctx, run_id, meta["history"])
     ctx.reporter.print(f"[dim]reused[/] {job.title}: test acc {meta['metrics']['test_acc']:.2f}%")
-    return JobResult(job.key, FINISHED, test_acc=meta["metrics"]["test_acc"])
+    return JobResult(job.key, status, why, test_acc=meta["metrics"]["test_acc"])
 
 
 # ---------------------------------------------------------------------------------------------- the store

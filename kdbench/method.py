@@ -178,6 +178,12 @@ class Method(nn.Module):
     # True: losses() reads only the frozen teacher's logits, so the engine may hand it shared teacher
     # outputs (computed once per image and view, reused across epochs, methods and seeds) instead of a forward.
     teacher_logits_only: ClassVar[bool] = False
+    # Params that count epochs of the job's own schedule (DKD's warm-up): when --epochs shrinks the schedule,
+    # the plan scales them as it scales the milestones, and the scaled value is the one logged.
+    epoch_params: ClassVar[tuple[str, ...]] = ()
+    # Params that count epochs of the stored teacher's run (ProKT's teacher_epoch): scaled with the teachers'
+    # schedule and moved to the nearest route checkpoint it keeps; 0 stays 0.
+    teacher_epoch_params: ClassVar[tuple[str, ...]] = ()
     # False: the student's update is not a sum of several named terms (ProKT: one KL term in its own step()),
     # so a suite's `combine: pcgrad` would change nothing and is refused when the suite is loaded.
     combinable: ClassVar[bool] = True

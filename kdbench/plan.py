@@ -17,7 +17,7 @@ from typing import Any, Callable
 from kdbench import KdbenchError
 from kdbench.data import dataset_info
 from kdbench.method import AUTO
-from kdbench.registry import get_method
+from kdbench.registry import get_method, method_hash
 from kdbench.store import sha256
 from kdbench.suite import AugmentConfig, MethodEntry, Suite, TrainConfig
 from kdbench.zoo import ModelStats, known_models, meta_model, model_kwargs_problem, model_stats
@@ -102,6 +102,7 @@ class Plan:
     student_train: TrainConfig | None = None  # the students' schedule (after --epochs): assistants train with it
     options: dict[str, Any] = field(default_factory=dict)  # make_plan's keyword arguments, to plan again
     suite_hash: str = ""  # the plan hash before the data's fingerprint was known (what a report matches)
+    _ids: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def job(self, key: str) -> Job:
         return next(j for j in self.jobs if j.key == key)
@@ -111,6 +112,22 @@ class Plan:
         """Identifies 'the same suite run': running it again resumes the parent run with this hash."""
         return content_hash({"suite": self.suite.name, "jobs": [j.key for j in self.jobs],
                              "cells": [(c.pair.name, c.method, c.seed, c.job) for c in self.cells]})
+
+    def identities(self) -> dict[str, str]:
+        """Job key -> the job's identity: its content hash with every method_hash left out (its own and those
+        of the jobs it depends on). Two runs with one identity and different keys differ only in method code."""
+        if self._ids is None:
+            ids: dict[str, str] = {}
+            for job in self.jobs:  # dependency order: a job's teacher and references come first
+                ids[job.key] = content_hash(_without_method_code(job.config, ids))
+            self._ids = ids
+        return self._ids
+
+    def method_changed(self, previous: dict[str, set[str]]) -> list[Job]:
+        """The jobs that train again because their method's code (or a method behind their teacher) changed:
+        `previous` (identity -> keys of its finished runs) has their identity under other keys only."""
+        ids = self.identities()
+        return [j for j in self.jobs if previous.get(ids[j.key]) and j.key not in previous[ids[j.key]]]
 
     @property
     def data_free_hash(self) -> str:
@@ -174,6 +191,38 @@ def content_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _without_method_code(value: Any, ids: dict[str, str]) -> Any:
+    """`value` with method_hash entries dropped and other jobs' keys replaced by their identities."""
+    if isinstance(value, dict):
+        return {k: _without_method_code(v, ids) for k, v in value.items() if k != "method_hash"}
+    if isinstance(value, (list, tuple)):
+        return [_without_method_code(v, ids) for v in value]
+    return ids.get(value, value) if isinstance(value, str) else value
+
+
+def scale_epochs(value: int, old: int, new: int) -> int:
+    """An epoch count on a schedule of `old` epochs, moved to one of `new` (as milestones are): at least 1 if it was."""
+    scaled = round(value * new / old) if old else value
+    return max(1, scaled) if value >= 1 else scaled
+
+
+def scale_epoch_params(method, params: dict[str, Any], old: int, new: int, teacher_old: int, teacher_new: int,
+                       route: list[int]) -> dict[str, Any]:
+    """A method's epoch-counted params for a schedule shrunk by --epochs from `old` to `new` epochs (its
+    `epoch_params`) and a teachers' run shrunk from `teacher_old` to `teacher_new` (its `teacher_epoch_params`:
+    moved to the nearest of the teacher's `route` epochs, ties to the earlier; 0, the final teacher, stays)."""
+    out = dict(params)
+    for name in method.epoch_params:
+        if isinstance(out.get(name), (int, float)) and not isinstance(out[name], bool):
+            out[name] = type(out[name])(scale_epochs(out[name], old, new))
+    for name in method.teacher_epoch_params:
+        value = out.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0 and route:
+            scaled = scale_epochs(value, teacher_old, teacher_new)
+            out[name] = min(route, key=lambda e: (abs(e - scaled), e))
+    return out
+
+
 def default_route_every(epochs: int) -> int:
     """The smallest divisor of `epochs` that keeps at most 24 route checkpoints (240 epochs: every 10)."""
     return next(d for d in range(1, epochs + 1) if epochs % d == 0 and epochs // d <= 24) if epochs else 1
@@ -208,7 +257,8 @@ def assistant_jobs(suite: Suite, student_train: TrainConfig, teacher_key: str, t
         train = student_train.for_model(name)
         config = {**base_config(suite, data_fingerprint), "role": "assistant", "model": name,
                   "model_kwargs": suite.model_kwargs.get(name, {}), "seed": suite.teacher.seed,
-                  "method": entry.method, "method_params": loss_params, "train": train.model_dump(),
+                  "method": entry.method, "method_hash": method_hash(entry.method), "method_params": loss_params,
+                  "train": train.model_dump(),
                   "teacher": prev_key, **combine_config(entry)}
         job = Job(content_hash(config), "assistant", name, suite.teacher.seed, entry, train, suite.augment, config,
                   teacher=prev_key, teacher_model=prev_model, pair=f"{prev_model}->{name}")
@@ -309,8 +359,8 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
         train = teacher_train.for_model(t)
         kwargs = {**suite.model_kwargs.get(t, {}), **suite.teacher.model_kwargs.get(t, {})}
         config = {**base, "augment": teacher_augment.model_dump(), "model": t, "model_kwargs": kwargs, "seed": suite.teacher.seed,
-                  "method": TEACHER_METHOD.method, "method_params": {}, "train": train.model_dump(),
-                  "source": suite.teacher.source}
+                  "method": TEACHER_METHOD.method, "method_hash": method_hash(TEACHER_METHOD.method),
+                  "method_params": {}, "train": train.model_dump(), "source": suite.teacher.source}
         # Everything the store keeps for it is part of the key: the route checkpoints too (RCO distils from them).
         route_every = suite.teacher.route_every or default_route_every(train.epochs)
         config["route_every"] = route_every
@@ -327,6 +377,11 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
                         route_every=route_every)
         return key
 
+    def teacher_route(epochs: int) -> list[int]:
+        """The epochs at which a teacher trained for `epochs` keeps route checkpoints (the executor's rule)."""
+        every = suite.teacher.route_every or default_route_every(epochs)
+        return [e for e in range(1, epochs + 1) if e % every == 0 or e == epochs]
+
     for t in dict.fromkeys(t for t, _ in pair_names):
         check_kwargs(t, {**suite.model_kwargs.get(t, {}), **suite.teacher.model_kwargs.get(t, {})},
                      "teacher.model_kwargs")
@@ -341,6 +396,10 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
         for entry in entries:
             method = get_method(entry.method)
             params = {**method.defaults, **entry.params}
+            if epochs is not None:
+                params = scale_epoch_params(method, params, suite.train.epochs, student_train.epochs,
+                                            suite.teacher_train().epochs, teacher_train.for_model(t).epochs,
+                                            teacher_route(teacher_train.for_model(t).epochs))
             needs = method.needs(params)
             extra: dict[str, Any] = {}  # what else determines this job's numbers, from the method's needs
             chain: list[Job] = []
@@ -371,7 +430,8 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
             for seed in seeds:
                 train = student_train.for_model(s)
                 config = {**base, "model": s, "model_kwargs": suite.model_kwargs.get(s, {}), "seed": seed,
-                          "method": entry.method, "method_params": params, "train": train.model_dump(),
+                          "method": entry.method, "method_hash": method_hash(entry.method),
+                          "method_params": params, "train": train.model_dump(),
                           "teacher": chain[-1].key if chain else teacher_key, **extra, **combine_config(entry)}
                 key = content_hash(config)
                 if key not in jobs:
