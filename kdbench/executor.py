@@ -302,6 +302,9 @@ class Executor:
                 params["assistant_test_acc"] = f"{self.stored_accuracy(job.teacher):.4f}"
         if job.assistant_choice:
             params["assistant_choice"] = job.assistant_choice
+        method = get_method(job.method.method)
+        if job.teacher and method.needs({**method.defaults, **job.config.get("method_params", {})}).dense:
+            params["guide_models"] = " > ".join(self.plan.job(k).model for k in self.plan.guide_keys(job))
         return params
 
     def log_history(self, run_id: str, history: list[dict[str, float]]) -> None:
@@ -343,6 +346,17 @@ class Executor:
         else:
             return None
         return to_device(teacher, self.opts)
+
+    def build_guides(self, job: Job, teacher: torch.nn.Module) -> list[torch.nn.Module]:
+        """`Needs.dense`: the stored models above `job` in its chain (teacher first), then `teacher`, its own."""
+        guides = []
+        for key in self.plan.guide_keys(job)[:-1]:
+            above = self.plan.job(key)
+            model = create_model(above.model, self.data.info.num_classes, self.data.info.input_shape[0],
+                                 **above.config["model_kwargs"])
+            model.load_state_dict(self.store.load_final(key))
+            guides.append(to_device(model, self.opts))
+        return guides + [teacher]
 
     def teacher_route(self, job: Job) -> TeacherRoute:
         key = self.plan.root_teacher(job).key
@@ -386,7 +400,9 @@ class Executor:
         result = fit(model, method, teacher, data, job.train, job.augment, job.seed, self.opts,
                      eval_batch_size=self.plan.suite.eval_batch_size, on_epoch=on_epoch, keep_route=keep_route,
                      on_route=on_route, route=self.teacher_route(job) if needs.route and job.teacher else None,
-                     teacher_cache=cache, checkpoint=checkpoint, resume=resume, should_stop=self.stop)
+                     teacher_cache=cache,
+                     guides=self.build_guides(job, teacher) if needs.dense and teacher is not None else None,
+                     checkpoint=checkpoint, resume=resume, should_stop=self.stop)
         if method.record:  # procedure details the method chose while training (RCO's anchors, FitNets' layers)
             self.tracker.log_params(run_id, {f"procedure.{k}": v for k, v in method.record.items()})
         if job.role in STORED_ROLES:
