@@ -56,12 +56,14 @@ class ESKD(Method):
         self.loaded_epoch: int | None = None  # the route epoch the teacher holds (loaded again after a resume)
 
     def start_epoch(self, epoch, epochs, ctx):
-        p = self.params
-        self.kd_on = epoch < kd_epochs(epochs, p["kd_until"])
-        self.record["kd_epochs"] = str(kd_epochs(epochs, p["kd_until"]))
+        self.record["kd_epochs"] = str(kd_epochs(epochs, self.params["kd_until"]))
+        self.hold_early_teacher(ctx)
+
+    def hold_early_teacher(self, ctx) -> None:
+        """Load the chosen route checkpoint into the teacher, once per run (again in a resumed process)."""
         if self.loaded_epoch is not None:
             return
-        route = ctx.route
+        p, route = self.params, ctx.route
         if route is None or not route.epochs:
             raise KdbenchError("eskd: the teacher has no route checkpoints (it was loaded, not trained by kdbench); "
                                "an early-stopped teacher needs a teacher trained with `route_every`")
@@ -75,7 +77,9 @@ class ESKD(Method):
         self.record["teacher_route"] = f"route epoch {chosen} of {route.epochs[-1]}"
 
     def step(self, batch, ctx):
-        if self.kd_on:
+        # Decided from the batch alone (no state): a run resumed in the middle of an epoch decides the same way.
+        if batch.epoch < kd_epochs(batch.epochs, self.params["kd_until"]):
+            self.hold_early_teacher(ctx)
             return super().step(batch, ctx)
         with ctx.autocast():  # KD switched off: the student alone, the teacher not run
             logits = ctx.student(batch.images)

@@ -120,6 +120,10 @@ def test_eskd_distills_from_the_early_route_checkpoint_not_the_final_teacher():
     assert not math.isclose(terms["kd"].item(), kd(zt_final), rel_tol=1e-2)
     assert h.calls == [("student", {"student"}, {"student"})]  # no gradient into the (early) teacher
 
+    teacher.load_state_dict(states[8])  # a process resumed in the middle of an epoch: no start_epoch first
+    resumed = get_method("eskd")({}, student, teacher, (3, 16, 16))
+    resumed.step(batch(epoch=1, epochs=3), h.ctx)
+    assert holds(teacher, states) == 4
     named = get_method("eskd")({"teacher_epoch": 6}, student, teacher, (3, 16, 16))
     named.start_epoch(0, 3, h.ctx)
     assert holds(teacher, states) == 6
