@@ -22,7 +22,7 @@ SUITE = {
     "students": ["cifar_resnet8"],
     "pairs": [["cifar_resnet20", "cifar_resnet8"]],
     "methods": ["kd", "fitnets", "rco", {"takd": {"assistants": "cifar_resnet14"}},
-                {"method": "takd", "label": "takd_auto"}, "prokt", "dkd", "dist", "eskd", "dgkd"],
+                {"method": "takd", "label": "takd_auto"}, "prokt", "dkd", "dist", "eskd", "dgkd", "dfa"],
     "seeds": [0],
     "train": {"epochs": 4, "batch_size": 32, "lr": 0.05, "schedule": "step", "milestones": [3]},
 }
@@ -43,7 +43,7 @@ def test_every_method_runs_records_its_procedure_and_cost_and_takd_reuses_its_as
     executor, outcome, runs = run(path)
     assert not outcome.failed, outcome.failed
     students = {r.data.tags["kdbench.method"]: r for r in runs.values() if r.data.tags["kdbench.role"] == "student"}
-    assert sorted(students) == ["dgkd", "dist", "dkd", "eskd", "fitnets", "kd", "prokt", "rco", "takd", "takd_auto"]
+    assert sorted(students) == ["dfa", "dgkd", "dist", "dkd", "eskd", "fitnets", "kd", "prokt", "rco", "takd", "takd_auto"]
     for r in runs.values():  # cost accounting: every trained run
         assert r.info.status == "FINISHED"
         for metric in ("wall_time", "images_per_sec", "teacher_forward", "teacher_backward", "student_forward",
@@ -91,6 +91,12 @@ def test_every_method_runs_records_its_procedure_and_cost_and_takd_reuses_its_as
                        and r.data.tags["kdbench.method_name"] == "dgkd"]
     assert dgkd_assistant.data.params["guide_models"] == "cifar_resnet20"
     assert 0 < dgkd.metrics["teacher_forward"] < 2 * dgkd.metrics["student_forward"]  # guides dropped at random
+
+    # DFA: the mix of resnet20's blocks searched in epoch 1 of 4 (3 student passes per step), then frozen
+    dfa = students["dfa"].data
+    assert dfa.params["procedure.search"] == "1 of 4 epochs; frozen after epoch 1"
+    assert dfa.params["procedure.stage2"] == "student layer2 <- teacher layer2.0, layer2.1, layer2.2"
+    assert (dfa.metrics["student_forward"], dfa.metrics["student_backward"]) == (2 * 3 + 3 * 2, 2 * 3 + 3 * 2)
 
     # A second cell with the same teacher and assistant (another seed, another suite run) reuses it
     _, outcome2, runs2 = run(path, methods=["takd"], seeds=[1])
