@@ -71,7 +71,8 @@ def methods() -> None:
         need = cls.needs(cls.defaults)
         needs = ", ".join(n for n, on in (
             (f"{need.teacher} teacher", need.teacher != "none"), ("trains the teacher", cls.trains_teacher),
-            ("route checkpoints", need.route), (f"assistants ({', '.join(need.assistants)})", need.assistants)) if on)
+            ("route checkpoints", need.route), (f"assistants ({', '.join(need.assistants)})", need.assistants),
+            ("a validation split (data.val_size)", need.choice)) if on)
         needs = needs or "-"
         defaults = ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "-"
         table.add_row(name, defaults, needs, cls.summary)

@@ -108,7 +108,8 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         checkpoint: Callable[[dict[str, Any]], None] | None = None,
         resume: dict[str, Any] | None = None,
         should_stop: Callable[[], bool] = lambda: False) -> FitResult:
-    """Train `student` for `train.epochs` with `method`, evaluating on the test split after each epoch.
+    """Train `student` for `train.epochs` with `method`, evaluating on the test split (and the validation split,
+    when `data.val` exists) after each epoch. Only validation numbers may choose anything (`StepContext.probe`).
 
     on_epoch(epoch, metrics) gets 1-based epochs; on_route(epoch, state_dict) is called where keep_route(epoch).
     route: the teacher's route checkpoints, for a method that declared `needs_route`.
@@ -118,7 +119,8 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
     checkpoint(state) is called at the end of every epoch and when should_stop() turns true between two steps
     (then Interrupted is raised); fit(..., resume=state) continues from such a state with the same numbers an
     uninterrupted run gives: each epoch's order and augmentation come from generators seeded by (seed, epoch),
-    and a resumed epoch replays its draws up to the step where it stopped.
+    and a resumed epoch replays its draws up to the step where it stopped. The method's state_dict and its
+    `extra_state()` are part of the state, and `method.resumed(ctx)` restores what it holds outside it.
     """
     models = {"student": student}
     trainable = {"student": list(student.parameters()) + list(method.parameters())}
@@ -146,7 +148,10 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
             model.apply_max_norm_(model.max_norm)
 
     def probe(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = next(eval_batches(data.train, n))
+        # Choices are made on held-out images: never on what the student trains on, never on the test split.
+        if data.val is None:
+            raise KdbenchError(f"{method.name}: this method chooses on a validation split: set data.val_size")
+        images, labels = next(eval_batches(data.val, n))
         return normalize(images, data.info, channels_last=opts.channels_last), labels
 
     # Only a fixed teacher's outputs can be shared: not one that trains (ProKT) or changes by stage (RCO).
@@ -158,16 +163,26 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
                       route=route, probe=probe, seed=seed, guides=list(guides or ()))
     history: list[dict[str, float]] = []
     metrics: dict[str, float] = {}
+
+    def evaluated() -> dict[str, float]:
+        """Test accuracy and loss (reported only), and validation's where there is a split (what choices use)."""
+        out = {}
+        for name, split in (("test", data.test), ("val", data.val)):
+            if split is not None:
+                result = evaluate(student, split, data, opts, eval_batch_size)
+                out.update({f"{name}_acc": result["acc"], f"{name}_loss": result["loss"]})
+        return out
+
     if train.epochs == 0:  # a model used as loaded (checkpoint, pretrained): evaluate only
-        test = evaluate(student, data.test, data, opts, eval_batch_size)
-        metrics = {"test_acc": test["acc"], "test_loss": test["loss"]}
+        metrics = evaluated()
         return FitResult(metrics, [metrics], passes)
 
     def state(epoch: int, batch: int, totals: dict[str, torch.Tensor], steps: int, images_seen: int) -> dict:
         return {"epoch": epoch, "batch": batch, "steps": steps, "images_seen": images_seen,
                 "totals": {k: v.detach().clone() for k, v in totals.items()},
                 "models": {k: m.state_dict() for k, m in models.items() if k in trainable},
-                "method": method.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "method": method.state_dict(), "method_extra": method.extra_state(),
+                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                 "history": list(history), "passes": asdict(passes), "cpu_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if opts.device.type == "cuda" else None}
 
@@ -176,6 +191,7 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         for k, sd in resume["models"].items():
             models[k].load_state_dict(sd)
         method.load_state_dict(resume["method"])
+        method.load_extra_state(resume["method_extra"])
         for k, sd in resume["optimizers"].items():
             optimizers[k].load_state_dict(sd)
         history[:] = resume["history"]
@@ -186,10 +202,12 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
             torch.cuda.set_rng_state_all(resume["cuda_rng"])
         first_epoch, skip_batches = resume["epoch"], resume["batch"]
         resumed_totals = (resume["totals"], resume["steps"], resume["images_seen"]) if skip_batches else None
+        method.resumed(ctx)  # what the method holds outside its state (RCO: the anchor in the teacher)
 
     for epoch in range(first_epoch, train.epochs):
         start = time.perf_counter()
-        method.start_epoch(epoch, train.epochs, ctx)
+        if not skip_batches:  # an epoch resumed in its middle has started already: its state is restored
+            method.start_epoch(epoch, train.epochs, ctx)
         for opt in optimizers.values():
             for group in opt.param_groups:
                 group["lr"] = train.lr * lr_factor(train, epoch)
@@ -234,8 +252,7 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
             raise Diverged(f"training loss became {total_loss} in epoch {epoch + 1}")
         if total_loss > EXPLODED:
             raise Diverged(f"training loss exploded to {total_loss:.3g} in epoch {epoch + 1}")
-        test = evaluate(student, data.test, data, opts, eval_batch_size)
-        metrics = {"train_loss": total_loss, **train_loss, "test_acc": test["acc"], "test_loss": test["loss"],
+        metrics = {"train_loss": total_loss, **train_loss, **evaluated(),
                    "lr": optimizers["student"].param_groups[0]["lr"], "epoch_time": time.perf_counter() - start,
                    "images_per_sec": images_seen / train_time}
         if method.trains_teacher:

@@ -150,7 +150,8 @@ class Executor:
                 self.run_all(first_wave, outcome, advance)
                 if any(j.pending for j in self.plan.jobs):
                     # The accuracies that choose "auto" assistants exist now that the first wave is done.
-                    self.plan, self.unresolved = self.plan.resolve_assistants(self.stored_accuracy)
+                    self.plan, self.unresolved = self.plan.resolve_assistants(
+                        lambda key: self.stored_accuracy(key, "val_acc"))  # chosen on validation, never on test
                     progress.update(jobs_bar, total=len(self.plan.jobs))
                 self.run_all([j for j in self.plan.jobs if j not in first_wave], outcome, advance)
             except (Interrupted, KeyboardInterrupt):
@@ -179,8 +180,9 @@ class Executor:
         while jobs:
             jobs = self.run_pending(jobs, outcome, advance)
 
-    def stored_accuracy(self, key: str) -> float | None:
-        return self.store.meta(key)["metrics"]["test_acc"] if self.store.has(key) else None
+    def stored_accuracy(self, key: str, metric: str = "test_acc") -> float | None:
+        """A stored model's last-epoch `metric`: test_acc to report it, val_acc to choose by it (None: absent)."""
+        return self.store.meta(key)["metrics"].get(metric) if self.store.has(key) else None
 
     def run_pending(self, pending: list[Job], outcome: Outcome, advance) -> list[Job]:
         """Run every job this process can claim; return those another process holds (after waiting for one)."""
@@ -418,6 +420,11 @@ class Executor:
             state = load_checkpoint(path)
         except CorruptFile as exc:
             self.console.print(f"[red]corrupted[/] {exc}; restarting {job.title} from scratch")
+            path.unlink()
+            return None, {}
+        if "method_extra" not in state:  # written before methods' own state was saved: resuming could be wrong
+            self.console.print(f"{path}: checkpoint of an older kdbench lacks the method's state; restarting "
+                               f"{job.title} from scratch")
             path.unlink()
             return None, {}
         self.console.print(f"resuming {job.title} from epoch {state['epoch'] + 1}, step {state['batch']}")

@@ -62,6 +62,8 @@ class Needs:
     dense: the method learns from every model of the chain at once (DGKD): the frozen teacher and all
       assistants before this job are lent as `StepContext.guides`, teacher first; an assistant job of such
       a method gets the models above it.
+    choice: a choice these params make on the validation split (e.g. "assistants 'auto'"), in words for the
+      error that refuses a suite without `data.val_size`; "" when the method chooses nothing.
     """
 
     teacher: str = "trained"
@@ -70,6 +72,7 @@ class Needs:
     assistants: tuple[str, ...] = ()
     max_assistants: int = 0
     dense: bool = False
+    choice: str = ""
 
 
 AUTO = "auto"  # an assistant chosen at run time, once the accuracies it is chosen by exist
@@ -94,8 +97,8 @@ class StepContext:
     passes: PassCounts
     autocast: Callable[[], Any]  # `with ctx.autocast():` around forward passes (bf16 on GPU, a no-op on CPU)
     route: TeacherRoute | None = None  # when the method declared `needs_route`
-    # probe(n): the first n training images (normalised, not augmented) and labels, for choices a method makes
-    # during training (RCO's greedy anchors). Never the test split.
+    # probe(n): the first n validation images (normalised, not augmented) and labels, for choices a method makes
+    # during training (RCO's greedy anchors; declare them in `Needs.choice`). Never the test or training split.
     probe: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
     seed: int = 0  # the job's seed: a method's random draws come from kdbench.seeding streams of it
     guides: list[nn.Module] = field(default_factory=list)  # `Needs.dense`: frozen teacher and assistants, teacher first
@@ -189,7 +192,24 @@ class Method(nn.Module):
         return None
 
     def start_epoch(self, epoch: int, epochs: int, ctx: StepContext) -> None:
-        """Called by the engine before each of the job's `epochs` (0-based `epoch`): a method's stage switch."""
+        """Called by the engine before each of the job's `epochs` (0-based `epoch`): a method's stage switch.
+
+        Not called again for an epoch resumed in its middle: what it set must be in the method's state (see
+        `extra_state`) or be restored by `resumed`.
+        """
+
+    def extra_state(self) -> dict[str, Any]:
+        """State outside parameters and buffers that a resumed job needs; the engine checkpoints it beside the
+        method's state_dict. Override with `{**super().extra_state(), ...}` and extend `load_extra_state`.
+        (Not torch's get_extra_state: that would put a non-tensor into every `state_dict()`.)"""
+        return {"record": dict(self.record)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.record = dict(state["record"])
+
+    def resumed(self, ctx: StepContext) -> None:
+        """Called once when a job resumes from a checkpoint, after its state is loaded and before training goes on:
+        restore what lives outside the method and the trainable models (RCO reloads its anchor into the teacher)."""
 
     def losses(self, batch: Batch, student: Outputs, teacher: Outputs | None) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -127,7 +127,8 @@ class Plan:
         return keys
 
     def resolve_assistants(self, accuracy: Callable[[str], float | None]) -> tuple["Plan", dict[str, str]]:
-        """Choose every "auto" assistant, now that `accuracy(job key)` knows the trained models' test accuracy.
+        """Choose every "auto" assistant, now that `accuracy(job key)` knows the trained models' validation accuracy
+        (never the test accuracy: the test split is only reported).
 
         The rule (Mirzadeh et al.): the candidate whose accuracy is closest to the mean of the teacher's and
         the student's, all trained alone with the teachers' recipe. Returns the plan with the assistant jobs
@@ -141,7 +142,8 @@ class Plan:
             acc = {name: accuracy(key) for name, key in refs.items()}
             missing = [name for name, a in acc.items() if a is None]
             if missing:
-                failed[job.key] = f"assistant not chosen: the reference run of {missing[0]} did not finish"
+                failed[job.key] = f"assistant not chosen: the reference run of {missing[0]} did not finish " \
+                                  f"(or has no validation accuracy)"
                 continue
             target = (acc.pop("teacher") + acc.pop("student")) / 2
             chosen = min(acc, key=lambda name: (abs(acc[name] - target), name))
@@ -149,8 +151,8 @@ class Plan:
                                    job.method, config["method_params"])
             for a in chain:
                 jobs.setdefault(a.key, a)
-            choice = (f"auto: {chosen}, accuracy closest to {target:.2f}, the mean of teacher {job.teacher_model} "
-                      f"and student {job.model}; candidates: " + ", ".join(f"{n} {a:.2f}" for n, a in sorted(acc.items())))
+            choice = (f"auto: {chosen}, validation accuracy closest to {target:.2f}, the mean of teacher "
+                      f"{job.teacher_model} and student {job.model}; candidates: " + ", ".join(f"{n} {a:.2f}" for n, a in sorted(acc.items())))
             jobs[job.key] = replace(job, teacher=chain[-1].key, assistants=(chosen,), assistant_choice=choice)
         return replace(self, jobs=in_waves(jobs.values())), failed
 
@@ -170,7 +172,10 @@ def in_waves(jobs) -> list[Job]:
 
 
 def base_config(suite: Suite) -> dict[str, Any]:
-    return {"store_version": STORE_VERSION, "data": suite.data.model_dump(), "augment": suite.augment.model_dump()}
+    data = suite.data.model_dump()
+    if not data["val_size"]:  # no validation split trains on what suites before val_size trained on: same keys
+        del data["val_size"]
+    return {"store_version": STORE_VERSION, "data": data, "augment": suite.augment.model_dump()}
 
 
 def assistant_jobs(suite: Suite, student_train: TrainConfig, teacher_key: str, teacher_model: str,

@@ -14,10 +14,9 @@ double backward; DARTS's second-order approximation without its finite differenc
 the regressors take their ordinary step on the training batch with alpha fixed. Afterwards alpha is
 frozen and the student trains on with the same loss (the search epochs count in the student's epochs, so
 the budget is every other method's). alpha never gets a gradient from the training loss.
-Validation batches come from `ctx.probe(probe_size)` (the first `probe_size` held-out images, cycled in
-batches of the training batch size, not augmented): the validation split of `data.val_size` where the
-engine has one; on an engine without it, probe serves the first training images, and the search is then
-not bilevel in data (say so beside results).
+Validation batches come from `ctx.probe(probe_size)`: the first `probe_size` images of the validation split
+(`data.val_size`, held out of the training images), cycled in batches of the training batch size, not
+augmented. A suite with a search (`search_fraction > 0`) must declare `data.val_size`.
 No official code was found: candidate layers, search length (assumed 5% of the epochs: 12 of 240), loss
 weight (assumed 100, FitNets' CRD weight, on the mean over stages), xi (assumed 0.05, the CRD learning
 rate) and alpha's learning rate (3e-4, DARTS's) are parameters; runs are labelled "protocol assumed".
@@ -35,7 +34,7 @@ from torch import nn
 from torch.func import functional_call
 
 from kdbench.losses import cross_entropy, hint_mse
-from kdbench.method import Method, Outputs, run_model
+from kdbench.method import Method, Needs, Outputs, run_model
 from kdbench.registry import get_method
 
 
@@ -64,6 +63,10 @@ class DFA(Method):
     defaults = {"stages": 3, "hint_weight": 100.0, "ce_weight": 1.0, "search_fraction": 0.05, "xi": 0.05,
                 "alpha_lr": 3e-4, "alpha_weight_decay": 1e-3, "probe_size": 5000}
     protocol_note = "protocol assumed"
+
+    @classmethod
+    def needs(cls, params):
+        return Needs(choice="search_fraction > 0 (its aggregation search)" if params["search_fraction"] > 0 else "")
 
     @classmethod
     def check_params(cls, params):

@@ -59,6 +59,9 @@ class ESKD(Method):
         self.record["kd_epochs"] = str(kd_epochs(epochs, self.params["kd_until"]))
         self.hold_early_teacher(ctx)
 
+    def resumed(self, ctx):
+        self.hold_early_teacher(ctx)
+
     def hold_early_teacher(self, ctx) -> None:
         """Load the chosen route checkpoint into the teacher, once per run (again in a resumed process)."""
         if self.loaded_epoch is not None:

@@ -16,7 +16,8 @@ from kdbench.suite import load_suite
 
 SUITE = {
     "name": "methods",
-    "data": {"dataset": "synthetic", "train_size": 64, "test_size": 32, "num_classes": 4, "image_size": 16},
+    "data": {"dataset": "synthetic", "train_size": 80, "val_size": 16, "test_size": 32, "num_classes": 4,
+             "image_size": 16},  # 64 trained on, 16 held out for takd_auto's choice
     "augment": {"crop_padding": 2, "flip": True},
     "teachers": ["cifar_resnet20", "cifar_resnet14"],  # resnet14: a candidate assistant for "auto"
     "students": ["cifar_resnet8"],
@@ -73,8 +74,13 @@ def test_every_method_runs_records_its_procedure_and_cost_and_takd_reuses_its_as
         params = students[label].data.params
         assert params["assistant_job"] == assistant_key and params["assistant_models"] == "cifar_resnet14"
         assert students[label].data.tags["kdbench.teacher"] == "cifar_resnet20"
-    assert students["takd_auto"].data.params["assistant_choice"].startswith("auto: cifar_resnet14")
     store = ModelStore()
+    # chosen by the reference runs' validation accuracy (the test split is only reported)
+    choice = students["takd_auto"].data.params["assistant_choice"]
+    reference = next(j for j in executor.plan.jobs if j.model == "cifar_resnet14" and j.role != "assistant")
+    val_acc = store.meta(reference.key)["metrics"]["val_acc"]
+    assert choice.startswith("auto: cifar_resnet14, validation accuracy closest to")
+    assert choice.endswith(f"candidates: cifar_resnet14 {val_acc:.2f}"), choice
     job = executor.plan.job(students["takd"].data.tags["kdbench.job"])
     taught_by = executor.build_teacher(job).state_dict()
     assistant = store.load_final(assistant_key)
