@@ -92,6 +92,7 @@ def run(
     download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
     teacher_cache: bool = typer.Option(False, "--teacher-cache", help="compute each teacher's logits once per image "
                                        "and view, shared by logit-only methods and seeds (same numbers, faster)"),
+    executor: str = typer.Option("inprocess", "--executor", help="where the jobs run: inprocess"),
 ) -> None:
     """Run every job of a suite: teachers, then students of every method and seed, logged to MLflow."""
     plan = _load_plan(suite, methods, seeds, epochs)
@@ -99,12 +100,13 @@ def run(
         _print_plan(plan)
         return
     from kdbench.data import resolve_data_root
-    from kdbench.executor import Executor
+    from kdbench.executors import get_executor
     from kdbench.tracking import tracking_uri
 
+    executor_cls = get_executor(executor)
     root = resolve_data_root(str(data_root) if data_root else None)
-    outcome = Executor(plan, root, device, console=err, fresh=fresh, download=download,
-                       teacher_cache=teacher_cache).run()
+    outcome = executor_cls(plan, root, device, console=err, fresh=fresh, download=download,
+                           teacher_cache=teacher_cache).run()
     already = f" ({outcome.skipped} already done before)" if outcome.skipped else ""
     err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed; MLflow {tracking_uri()}, "
               f"parent run {outcome.parent_run}")
@@ -119,11 +121,16 @@ def report(
                                          help="the parent run id to report (default: the suite's latest run)"),
     out_dir: Path = typer.Option(Path("results"), "--out", help="write into OUT/<suite name>/"),
     x: str = typer.Option("gap", "--x", help="the figure's x axis: gap (teacher/student parameters) or teacher_acc"),
+    methods: Optional[str] = typer.Option(None, "--methods",
+                                          help="method labels to plot, comma-separated (default: every method)"),
+    title: Optional[str] = typer.Option(None, "--title", help="the figure's title (default: the suite's display "
+                                        "title, else the dataset and what is plotted)"),
 ) -> None:
-    """Tables (Markdown, LaTeX, CSV) and the accuracy-vs-gap figure of a suite's run, read from MLflow."""
+    """Tables (Markdown, LaTeX, CSV) with confidence intervals and paired tests, and the accuracy-vs-gap figure
+    (PNG, SVG, PDF) of a suite's run, read from MLflow."""
     from kdbench.report import write_report
 
-    folder = write_report(suite, out_dir, run_id, x)
+    folder = write_report(suite, out_dir, run_id, x, methods=_csv(methods), title=title)
     err.print(f"report written to {folder}/ (report.md, comparison, cost, figure"
               f"{', paper_table' if (folder / 'paper_table.md').exists() else ''})")
 

@@ -16,12 +16,14 @@ from typing import Iterable
 import pandas as pd
 
 from kdbench import KdbenchError
+from kdbench.figures import X_AXES, accuracy_figure, save_figure
+from kdbench.stats import ALPHA, NO_TEST, Paired, holm, mean_ci
 from kdbench.tracking import TAG, tracking_uri
 
 PASSES = ("teacher_forward", "teacher_backward", "student_forward", "student_backward")
 TEACHER = "teacher"  # the row of teacher accuracies (teacher runs carry the method label "baseline")
-X_AXES = {"gap": "capacity gap: teacher parameters / student parameters (log scale)",
-          "teacher_acc": "teacher test accuracy (%)"}
+DATASET_NAMES = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10", "mnist": "MNIST", "fashion_mnist": "Fashion-MNIST",
+                 "synthetic": "synthetic data", "imagefolder": "image folder"}
 RUN_COLUMNS = ["run_id", "role", "method", "method_name", "teacher", "student", "pair", "seed", "status", "reason",
                "failure", "protocol", "reused", "epochs", "test_acc", "wall_time", "images_per_sec", *PASSES,
                "start_time"]
@@ -140,6 +142,14 @@ class Layout:
     methods: tuple[str, ...]  # student method labels, in the suite's order
     baseline: str | None  # the label of the student trained alone
     seeds: tuple[int, ...]
+    kd: str | None = None  # the label of vanilla KD (method kd, default parameters if there is such an entry)
+    dataset: str = ""  # the dataset's name for a reader
+    names: tuple[tuple[str, str], ...] = ()  # display names of models and methods (the suite's `display` block)
+    title: str | None = None
+
+    def name(self, key: str) -> str:
+        """A model's or method's name as the suite's `display` block gives it (else its own)."""
+        return dict(self.names).get(key, key)
 
     @property
     def students(self) -> list[str]:
@@ -169,7 +179,13 @@ def layout_for(plan, runs: pd.DataFrame) -> Layout:
     baselines = [m.label for m in suite.methods if m.method == "baseline"]
     baselines += sorted(set(students[students.method_name == "baseline"].method) - set(baselines))
     seeds = sorted(set(suite.seeds) | set(students.seed))
-    return Layout(suite.name, tuple(pairs), tuple(methods), baselines[0] if baselines else None, tuple(seeds))
+    kd = [m.label for m in suite.methods if m.method == "kd"]
+    kd.sort(key=lambda label: bool(next(m for m in suite.methods if m.label == label).params))  # defaults first
+    display = suite.display
+    names = {**display.models, **display.methods}
+    return Layout(suite.name, tuple(pairs), tuple(methods), baselines[0] if baselines else None, tuple(seeds),
+                  kd[0] if kd else None, display.dataset or DATASET_NAMES.get(suite.data.dataset, suite.data.dataset),
+                  tuple(sorted(names.items())), display.title)
 
 
 # ---------------------------------------------------------------------------------------------- cells
@@ -192,6 +208,11 @@ class Cell:
     @property
     def std(self) -> float:
         return sample_std(list(self.values.values()))
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        """The 95 % t interval of the mean over seeds."""
+        return mean_ci(list(self.values.values()))
 
     @property
     def reason(self) -> str:
@@ -249,39 +270,55 @@ def student_cell(runs: pd.DataFrame, label: str, teacher: str, student: str, see
     return pick(mine, seeds)
 
 
-def paired_difference(cell: Cell, base: Cell) -> tuple[int, float, float]:
-    """n, mean and standard deviation of (method - baseline) over the seeds both have."""
-    diffs = [cell.values[s] - base.values[s] for s in sorted(cell.values) if s in base.values]
-    return len(diffs), (sum(diffs) / len(diffs) if diffs else math.nan), sample_std(diffs)
-
-
-COMPARISON_COLUMNS = ["row", "method", "role", "teacher", "student", "gap", "n", "mean", "std", "seeds", "values",
-                      "delta_n", "delta_mean", "delta_std", "best", "status", "note", "protocol", "teacher_acc"]
+COMPARISON_COLUMNS = ["row", "method", "role", "teacher", "student", "gap", "n", "mean", "std", "ci_low", "ci_high",
+                      "seeds", "values", "delta_n", "delta_mean", "delta_std", "delta_ci_low", "delta_ci_high",
+                      "delta_p", "delta_p_holm", "delta_significant", "kd_n", "kd_mean", "kd_std", "kd_ci_low",
+                      "kd_ci_high", "kd_p", "kd_p_holm", "kd_significant", "best", "status", "note", "protocol",
+                      "teacher_acc", "teacher_ci_low", "teacher_ci_high"]
+# Paired comparisons: each method against the student alone ("delta") and against vanilla KD ("kd").
+REFERENCES = ("delta", "kd")
 
 
 def comparison_frame(runs: pd.DataFrame, layout: Layout) -> pd.DataFrame:
-    """The comparison table in long form: one row per (row of the table, pair)."""
+    """The comparison table in long form: one row per (row of the table, pair).
+
+    Every paired test of the table (both references, every method and pair) is one family for Holm's correction:
+    a difference is marked significant when its Holm-adjusted p-value is below 0.05.
+    """
     records = []
 
-    def add(row: str, role: str, pair: PairInfo, cell: Cell, base: Cell | None, teacher_acc: float):
-        dn, dm, ds = paired_difference(cell, base) if base is not None else (0, math.nan, math.nan)
-        records.append({"row": row, "method": row if role == "student" else "", "role": role, "teacher": pair.teacher,
-                        "student": pair.student, "gap": pair.gap, "n": cell.n, "mean": cell.mean, "std": cell.std,
-                        "seeds": " ".join(map(str, sorted(cell.values))),
-                        "values": " ".join(f"{cell.values[s]:.4f}" for s in sorted(cell.values)),
-                        "delta_n": dn, "delta_mean": dm, "delta_std": ds, "best": False,
-                        "status": "ok" if cell.n else cell.reason, "note": cell.note, "protocol": cell.protocol,
-                        "teacher_acc": teacher_acc})
+    def add(row: str, role: str, pair: PairInfo, cell: Cell, refs: dict[str, Paired], teacher: Cell):
+        record = {"row": row, "method": row if role == "student" else "", "role": role, "teacher": pair.teacher,
+                  "student": pair.student, "gap": pair.gap, "n": cell.n, "mean": cell.mean, "std": cell.std,
+                  "ci_low": cell.ci[0], "ci_high": cell.ci[1], "seeds": " ".join(map(str, sorted(cell.values))),
+                  "values": " ".join(f"{cell.values[s]:.4f}" for s in sorted(cell.values)), "best": False,
+                  "status": "ok" if cell.n else cell.reason, "note": cell.note, "protocol": cell.protocol,
+                  "teacher_acc": teacher.mean, "teacher_ci_low": teacher.ci[0], "teacher_ci_high": teacher.ci[1]}
+        for ref in REFERENCES:
+            d = refs.get(ref, NO_TEST)
+            record.update({f"{ref}_n": d.n, f"{ref}_mean": d.mean, f"{ref}_std": d.std, f"{ref}_ci_low": d.ci_low,
+                           f"{ref}_ci_high": d.ci_high, f"{ref}_p": d.p})
+        records.append(record)
 
     for pair in layout.pairs:
         teacher = teacher_cell(runs, pair.teacher)
-        add(TEACHER, "teacher", pair, teacher, None, teacher.mean)
+        add(TEACHER, "teacher", pair, teacher, {}, teacher)
         base = (student_cell(runs, layout.baseline, pair.teacher, pair.student, layout.seeds) if layout.baseline
                 else None)
+        kd = student_cell(runs, layout.kd, pair.teacher, pair.student, layout.seeds) if layout.kd else None
         for label in layout.methods:
             cell = student_cell(runs, label, pair.teacher, pair.student, layout.seeds)
-            add(label, "student", pair, cell, base if label != layout.baseline else None, teacher.mean)
+            refs = {}
+            if base is not None and label != layout.baseline:
+                refs["delta"] = Paired.of(cell.values, base.values)
+            if kd is not None and label not in (layout.kd, layout.baseline):
+                refs["kd"] = Paired.of(cell.values, kd.values)
+            add(label, "student", pair, cell, refs, teacher)
     table = pd.DataFrame(records, columns=COMPARISON_COLUMNS)
+    adjusted = holm(list(table.delta_p) + list(table.kd_p))
+    table["delta_p_holm"], table["kd_p_holm"] = adjusted[:len(table)], adjusted[len(table):]
+    for ref in REFERENCES:
+        table[f"{ref}_significant"] = table[f"{ref}_p_holm"] < ALPHA
     students = table[(table.role == "student") & (table.n > 0)]
     best = students.groupby(["teacher", "student"], sort=False)["mean"].transform("max")
     table.loc[best.index[students["mean"] == best], "best"] = True
@@ -343,14 +380,35 @@ def spread(mean: float, std: float, digits: int = 2, sign: bool = False, pm: str
     return text if math.isnan(std) else f"{text}{pm}{number(std, digits)}"
 
 
+def interval(low: float, high: float, digits: int = 2, sign: bool = False) -> str:
+    """A confidence interval as "[a, b]"; empty when it is undefined (one seed)."""
+    if math.isnan(low) or math.isnan(high):
+        return ""
+    return f"[{number(low, digits, sign)}, {number(high, digits, sign)}]"
+
+
+def p_value(p: float) -> str:
+    if math.isnan(p):
+        return DASH
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def delta_text(r, ref: str) -> str:
+    """A paired difference: "+0.30 [−0.12, +0.72]*" (* when it survives Holm's correction)."""
+    ci = interval(r[f"{ref}_ci_low"], r[f"{ref}_ci_high"], sign=True)
+    return (number(r[f"{ref}_mean"], sign=True) + (f" {ci}" if ci else "")
+            + ("*" if r[f"{ref}_significant"] else ""))
+
+
 def md_cell(r, baseline: str | None) -> str:
     if not r.n:
         return f"{DASH} ({r.status})"
     text = spread(r["mean"], r["std"])
     text = f"**{text}**" if r.best else text
-    text += f" (n={r.n}{'; ' + r.note if r.note else ''})"
+    ci = interval(r.ci_low, r.ci_high)
+    text += (f" {ci}" if ci else "") + f" (n={r.n}{'; ' + r.note if r.note else ''})"
     if r.role == "student" and r.row != baseline and r.delta_n:
-        text += f", Δ {spread(r.delta_mean, r.delta_std, sign=True)}"
+        text += f", Δ {delta_text(r, 'delta')}"
     return text + (" †" if r.protocol else "")
 
 
@@ -379,8 +437,10 @@ def comparison_markdown(table: pd.DataFrame, layout: Layout) -> str:
         cells = table[table.row == row]
         rows.append([row_title(row, layout.baseline)] + [md_cell(r, layout.baseline) for _, r in cells.iterrows()])
     text = markdown_table(header, rows, "l" + "r" * len(pairs))
-    text += ("\nLast-epoch test accuracy (%), mean ± standard deviation over seeds (n seeds); Δ: difference to the "
-             "student alone, paired by seed; **bold**: the best method of each pair.")
+    text += ("\nLast-epoch test accuracy (%), mean ± standard deviation over seeds [95 % confidence interval of the "
+             "mean, t distribution] (n seeds); Δ: difference to the student alone, paired by seed, with its 95 % "
+             "interval; *: significant after Holm's correction across the table (paired t-test, α = 0.05; see the "
+             "differences table); **bold**: the best method of each pair.")
     protocols = sorted(set(table.protocol) - {""})
     if protocols:
         text += " †: " + "; ".join(protocols) + "."
@@ -431,6 +491,54 @@ def comparison_latex(table: pd.DataFrame, layout: Layout) -> str:
     return latex_table(header, rows, "l" + "r" * len(pairs), caption)
 
 
+def difference_rows(table: pd.DataFrame, layout: Layout) -> pd.DataFrame:
+    """The rows of the differences table: every method on every pair except the student alone."""
+    return table[(table.role == "student") & (table.row != layout.baseline)]
+
+
+def differences_caption(table: pd.DataFrame, layout: Layout) -> str:
+    tests = int(table.delta_p.notna().sum() + table.kd_p.notna().sum())
+    kd = f" and against vanilla KD (`{layout.kd}`)" if layout.kd else ""
+    return (f"Each method against the student alone (`{layout.baseline}`){kd}: mean difference in last-epoch test "
+            f"accuracy (percentage points), paired by seed, with its 95 % t interval; p: two-sided paired t-test "
+            f"(scipy); p (Holm): adjusted for the {tests} tests of this table (Holm's step-down correction); *: "
+            f"p (Holm) < 0.05. A dash: fewer than two paired seeds, or no spread to test.")
+
+
+def differences_markdown(table: pd.DataFrame, layout: Layout) -> str:
+    header = ["pair", "method", "n", "Δ vs student alone [95 % CI]", "p", "p (Holm)"]
+    if layout.kd:
+        header += ["Δ vs KD [95 % CI]", "p", "p (Holm)"]
+    rows = []
+    for _, r in difference_rows(table, layout).iterrows():
+        row = [pair_header(r.teacher, r.student), r.row, str(r.delta_n or r.n)]
+        for ref in ("delta", "kd") if layout.kd else ("delta",):
+            if r[f"{ref}_n"]:
+                row += [delta_text(r, ref), p_value(r[f"{ref}_p"]), p_value(r[f"{ref}_p_holm"])]
+            else:
+                row += [DASH, DASH, DASH]
+        rows.append(row)
+    text = markdown_table(header, rows, "llr" + "rrr" * (2 if layout.kd else 1))
+    return text + "\n" + differences_caption(table, layout) + "\n"
+
+
+def differences_latex(table: pd.DataFrame, layout: Layout) -> str:
+    header = ["pair", "method", "$n$", r"$\Delta$ alone [95\% CI]", r"$p_\mathrm{Holm}$"]
+    if layout.kd:
+        header += [r"$\Delta$ KD [95\% CI]", r"$p_\mathrm{Holm}$"]
+    rows = []
+    for _, r in difference_rows(table, layout).iterrows():
+        row = [latex_escape(pair_header(r.teacher, r.student)), latex_escape(r.row), str(r.delta_n or r.n)]
+        for ref in ("delta", "kd") if layout.kd else ("delta",):
+            if r[f"{ref}_n"]:
+                row += [latex_escape(delta_text(r, ref)).replace("*", r"$^*$"), latex_escape(p_value(r[f"{ref}_p_holm"]))]
+            else:
+                row += ["--", "--"]
+        rows.append(row)
+    caption = latex_escape(differences_caption(table, layout).replace("`", ""))
+    return latex_table(header, rows, "llr" + "rr" * (2 if layout.kd else 1), caption)
+
+
 def cost_markdown(cost: pd.DataFrame) -> str:
     header = ["job", "teacher", "student", "runs", "test acc (%)", "wall time (s)", "images/s",
               "teacher fwd", "teacher bwd", "student fwd", "student bwd"]
@@ -465,68 +573,6 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
     frame.to_csv(path, index=False, float_format="%.6f", lineterminator="\n")
 
 
-# ---------------------------------------------------------------------------------------------- figure
-
-def accuracy_figure(table: pd.DataFrame, layout: Layout, x: str = "gap"):
-    """Student accuracy against the capacity gap (or the teacher's accuracy): one panel per student, one line
-    per method with error bars over seeds, the student alone as a band (mean ± standard deviation)."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter
-
-    if x not in X_AXES:
-        raise KdbenchError(f"--x: expected one of {', '.join(X_AXES)}, got '{x}'")
-    students = layout.students
-    fig = Figure(figsize=(8.4 * len(students), 4.6), layout="constrained")
-    axes = fig.subplots(1, len(students), squeeze=False)[0]
-    colors = [f"C{i % 10}" for i in range(len(layout.methods))]
-    for ax, student in zip(axes, students):
-        mine = table[(table.student == student) & (table.role == "student")]
-        for color, label in zip(colors, layout.methods):
-            if label == layout.baseline:
-                continue
-            points = mine[(mine.row == label) & (mine.n > 0)]
-            points = points[points[x].notna()].sort_values([x, "teacher"], kind="stable")
-            if len(points):
-                ax.errorbar(points[x].to_numpy(), points["mean"].to_numpy(), yerr=points["std"].fillna(0).to_numpy(),
-                            label=label, color=color, marker="o", capsize=3, linewidth=1.5)
-        base = mine[(mine.row == layout.baseline) & (mine.n > 0)] if layout.baseline else mine.iloc[:0]
-        if len(base):  # one student: the same runs in every pair, so one band
-            b = base.iloc[0]
-            std = 0.0 if math.isnan(b["std"]) else b["std"]
-            ax.axhspan(b["mean"] - std, b["mean"] + std, color="0.5", alpha=0.2, linewidth=0,
-                       label=f"{layout.baseline} (student alone): ± 1 sd")
-            ax.axhline(b["mean"], color="0.35", linestyle="--", linewidth=1,
-                       label=f"{layout.baseline} (student alone): mean")
-        if x == "gap":
-            ax.set_xscale("log")
-        ticks = sorted(set(mine.loc[mine.n > 0, x].dropna()))
-        if ticks:  # the pairs themselves, readable on a log axis that spans less than a decade or two
-            ax.set_xticks(ticks, [f"{t:.1f}×" if x == "gap" else f"{t:.2f}" for t in ticks],
-                          rotation=45 if len(ticks) > 5 else 0)
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            if len(ticks) == 1:  # one pair: centre its point instead of matplotlib's lopsided default
-                ax.set_xlim(*((ticks[0] / 2, ticks[0] * 2) if x == "gap" else (ticks[0] - 1, ticks[0] + 1)))
-        ax.set_xlabel(X_AXES[x])
-        ax.set_ylabel("student test accuracy (%), last epoch")
-        ax.set_title(f"student {student}")
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the axes: never over a point
-    fig.suptitle(f"{layout.suite}: student accuracy vs "
-                 f"{'capacity gap' if x == 'gap' else 'teacher accuracy'} (mean ± sd over seeds)")
-    return fig
-
-
-def save_figure(fig, stem: Path) -> list[Path]:
-    """PNG and SVG with no date, software stamp or random ids in them: the same figure, the same bytes."""
-    import matplotlib
-
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    with matplotlib.rc_context({"svg.hashsalt": "kdbench", "svg.fonttype": "path"}):
-        fig.savefig(paths[0], dpi=120, metadata={"Software": None})
-        fig.savefig(paths[1], metadata={"Date": None, "Creator": None})
-    return paths
-
-
 # ---------------------------------------------------------------------------------------------- the report
 
 def describe_parent(parent, runs: pd.DataFrame) -> str:
@@ -555,7 +601,7 @@ def failures_markdown(runs: pd.DataFrame) -> str:
 
 
 def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | None = None, x: str = "gap",
-                 uri: str | None = None) -> Path:
+                 uri: str | None = None, methods: list[str] | None = None, title: str | None = None) -> Path:
     """Read the suite's runs from MLflow and write its tables and figure into out/<suite>/; returns that folder."""
     from kdbench.paper import paper_frame, paper_latex, paper_markdown
     from kdbench.plan import make_plan
@@ -578,14 +624,17 @@ def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | No
     write_csv(table, folder / "comparison.csv")
     (folder / "comparison.md").write_text(comparison_markdown(table, layout))
     (folder / "comparison.tex").write_text(comparison_latex(table, layout))
+    (folder / "differences.md").write_text(differences_markdown(table, layout))
+    (folder / "differences.tex").write_text(differences_latex(table, layout))
     write_csv(cost, folder / "cost.csv")
     (folder / "cost.md").write_text(cost_markdown(cost))
     (folder / "cost.tex").write_text(cost_latex(cost, suite.name))
     figure = f"accuracy_vs_{x}"
-    save_figure(accuracy_figure(table, layout, x), folder / figure)
+    save_figure(accuracy_figure(table, layout, x, methods, title), folder / figure)
 
     sections = [f"# {suite.name}\n", (suite.description + "\n") if suite.description else "",
                 describe_parent(parent, runs), "\n## Accuracy\n\n", comparison_markdown(table, layout),
+                "\n## Differences\n\n", differences_markdown(table, layout),
                 f"\n![student accuracy vs {x}]({figure}.png)\n", "\n## Cost\n\n", cost_markdown(cost)]
     if suite.reference is not None:
         paper = paper_frame(suite, suite_path, runs, layout)

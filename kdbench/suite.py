@@ -113,9 +113,18 @@ class ReferenceConfig(Strict):
         return self
 
 
+class DisplayConfig(Strict):
+    """How reports name things for a reader: a figure title and readable names for the dataset, models, methods."""
+    title: str | None = None  # the figure's title (default: the dataset's name and what is plotted)
+    dataset: str | None = None  # e.g. "Fashion-MNIST"
+    models: dict[str, str] = {}  # timm name -> display name (e.g. mnist_mlp_30x2: "MLP 30x2")
+    methods: dict[str, str] = {}  # method label -> display name (e.g. kd: "KD (Hinton et al.)")
+
+
 class Suite(Strict):
     name: str
     description: str = ""
+    display: DisplayConfig = DisplayConfig()  # names in reports only: no number depends on it
     data: DataConfig
     augment: AugmentConfig = AugmentConfig()
     teachers: list[str] = Field(min_length=1)

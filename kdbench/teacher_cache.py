@@ -24,20 +24,26 @@ sync) and runs the teacher on them; :meth:`lookup` during the epoch is a pure ga
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from typing import ContextManager, Iterable, Protocol
 
 import torch
 from torch import nn
 
 from kdbench.data import DatasetInfo, Split, Views, apply_views, normalize, num_views, view_ids, views_from_ids
 
-if TYPE_CHECKING:
-    from kdbench.engine import EngineOptions
+
+class ForwardOptions(Protocol):
+    """What the cache needs of the engine's options (kdbench.engine.EngineOptions), named here so the cache
+    does not import the engine that imports it."""
+
+    channels_last: bool
+
+    def autocast(self) -> ContextManager: ...
 
 
 class TeacherCache:
     def __init__(self, teacher: nn.Module, split: Split, info: DatasetInfo, padding: int, flip: bool,
-                 opts: "EngineOptions"):
+                 opts: ForwardOptions):
         self.teacher = teacher
         self.split = split
         self.info = info

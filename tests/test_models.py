@@ -45,6 +45,12 @@ PARAMS_M = {
     'mnist_mlp_100x2': 0.09,
     'mnist_mlp_30x2': 0.02,
     'mnist_cnn': 0.42,
+    # conv weights (no bias) + BN + head: w=16, depth 1: 16*9 + 32 + 16*32*9 + 64 + 32*10 + 10 = 5,178
+    'mnist_convnet_8x1': 0.0014,
+    'mnist_convnet_16x1': 0.0052,
+    'mnist_convnet_32x1': 0.0196,
+    'mnist_convnet_32x2': 0.0658,
+    'mnist_convnet_64x2': 0.2607,
 }
 CIFAR_NAMES = [n for n in PARAMS_M if n.startswith('cifar_')]
 MNIST_NAMES = [n for n in PARAMS_M if n.startswith('mnist_')]
@@ -322,3 +328,17 @@ def test_max_norm():
     w = m2.hidden[0].fc.weight.clone()
     m2.apply_max_norm_(m2.max_norm)
     torch.testing.assert_close(m2.hidden[0].fc.weight, w)
+
+
+@pytest.mark.parametrize('width,depth', [(8, 1), (16, 1), (32, 1), (32, 2), (64, 2)])
+def test_convnet_family_parameters_and_growth(width, depth):
+    """Exact parameter counts from the design (bias-free convs, BN scale and shift, linear head)."""
+    def convs(cin, cout):
+        return cin * cout * 9 + 2 * cout
+
+    expected = convs(1, width) + (depth - 1) * convs(width, width)
+    expected += convs(width, 2 * width) + (depth - 1) * convs(2 * width, 2 * width) + 2 * width * 10 + 10
+    m = _model(f'mnist_convnet_{width}x{depth}')
+    assert _n_params(m) == expected
+    _, inter = m.forward_intermediates(_input('mnist_convnet'))
+    assert [t.shape[1:] for t in inter] == [(width, 14, 14), (2 * width, 7, 7)]

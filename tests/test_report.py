@@ -182,44 +182,127 @@ def test_cost_table_counts_passes(report):
     assert cost[("teacher", BAD)]["status"] == "diverged"
 
 
+def ci95(values):
+    """The 95 % t interval of the mean, from scipy directly."""
+    from scipy import stats
+
+    return stats.t.interval(0.95, len(values) - 1, loc=statistics.mean(values), scale=stats.sem(values))
+
+
 def test_figure_lines_and_band_match_the_table(store):
     client = open_client(store["uri"])
     suite = load_suite(store["suite"])
     runs = load_runs(client, find_parent(client, suite.name))
     layout = layout_for(make_plan(suite, store["suite"]), runs)
     fig = accuracy_figure(comparison_frame(runs, layout), layout)
-    (ax,) = fig.axes
+    acc_ax, gain_ax = fig.axes
     truth_runs = truth(store)
 
     def params(name):
         return sum(p.numel() for p in timm.create_model(name, num_classes=10, in_chans=3).parameters())
 
     gap = params(GOOD) / params(STUDENT)
-    lines = {c.get_label(): c for c in ax.containers if isinstance(c, ErrorbarContainer)}
+    lines = {c.get_label(): c for c in acc_ax.containers if isinstance(c, ErrorbarContainer)}
     assert sorted(lines) == ["kd", "kd_T8"]  # kd_boom and kd_skipped have no point; the baseline is a band
+    xs = {}
+    base = accs(truth_runs, "baseline", GOOD)
     for label, container in lines.items():
-        values = list(accs(truth_runs, label, GOOD).values())
+        values = accs(truth_runs, label, GOOD)
         data_line, _, (bars,) = container
-        assert list(data_line.get_xdata()) == pytest.approx([gap])  # the diverged teacher's pair has no point
-        assert list(data_line.get_ydata()) == pytest.approx([statistics.mean(values)])
+        (xs[label],) = data_line.get_xdata()  # the diverged teacher's pair has no point
+        assert xs[label] == pytest.approx(gap, rel=0.2)  # dodged beside the pair's gap, not on it
+        assert list(data_line.get_ydata()) == pytest.approx([statistics.mean(values.values())])
         (segment,) = bars.get_segments()
-        assert segment[:, 1] == pytest.approx([statistics.mean(values) - statistics.stdev(values),
-                                               statistics.mean(values) + statistics.stdev(values)])
-    base = list(accs(truth_runs, "baseline", GOOD).values())
-    (band,) = ax.patches
+        assert segment[:, 1] == pytest.approx(ci95(list(values.values())))  # 95 % interval, not one sd
+        # Panel (b): the paired improvement over the student alone, with its interval.
+        gain = next(c for c in gain_ax.containers if isinstance(c, ErrorbarContainer)
+                    and c[0].get_color() == data_line.get_color())
+        diffs = [values[s] - base[s] for s in sorted(values)]
+        assert list(gain[0].get_ydata()) == pytest.approx([statistics.mean(diffs)])
+        (segment,) = gain[2][0].get_segments()
+        assert segment[:, 1] == pytest.approx(ci95(diffs))
+    assert xs["kd"] != xs["kd_T8"]  # dodged: equal means never hide one marker under another
+    (band,) = acc_ax.patches
     low, high = band.get_y(), band.get_y() + band.get_height()  # y in data units (x spans the axes)
-    assert (low, high) == pytest.approx((statistics.mean(base) - statistics.stdev(base),
-                                         statistics.mean(base) + statistics.stdev(base)), abs=1e-6)
-    mean_line = next(l for l in ax.lines if "student alone" in l.get_label())
-    assert list(mean_line.get_ydata()) == pytest.approx([statistics.mean(base)] * 2)
-    assert ax.get_xscale() == "log" and "capacity gap" in ax.get_xlabel() and "accuracy" in ax.get_ylabel()
-    assert ax.get_legend() is not None and fig._suptitle.get_text()
-
-    fig = accuracy_figure(comparison_frame(runs, layout), layout, x="teacher_acc")
-    (ax,) = fig.axes
+    assert (low, high) == pytest.approx(ci95(list(base.values())), abs=1e-6)
+    mean_line = next(l for l in acc_ax.lines if "student alone" in l.get_label())
+    assert list(mean_line.get_ydata()) == pytest.approx([statistics.mean(base.values())] * 2)
+    assert acc_ax.get_xscale() == "log" and "capacity gap" in acc_ax.get_xlabel()
+    assert "accuracy" in acc_ax.get_ylabel() and "student alone" in gain_ax.get_ylabel()
     teacher = next(v[1] for k, v in truth_runs.items() if k[0] == "teacher" and k[2] == GOOD)
-    kd = next(c for c in ax.containers if c.get_label() == "kd")
-    assert list(kd[0].get_xdata()) == pytest.approx([teacher]) and ax.get_xscale() == "linear"
+    assert [t.get_text() for t in acc_ax.get_xticklabels()] == [f"{gap:.1f}×\nteacher {teacher:.1f}%"]
+    title = fig._suptitle.get_text()
+    assert title.startswith("synthetic data:") and "95 % CI" in title and "reportsuite" not in title
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()][:2] == ["kd", "kd_T8"]
+
+    fig = accuracy_figure(comparison_frame(runs, layout), layout, x="teacher_acc", methods=["kd"], title="T")
+    acc_ax, _ = fig.axes
+    (kd,) = [c for c in acc_ax.containers if isinstance(c, ErrorbarContainer)]
+    assert kd.get_label() == "kd" and fig._suptitle.get_text() == "T"
+    assert list(kd[0].get_xdata()) == pytest.approx([teacher]) and acc_ax.get_xscale() == "linear"
+    with pytest.raises(KdbenchError, match="--methods: no method labelled 'nope'"):
+        accuracy_figure(comparison_frame(runs, layout), layout, methods=["nope"])
+
+
+def holm_reference(pvalues):
+    """Holm's adjusted p-values written out as the definition: max over the smaller ones of (m - j) p_(j)."""
+    ranked = sorted(p for p in pvalues if not math.isnan(p))
+    m = len(ranked)
+    return [math.nan if math.isnan(p) else
+            min(1.0, max((m - j) * ranked[j] for j in range(ranked.index(p) + 1))) for p in pvalues]
+
+
+def test_statistics_match_scipy(store, report):
+    """Every interval and p-value of the table, recomputed here from MLflow's numbers with scipy."""
+    from scipy import stats
+
+    runs = truth(store)
+    rows = {(r["row"], r["teacher"]): r for r in read_csv(report / "comparison.csv")}
+    base = accs(runs, "baseline", GOOD)
+    kd = accs(runs, "kd", GOOD)
+    for label in ("baseline", "kd", "kd_T8"):
+        values = accs(runs, label, GOOD)
+        row = rows[(label, GOOD)]
+        low, high = ci95(list(values.values()))
+        assert (float(row["ci_low"]), float(row["ci_high"])) == pytest.approx((low, high), abs=1e-5)
+    row = rows[("kd_T8", GOOD)]
+    t8 = accs(runs, "kd_T8", GOOD)
+    tested = 0
+    for ref, other in (("delta", base), ("kd", kd)):
+        diffs = [t8[s] - other[s] for s in RUN_SEEDS]
+        assert float(row[f"{ref}_mean"]) == pytest.approx(statistics.mean(diffs), abs=1e-6)
+        if statistics.stdev(diffs) == 0:  # the same difference on every seed: a point, and nothing to test
+            assert float(row[f"{ref}_ci_low"]) == float(row[f"{ref}_ci_high"]) == pytest.approx(diffs[0])
+            assert row[f"{ref}_p"] == ""
+            continue
+        assert (float(row[f"{ref}_ci_low"]), float(row[f"{ref}_ci_high"])) == pytest.approx(ci95(diffs), abs=1e-5)
+        p = stats.ttest_rel([t8[s] for s in RUN_SEEDS], [other[s] for s in RUN_SEEDS]).pvalue
+        assert float(row[f"{ref}_p"]) == pytest.approx(p, abs=1e-6)
+        tested += 1
+    assert tested
+    # Holm across every test of the table.
+    all_rows = read_csv(report / "comparison.csv")
+    raw = [float(r["delta_p"]) if r["delta_p"] else math.nan for r in all_rows]
+    raw += [float(r["kd_p"]) if r["kd_p"] else math.nan for r in all_rows]
+    adjusted = [float(r["delta_p_holm"]) if r["delta_p_holm"] else math.nan for r in all_rows]
+    adjusted += [float(r["kd_p_holm"]) if r["kd_p_holm"] else math.nan for r in all_rows]
+    assert sum(not math.isnan(p) for p in raw) >= 2
+    for got, want in zip(adjusted, holm_reference(raw)):
+        assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, abs=1e-6)
+    significant = [r["delta_significant"] == "True" for r in all_rows]
+    assert significant == [not math.isnan(p) and p < 0.05 for p in adjusted[:len(all_rows)]]
+    md = (report / "differences.md").read_text()
+    assert "Holm" in md and "kd_T8" in md and "nan" not in md
+
+
+def test_holm_on_known_values():
+    from kdbench.stats import holm
+
+    # Four tests: sorted 0.01, 0.02, 0.03, 0.04 -> 0.04, 0.06, 0.06, 0.06 (monotone), nan untouched.
+    got = holm([0.03, 0.01, math.nan, 0.04, 0.02])
+    assert got[:2] == pytest.approx([0.06, 0.04]) and math.isnan(got[2])
+    assert got[3:] == pytest.approx([0.06, 0.06])
 
 
 def test_paper_table_beside_the_runs(store, report):
@@ -257,7 +340,7 @@ def test_rerun_writes_identical_files_and_cli_works(store, report, tmp_path):
     names = sorted(p.name for p in report.iterdir())
     assert names == sorted(p.name for p in again.iterdir())
     assert {"comparison.md", "comparison.tex", "comparison.csv", "cost.md", "cost.csv", "accuracy_vs_gap.png",
-            "accuracy_vs_gap.svg", "paper_table.md", "paper_table.csv", "runs.csv", "report.md"} <= set(names)
+            "accuracy_vs_gap.svg", "accuracy_vs_gap.pdf", "differences.md", "differences.tex", "paper_table.md", "paper_table.csv", "runs.csv", "report.md"} <= set(names)
     for name in names:
         if name != "report.md":  # report.md names the command that made it
             assert (report / name).read_bytes() == (again / name).read_bytes(), name

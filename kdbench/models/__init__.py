@@ -7,7 +7,8 @@ Importing this package registers the models with ``timm`` so that
 CIFAR models (32x32 inputs, default ``num_classes=100``) reproduce the
 architectures of the CRD benchmark (RepDistiller's ``models/``), with the same
 parameter names; MNIST models (28x28x1, default ``num_classes=10``) are the
-MLPs of Hinton et al. (2015) and a small CNN.
+MLPs of Hinton et al. (2015), a small CNN and a convnet family of growing
+width and depth (``mnist_convnet_*``) for capacity-gap studies.
 """
 from . import cifar_mobilenetv2, cifar_resnet, cifar_resnet50, cifar_shufflenetv1, cifar_shufflenetv2, cifar_vgg, \
     cifar_wrn, mnist
@@ -19,7 +20,7 @@ from .cifar_shufflenetv1 import CifarShuffleNetV1
 from .cifar_shufflenetv2 import CifarShuffleNetV2
 from .cifar_vgg import CifarVGG
 from .cifar_wrn import WideResNet
-from .mnist import MnistCNN, MnistMLP
+from .mnist import MnistCNN, MnistConvNet, MnistMLP
 
 CIFAR_MODELS = (
     'cifar_resnet8', 'cifar_resnet14', 'cifar_resnet20', 'cifar_resnet32', 'cifar_resnet44', 'cifar_resnet56',
@@ -30,10 +31,11 @@ CIFAR_MODELS = (
 )
 MNIST_MODELS = (
     'mnist_mlp', 'mnist_mlp_1200x2', 'mnist_mlp_800x2', 'mnist_mlp_400x2', 'mnist_mlp_100x2', 'mnist_mlp_30x2',
-    'mnist_cnn',
+    'mnist_cnn', 'mnist_convnet_8x1', 'mnist_convnet_16x1', 'mnist_convnet_32x1', 'mnist_convnet_32x2',
+    'mnist_convnet_64x2',
 )
 
 __all__ = [
     'StagedNet', 'CifarResNet', 'CifarResNetV2', 'WideResNet', 'CifarVGG', 'CifarMobileNetV2',
-    'CifarShuffleNetV1', 'CifarShuffleNetV2', 'MnistMLP', 'MnistCNN', 'CIFAR_MODELS', 'MNIST_MODELS',
+    'CifarShuffleNetV1', 'CifarShuffleNetV2', 'MnistMLP', 'MnistCNN', 'MnistConvNet', 'CIFAR_MODELS', 'MNIST_MODELS',
 ]

@@ -6,10 +6,15 @@
   constraint on each hidden unit's incoming weights; the dropout rates and the
   max-norm bound are constructor arguments, all off by default.
 * :class:`MnistCNN` -- conv32-pool-conv64-pool-fc128-fc10 (3x3 'same' convs).
+* :class:`MnistConvNet` -- a family of growing width and depth for capacity-gap
+  studies on 28x28 images: two stages (28 -> 14 -> 7) of ``depth``
+  conv3x3-BN-ReLU blocks, widths ``(w, 2w)``, global average pool, linear head.
+  ``mnist_convnet_{w}x{depth}`` from 1.4k to 0.26M parameters.
 
 Registered: ``mnist_mlp`` (takes ``hidden=``), ``mnist_mlp_1200x2``,
 ``mnist_mlp_800x2``, ``mnist_mlp_400x2``, ``mnist_mlp_100x2``,
-``mnist_mlp_30x2``, ``mnist_cnn``.
+``mnist_mlp_30x2``, ``mnist_cnn``, ``mnist_convnet_8x1``, ``mnist_convnet_16x1``,
+``mnist_convnet_32x1``, ``mnist_convnet_32x2``, ``mnist_convnet_64x2``.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from timm.models import register_model
 
 from ._common import MNIST_MEAN, MNIST_STD, StagedNet, _as_feature_info, build_model
 
-__all__ = ['MnistMLP', 'MnistCNN']
+__all__ = ['MnistMLP', 'MnistCNN', 'MnistConvNet']
 
 
 class MnistMLP(StagedNet):
@@ -180,6 +185,38 @@ class MnistCNN(StagedNet):
         return x if pre_logits else self.fc(x)
 
 
+class MnistConvNet(StagedNet):
+    """Two stages of ``depth`` conv3x3-BN-ReLU blocks (widths ``width`` and ``2 * width``), each followed by a
+    2x2 max-pool, then the global-average-pool + linear head: width and depth grow independently, so a suite
+    can space teachers over two decades of parameters with one design (BatchNorm keeps every size trainable
+    with one recipe).  Stages (``feature_info``): ``stages.0`` (B, w, 14, 14) and ``stages.1`` (B, 2w, 7, 7).
+    """
+    head_name = 'fc'
+
+    def __init__(self, width: int = 16, depth: int = 1, num_classes: int = 10, in_chans: int = 1,
+                 img_size: int = 28, drop_rate: float = 0.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.stages = nn.ModuleList()
+        channels = in_chans
+        for out in (width, 2 * width):
+            blocks = []
+            for _ in range(depth):
+                blocks += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+                channels = out
+            self.stages.append(nn.Sequential(*blocks, nn.MaxPool2d(2)))
+        self.num_features = channels
+        self.head_drop = nn.Dropout(drop_rate)
+        self.fc = self._make_classifier(num_classes)
+        self.feature_info = _as_feature_info([(width, 2, 'stages.0'), (2 * width, 4, 'stages.1')])
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+
+    def _stage_fns(self) -> List:
+        return list(self.stages)
+
+
 _CFG = dict(
     input_size=(1, 28, 28), mean=MNIST_MEAN, std=MNIST_STD,
     interpolation='bilinear', crop_pct=1.0,
@@ -229,3 +266,38 @@ def mnist_mlp_30x2(pretrained: bool = False, **kwargs) -> MnistMLP:
 def mnist_cnn(pretrained: bool = False, **kwargs) -> MnistCNN:
     """Small CNN: conv32-conv64-fc128 (~0.42M parameters)."""
     return build_model(MnistCNN, 'mnist_cnn', pretrained, data_cfg=dict(_CFG, first_conv='conv1'), **kwargs)
+
+
+def _convnet(width: int, depth: int, pretrained: bool, **kwargs) -> MnistConvNet:
+    return build_model(MnistConvNet, f'mnist_convnet_{width}x{depth}', pretrained,
+                       data_cfg=dict(_CFG, first_conv='stages.0.0'), width=width, depth=depth, **kwargs)
+
+
+@register_model
+def mnist_convnet_8x1(pretrained: bool = False, **kwargs) -> MnistConvNet:
+    """Widths 8-16, one conv per stage (1.4k parameters)."""
+    return _convnet(8, 1, pretrained, **kwargs)
+
+
+@register_model
+def mnist_convnet_16x1(pretrained: bool = False, **kwargs) -> MnistConvNet:
+    """Widths 16-32, one conv per stage (5.2k parameters)."""
+    return _convnet(16, 1, pretrained, **kwargs)
+
+
+@register_model
+def mnist_convnet_32x1(pretrained: bool = False, **kwargs) -> MnistConvNet:
+    """Widths 32-64, one conv per stage (20k parameters)."""
+    return _convnet(32, 1, pretrained, **kwargs)
+
+
+@register_model
+def mnist_convnet_32x2(pretrained: bool = False, **kwargs) -> MnistConvNet:
+    """Widths 32-64, two convs per stage (66k parameters)."""
+    return _convnet(32, 2, pretrained, **kwargs)
+
+
+@register_model
+def mnist_convnet_64x2(pretrained: bool = False, **kwargs) -> MnistConvNet:
+    """Widths 64-128, two convs per stage (0.26M parameters)."""
+    return _convnet(64, 2, pretrained, **kwargs)

@@ -1,0 +1,168 @@
+"""The report's figure: student accuracy and the paired improvement over the student alone, against the gap.
+
+A pure function of the comparison table (kdbench.report.comparison_frame): every point is a cell's mean with
+its 95 % confidence interval over seeds. One row of two panels per student: (a) accuracy of every method,
+the student alone as a band, the teacher's accuracy under each pair's tick; (b) each method's improvement
+over the student alone, paired by seed, filled where it survives Holm's correction across the table.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from kdbench import KdbenchError
+
+X_AXES = {"gap": "capacity gap: teacher / student parameters (log scale)",
+          "teacher_acc": "teacher test accuracy (%)"}
+DODGE = 0.3  # the methods at one x spread over this fraction of the distance to the nearest other x
+
+
+def shown_methods(layout, methods: list[str] | None) -> list[str]:
+    """The methods to plot: the suite's order, or the ones asked for (--methods), never the student alone."""
+    if methods:
+        unknown = [m for m in methods if m not in layout.methods]
+        if unknown:
+            raise KdbenchError(f"--methods: no method labelled '{unknown[0]}' in this suite "
+                               f"(labels: {', '.join(layout.methods)})")
+        return [m for m in methods if m != layout.baseline]
+    return [m for m in layout.methods if m != layout.baseline]
+
+
+def dodge_offsets(xs: list[float], count: int, log: bool) -> list[float]:
+    """Multipliers (log axis) or shifts (linear axis) that set `count` methods side by side at each x."""
+    points = sorted(set(math.log10(x) if log else x for x in xs))
+    spacing = min((b - a for a, b in zip(points, points[1:])), default=1.0 if log else 2.0)
+    step = DODGE * spacing / max(count, 1)
+    centre = (count - 1) / 2
+    return [10 ** (step * (i - centre)) if log else step * (i - centre) for i in range(count)]
+
+
+def _errors(points: pd.DataFrame, mean: str, low: str, high: str):
+    """Asymmetric error bars from an interval; none (zero) where it is undefined (a single seed)."""
+    lower = (points[mean] - points[low]).fillna(0).to_numpy()
+    upper = (points[high] - points[mean]).fillna(0).to_numpy()
+    return [lower, upper]
+
+
+def accuracy_figure(table: pd.DataFrame, layout, x: str = "gap", methods: list[str] | None = None,
+                    title: str | None = None):
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    if x not in X_AXES:
+        raise KdbenchError(f"--x: expected one of {', '.join(X_AXES)}, got '{x}'")
+    shown = shown_methods(layout, methods)
+    students = layout.students
+    fig = Figure(figsize=(11, 4.3 * len(students) + 0.9), layout="constrained")
+    grid = fig.subplots(len(students), 2, squeeze=False)
+    colors = {label: f"C{layout.methods.index(label) % 10}" for label in shown}
+    log = x == "gap"
+    xs = list(table.loc[(table.role == "student") & (table.n > 0), x].dropna())
+    offsets = dict(zip(shown, dodge_offsets(xs or [1.0], len(shown), log)))
+
+    def place(values, label):
+        return values * offsets[label] if log else values + offsets[label]
+
+    handles: dict[str, object] = {}
+    for (acc_ax, gain_ax), student in zip(grid, students):
+        mine = table[(table.student == student) & (table.role == "student")]
+        for label in shown:
+            points = mine[(mine.row == label) & (mine.n > 0)]
+            points = points[points[x].notna()].sort_values([x, "teacher"], kind="stable")
+            if not len(points):
+                continue
+            xv = place(points[x].to_numpy(), label)
+            handles[label] = acc_ax.errorbar(xv, points["mean"].to_numpy(),
+                                             yerr=_errors(points, "mean", "ci_low", "ci_high"),
+                                             label=layout.name(label), color=colors[label], marker="o", markersize=5,
+                                             capsize=3, linewidth=1.4)
+            paired = points[points.delta_n > 0]
+            if len(paired):
+                px = place(paired[x].to_numpy(), label)
+                gain_ax.errorbar(px, paired.delta_mean.to_numpy(),
+                                 yerr=_errors(paired, "delta_mean", "delta_ci_low", "delta_ci_high"),
+                                 color=colors[label], marker="none", capsize=3, linewidth=1.4)
+                significant = paired.delta_significant.to_numpy(dtype=bool)
+                gain_ax.scatter(px, paired.delta_mean.to_numpy(), s=30, zorder=3, color=colors[label],
+                                facecolors=[colors[label] if sig else "white" for sig in significant])
+        base = mine[(mine.row == layout.baseline) & (mine.n > 0)] if layout.baseline else mine.iloc[:0]
+        if len(base):  # one student: the same runs in every pair, so one band
+            b = base.iloc[0]
+            low, high = (b.ci_low, b.ci_high) if not math.isnan(b.ci_low) else (b["mean"], b["mean"])
+            handles["band"] = acc_ax.axhspan(low, high, color="0.5", alpha=0.2, linewidth=0,
+                                             label=f"{layout.name(layout.baseline)} (student alone): 95 % CI")
+            handles["alone"] = acc_ax.axhline(b["mean"], color="0.35", linestyle="--", linewidth=1,
+                                              label=f"{layout.name(layout.baseline)} (student alone): mean")
+        gain_ax.axhline(0, color="0.35", linestyle="--", linewidth=1)
+        pairs = mine[(mine.n > 0) & mine.row.isin(shown)].drop_duplicates("teacher")  # the pairs with points
+        for ax in (acc_ax, gain_ax):
+            ax.set_xscale("log" if log else "linear")
+            _pair_ticks(ax, pairs, x, layout, NullFormatter)
+            ax.set_xlabel(X_AXES[x])
+            ax.grid(True, which="major", alpha=0.3)
+        name = layout.name(student)
+        acc_ax.set_ylabel("student test accuracy (%), last epoch")
+        acc_ax.set_title(f"(a) student {name}: test accuracy", loc="left", fontsize="medium")
+        gain_ax.set_ylabel("improvement over the student alone (pp)")
+        gain_ax.set_title(f"(b) student {name}: gain over the student alone", loc="left", fontsize="medium")
+    if any(len(ax.collections) for ax in grid[:, 1]):  # what filled and open points mean in panel (b)
+        from matplotlib.lines import Line2D
+
+        handles["significant"] = Line2D([], [], color="0.2", marker="o", linestyle="none",
+                                        label="(b) filled: paired t-test, Holm p < 0.05")
+        handles["not significant"] = Line2D([], [], color="0.2", marker="o", markerfacecolor="white",
+                                            linestyle="none", label="(b) open: not significant after Holm")
+    ordered = [handles[k] for k in [*shown, "band", "alone", "significant", "not significant"] if k in handles]
+    if ordered:
+        fig.legend(handles=ordered, loc="outside lower center", ncol=min(len(ordered), 4), fontsize="small",
+                   frameon=False)
+    what = "capacity gap" if log else "teacher accuracy"
+    fig.suptitle(title or layout.title
+                 or f"{layout.dataset}: student accuracy vs {what} (mean and 95 % CI over seeds, last epoch)")
+    return fig
+
+
+def _pair_ticks(ax, pairs: pd.DataFrame, x: str, layout, null_formatter) -> None:
+    """One tick per pair, naming the gap and the teacher's accuracy (or, on a teacher-accuracy axis, the gap)."""
+    pairs = pairs[pairs[x].notna()].sort_values(x)
+    if not len(pairs):
+        return
+    labels = []
+    for _, p in pairs.iterrows():
+        teacher = "n/a" if math.isnan(p.teacher_acc) else f"{p.teacher_acc:.1f}%"
+        labels.append(f"{p.gap:.1f}×\nteacher {teacher}" if x == "gap" else f"{p.teacher_acc:.2f}\ngap {p.gap:.1f}×")
+    ticks = pairs[x].to_numpy()
+    ax.set_xticks(ticks, labels, fontsize="small")
+    ax.xaxis.set_minor_formatter(null_formatter())
+    if len(ticks) == 1:  # one pair: centre its point instead of matplotlib's lopsided default
+        ax.set_xlim(*((ticks[0] / 2, ticks[0] * 2) if x == "gap" else (ticks[0] - 1, ticks[0] + 1)))
+    else:  # room for the dodged points at both ends
+        if x == "gap":
+            ax.set_xlim(ticks[0] / 10 ** 0.15, ticks[-1] * 10 ** 0.15)
+        else:
+            pad = 0.1 * (ticks[-1] - ticks[0])
+            ax.set_xlim(ticks[0] - pad, ticks[-1] + pad)
+
+
+def save_figure(fig, stem: Path) -> list[Path]:
+    """PNG, SVG and PDF with no date, software stamp or random ids in them: the same figure, the same bytes.
+
+    Each is written under a temporary name and renamed: a killed report never leaves a truncated figure."""
+    import os
+
+    import matplotlib
+
+    paths = []
+    metadata = {".png": {"Software": None}, ".svg": {"Date": None, "Creator": None},
+                ".pdf": {"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None}}
+    with matplotlib.rc_context({"svg.hashsalt": "kdbench", "svg.fonttype": "path", "pdf.fonttype": 42}):
+        for suffix, meta in metadata.items():
+            path = stem.with_suffix(suffix)
+            tmp = path.with_name(f".{path.name}.tmp")
+            fig.savefig(tmp, dpi=150, metadata=meta, format=suffix[1:])
+            os.replace(tmp, path)
+            paths.append(path)
+    return paths

@@ -1,0 +1,399 @@
+"""One job's life, wherever it runs: claim, skip or block, resume, train, track in MLflow, save to the store.
+
+`run_job(plan, job, ctx)` is all a worker needs. The driver creates the MLflow parent run and the store
+before any worker starts and hands each worker the plan, the job and a `JobContext`: plain, picklable
+settings (tracking URI, parent run, store and data roots, device). Whatever a process builds from them
+(the data on its device, the MLflow client, the teacher-output cache) lives in `ctx.local`, made on first
+use in that process and never pickled, so the same context travels to a SLURM job or a Ray task as is.
+
+A file lock per job (in the store) is the claim: a job held by another process is not run but reported
+as HELD, and the caller tries it again later. Finished jobs are skipped, a diverged one is not retried,
+an unfinished one resumes from its last checkpoint in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from filelock import FileLock, Timeout
+from rich.console import Console
+
+from kdbench import KdbenchError
+from kdbench.build import build_guides, build_model, build_teacher, teacher_route
+from kdbench.data import DeviceData, load_data
+from kdbench.engine import Diverged, EngineOptions, Interrupted, fit
+from kdbench.plan import STORED_ROLES, Job, Plan
+from kdbench.registry import get_method
+from kdbench.store import CorruptFile, ModelStore, load_checkpoint, save_checkpoint
+from kdbench.teacher_cache import TeacherCache
+from kdbench.tracking import TAG, Tracker, flatten
+
+DIVERGED = "diverged: "  # prefix of the failure reason of a diverged job: deterministic, so never retried
+
+# JobResult.status
+FINISHED = "finished"  # trained now, or taken from the store
+SKIPPED = "skipped"  # finished by an earlier or concurrent run
+FAILED = "failed"
+HELD = "held"  # another process holds the job's claim: try again later
+
+
+@dataclass
+class JobResult:
+    key: str
+    status: str
+    reason: str = ""  # why it failed
+    test_acc: float | None = None
+
+
+class Reporter:
+    """What a worker tells its user: log lines, and the epochs of the running job (a progress bar in-process)."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console(stderr=True, soft_wrap=True)
+
+    def print(self, message: str) -> None:
+        self.console.print(message)
+
+    def job_started(self, job: Job, epochs_done: int = 0) -> None:
+        pass
+
+    def epoch(self, epoch: int) -> None:
+        pass
+
+    def job_ended(self) -> None:
+        pass
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM asks the current job to stop at the next step boundary; a second Ctrl-C aborts at once."""
+
+    def __init__(self, console: Console):
+        self.requested = False
+        self.console = console
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.console.print(f"[yellow]{signal.Signals(signum).name}: stopping after the current step "
+                           "(run the same command again to resume)[/]")
+
+    @contextmanager
+    def installed(self):
+        try:
+            old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: no handlers, nothing to restore
+            yield
+            return
+        try:
+            yield
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+
+@dataclass
+class Local:
+    """What one process builds from a JobContext; set fields to share objects the caller already has."""
+
+    opts: EngineOptions | None = None
+    data: DeviceData | None = None
+    tracker: Tracker | None = None
+    store: ModelStore | None = None
+    reporter: Reporter | None = None
+    should_stop: Callable[[], bool] | None = None  # asked at every step: stop now, resumably
+    teacher_cache: tuple[str, TeacherCache] | None = None  # one at a time: jobs come grouped by pair
+
+
+@dataclass
+class JobContext:
+    """Everything a worker needs besides the plan and the job; picklable (`local` stays behind)."""
+
+    parent_run: str
+    tracking_uri: str
+    store_root: Path
+    data_root: Path | None
+    device: str = "auto"
+    env: dict[str, str] = field(default_factory=dict)  # code version and environment, logged as params
+    download: bool = False
+    teacher_cache: bool = False  # share teacher outputs among logit-only methods
+    local: Local = field(default_factory=Local, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "local"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, local=Local())
+
+    @property
+    def opts(self) -> EngineOptions:
+        if self.local.opts is None:
+            self.local.opts = EngineOptions.for_device(self.device)
+        return self.local.opts
+
+    @property
+    def tracker(self) -> Tracker:
+        if self.local.tracker is None:
+            self.local.tracker = Tracker(self.tracking_uri)
+        return self.local.tracker
+
+    @property
+    def store(self) -> ModelStore:
+        if self.local.store is None:
+            self.local.store = ModelStore(self.store_root)
+        return self.local.store
+
+    @property
+    def reporter(self) -> Reporter:
+        if self.local.reporter is None:
+            self.local.reporter = Reporter()
+        return self.local.reporter
+
+    def data(self, plan: Plan) -> DeviceData:
+        if self.local.data is None:
+            spec = plan.suite.data.spec()
+            self.local.data = load_data(replace(spec, download=spec.download or self.download), self.data_root,
+                                        self.opts.device)
+        return self.local.data
+
+
+def run_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None = None) -> JobResult:
+    """Claim `job` and live its life; HELD if another process has it. `blocked`: why it cannot run (the driver
+    knows: its teacher failed, its assistant could not be chosen); it is then recorded as failed."""
+    lock = FileLock(str(ctx.store.lock_path(job.key)))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return JobResult(job.key, HELD)
+    try:
+        return _claimed(plan, job, ctx, blocked)
+    finally:
+        lock.release()
+
+
+def _claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobResult:
+    tracker, store, say = ctx.tracker, ctx.store, ctx.reporter.print
+    parent = ctx.parent_run
+    existing = tracker.job_run(parent, job.key)
+    if existing is not None and existing.info.status == "FINISHED":
+        return JobResult(job.key, SKIPPED)
+    reason = existing.data.tags.get(f"{TAG}failure", "") if existing is not None else ""
+    if existing is not None and existing.info.status == "FAILED" and reason.startswith(DIVERGED):
+        return JobResult(job.key, FAILED, reason)
+    run_id = existing.info.run_id if existing is not None else None
+    if blocked:
+        run_id = run_id or tracker.start_job(parent, job.title, job_tags(plan, job), job_params(plan, job, ctx))
+        tracker.end(run_id, "FAILED", blocked)
+        return JobResult(job.key, FAILED, blocked)
+    if job.role in STORED_ROLES and store.has(job.key) and _usable(job, ctx):
+        return _log_stored(plan, job, ctx, run_id)
+    if run_id is not None:
+        tracker.reopen(run_id)
+    else:
+        run_id = tracker.start_job(parent, job.title, job_tags(plan, job), job_params(plan, job, ctx))
+    ctx.reporter.job_started(job)
+    start = time.perf_counter()
+    try:
+        run_id, result = _train(plan, job, ctx, run_id)
+    except Diverged as exc:
+        why = f"{DIVERGED}{exc}"
+        tracker.end(run_id, "FAILED", why)
+        store.checkpoint_path(job.key).unlink(missing_ok=True)
+        say(f"[red]diverged[/] {job.title}: {exc}")
+        return JobResult(job.key, FAILED, why)
+    except (Interrupted, KeyboardInterrupt):
+        tracker.end(run_id, "KILLED", "interrupted: run the same command again to resume")
+        raise
+    except KdbenchError as exc:
+        tracker.end(run_id, "FAILED", str(exc))
+        say(f"[red]failed[/] {job.title}: {exc}")
+        return JobResult(job.key, FAILED, str(exc))
+    except Exception as exc:  # a bug: record it with its traceback, go on with the other jobs
+        tracker.end(run_id, "FAILED", traceback.format_exc())
+        say(f"[red]failed[/] {job.title}:\n{traceback.format_exc()}")
+        return JobResult(job.key, FAILED, f"{type(exc).__name__}: {exc}")
+    finally:
+        ctx.reporter.job_ended()
+    wall = time.perf_counter() - start
+    final = {"wall_time": wall, **{k: float(v) for k, v in asdict(result.passes).items()}}
+    tracker.log_metrics(run_id, final, step=job.train.epochs)
+    tracker.end(run_id, "FINISHED")
+    store.checkpoint_path(job.key).unlink(missing_ok=True)
+    say(f"done {job.title}: test acc {result.metrics['test_acc']:.2f}% ({wall:.1f} s)")
+    return JobResult(job.key, FINISHED, test_acc=result.metrics["test_acc"])
+
+
+# ---------------------------------------------------------------------------------------------- tracking
+
+def job_tags(plan: Plan, job: Job) -> dict[str, str]:
+    method = get_method(job.method.method)
+    tags = {f"{TAG}suite": plan.suite.name, f"{TAG}role": job.role, f"{TAG}student": job.model,
+            f"{TAG}teacher": job.teacher_model or "", f"{TAG}method": job.method.label,
+            f"{TAG}method_name": job.method.method, f"{TAG}seed": str(job.seed), f"{TAG}job": job.key,
+            f"{TAG}pair": job.pair or ""}
+    if job.role in ("teacher", "reference"):
+        tags[f"{TAG}teacher"] = job.model
+        tags[f"{TAG}student"] = ""
+    if job.assistants:
+        tags[f"{TAG}assistant"] = " > ".join(job.assistants)
+    if method.protocol_note:
+        tags[f"{TAG}protocol"] = method.protocol_note
+    return tags
+
+
+def stored_accuracy(store: ModelStore, key: str, metric: str = "test_acc") -> float | None:
+    """A stored model's last-epoch `metric`: test_acc to report it, val_acc to choose by it (None: absent)."""
+    return store.meta(key)["metrics"].get(metric) if store.has(key) else None
+
+
+def job_params(plan: Plan, job: Job, ctx: JobContext) -> dict[str, str]:
+    store = ctx.store
+    params = flatten("", {k: v for k, v in job.config.items() if k != "method_params"}, {})
+    params.update({f"method.{k}": str(v) for k, v in job.config.get("method_params", {}).items()})
+    params.update({"role": job.role, "method_label": job.method.label, "config_hash": job.key, **ctx.env})
+    if job.teacher_model:
+        params["teacher_model"] = job.teacher_model
+    root = plan.root_teacher(job)
+    if root is not None and store.has(root.key):
+        params["teacher_test_acc"] = f"{stored_accuracy(store, root.key):.4f}"
+    if job.teacher_init in ("random", "checkpoint"):
+        params["teacher_init"] = job.teacher_init
+    if job.assistants and not job.pending:
+        params["assistant_models"] = " > ".join(job.assistants)
+        params["assistant_job"] = job.teacher
+        if store.has(job.teacher):
+            params["assistant_test_acc"] = f"{stored_accuracy(store, job.teacher):.4f}"
+    if job.assistant_choice:
+        params["assistant_choice"] = job.assistant_choice
+    method = get_method(job.method.method)
+    if job.teacher and method.needs({**method.defaults, **job.config.get("method_params", {})}).dense:
+        params["guide_models"] = " > ".join(plan.job(k).model for k in plan.guide_keys(job))
+    return params
+
+
+def _log_history(tracker: Tracker, run_id: str, history: list[dict[str, float]]) -> None:
+    """Log the epochs this run does not have yet: after a resume, each epoch is logged exactly once."""
+    done = tracker.last_step(run_id)
+    for epoch, metrics in enumerate(history, start=1):
+        if epoch > done:
+            tracker.log_metrics(run_id, metrics, step=epoch)
+
+
+def _log_stored(plan: Plan, job: Job, ctx: JobContext, run_id: str | None) -> JobResult:
+    """A teacher from the store still gets its child run, so every suite run reports its teachers."""
+    meta = ctx.store.meta(job.key)
+    if run_id is None:
+        run_id = ctx.tracker.start_job(ctx.parent_run, job.title, {**job_tags(plan, job), f"{TAG}reused": "true"},
+                                       job_params(plan, job, ctx))
+    _log_history(ctx.tracker, run_id, meta["history"])
+    ctx.tracker.end(run_id, "FINISHED")
+    ctx.reporter.print(f"[dim]reused[/] {job.title}: test acc {meta['metrics']['test_acc']:.2f}%")
+    return JobResult(job.key, FINISHED, test_acc=meta["metrics"]["test_acc"])
+
+
+# ---------------------------------------------------------------------------------------------- the store
+
+def _usable(job: Job, ctx: JobContext) -> bool:
+    """A stored teacher whose files fail their hash check is moved aside and trained again, never used."""
+    try:
+        ctx.store.verify(job.key)
+        return True
+    except CorruptFile as exc:
+        where = ctx.store.quarantine(job.key)
+        ctx.reporter.print(f"[red]corrupted[/] {exc}; moved to {where}, retraining it")
+        return False
+
+
+def _resume_state(job: Job, path: Path, ctx: JobContext):
+    """The job's last checkpoint, if there is a sound one; a corrupted one is reported and discarded."""
+    if not path.is_file():
+        return None, {}
+    try:
+        state = load_checkpoint(path)
+    except CorruptFile as exc:
+        ctx.reporter.print(f"[red]corrupted[/] {exc}; restarting {job.title} from scratch")
+        path.unlink()
+        return None, {}
+    if "method_extra" not in state:  # written before methods' own state was saved: resuming could be wrong
+        ctx.reporter.print(f"{path}: checkpoint of an older kdbench lacks the method's state; restarting "
+                           f"{job.title} from scratch")
+        path.unlink()
+        return None, {}
+    ctx.reporter.print(f"resuming {job.title} from epoch {state['epoch'] + 1}, step {state['batch']}")
+    return state, dict(state["route"])
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def _never() -> bool:
+    return False
+
+
+def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
+    data, opts, store, tracker = ctx.data(plan), ctx.opts, ctx.store, ctx.tracker
+    model = build_model(job, data, opts)
+    teacher = build_teacher(plan, job, data, store, opts)
+    method_cls = get_method(job.method.method)
+    method = method_cls(job.config["method_params"], model, teacher, data.info.input_shape).to(opts.device)
+    needs = method_cls.needs(method.params)
+
+    checkpoint_path = store.checkpoint_path(job.key)
+    resume, route = _resume_state(job, checkpoint_path, ctx)
+    if resume is None and tracker.last_step(run_id) > 0:
+        # Epochs were logged but no usable checkpoint is left: start over in a new run, keep the old one failed.
+        tracker.end(run_id, "FAILED", "no usable checkpoint to resume from; restarted in a new run")
+        run_id = tracker.start_job(ctx.parent_run, job.title, job_tags(plan, job), job_params(plan, job, ctx))
+    if resume is not None:
+        _log_history(tracker, run_id, resume["history"])
+        ctx.reporter.epoch(len(resume["history"]))
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        tracker.log_metrics(run_id, metrics, step=epoch)
+        ctx.reporter.epoch(epoch)
+
+    def on_route(epoch: int, state: dict[str, torch.Tensor]) -> None:
+        route[epoch] = store.save_route(job.key, epoch, state)
+
+    def checkpoint(state: dict) -> None:
+        save_checkpoint({**state, "route": route}, checkpoint_path)
+
+    keep_route = None
+    if job.role in ("teacher", "reference"):
+        keep_route = lambda e: e % job.route_every == 0 or e == job.train.epochs  # noqa: E731
+    cache = None
+    if teacher is not None and (ctx.teacher_cache or plan.suite.teacher_cache) and method_cls.teacher_logits_only:
+        cache = _shared_teacher_outputs(job, teacher, data, ctx)
+    result = fit(model, method, teacher, data, job.train, job.augment, job.seed, opts,
+                 eval_batch_size=plan.suite.eval_batch_size, on_epoch=on_epoch, keep_route=keep_route,
+                 on_route=on_route, route=teacher_route(plan, job, store) if needs.route and job.teacher else None,
+                 teacher_cache=cache,
+                 guides=build_guides(plan, job, teacher, data, store, opts) if needs.dense and teacher is not None
+                 else None,
+                 checkpoint=checkpoint, resume=resume, should_stop=ctx.local.should_stop or _never)
+    if method.record:  # procedure details the method chose while training (RCO's anchors, FitNets' layers)
+        tracker.log_params(run_id, {f"procedure.{k}": v for k, v in method.record.items()})
+    if job.role in STORED_ROLES:
+        store.save_final(job.key, model.state_dict(), {"config": job.config, "metrics": result.metrics,
+                                                       "history": result.history}, route)
+    return run_id, result
+
+
+def _shared_teacher_outputs(job: Job, teacher: torch.nn.Module, data: DeviceData, ctx: JobContext) -> TeacherCache:
+    """The teacher-output cache for this job's teacher, data and augmentation (kept while jobs share it)."""
+    key = f"{job.teacher}/{job.config['data']}/{job.augment.model_dump()}"
+    held = ctx.local.teacher_cache
+    if held is None or held[0] != key:
+        ctx.local.teacher_cache = None  # free the previous teacher's outputs first
+        cache = TeacherCache(teacher, data.train, data.info, job.augment.crop_padding, job.augment.flip, ctx.opts)
+        ctx.local.teacher_cache = (key, cache)
+    return ctx.local.teacher_cache[1]
