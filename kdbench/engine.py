@@ -173,6 +173,7 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         on_route: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
         route: TeacherRoute | None = None,
         teacher_cache: TeacherCache | None = None,
+        guides: list[nn.Module] | None = None,
         checkpoint: Callable[[dict[str, Any]], None] | None = None,
         resume: dict[str, Any] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
@@ -182,6 +183,7 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
 
     on_epoch(epoch, metrics) gets 1-based epochs; on_route(epoch, state_dict) is called where keep_route(epoch).
     route: the teacher's route checkpoints, for a method that declared `needs_route`.
+    guides: frozen models a method with `Needs.dense` learns from besides the teacher (DGKD), lent as ctx.guides.
     teacher_cache: shared teacher outputs of this teacher on data.train with this augmentation, used in place
     of the teacher forward when the method reads only the teacher's logits (the same numbers, computed once).
     checkpoint(state) is called at the end of every epoch and when should_stop() turns true between two steps
@@ -199,6 +201,8 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
             trainable["teacher"] = list(teacher.parameters())
         else:
             teacher.eval().requires_grad_(False)  # frozen: running statistics, no dropout, no gradient
+    for guide in guides or ():
+        guide.eval().requires_grad_(False)  # frozen like a teacher
     optimizers = {k: make_optimizer(p, train) for k, p in trainable.items()}
     passes = PassCounts()
     combiner = PCGrad(seed) if combine == "pcgrad" else None
@@ -239,7 +243,8 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         step_teacher = Compiled(teacher, opts) if teacher is not None else None
     graphs = opts.compile and opts.device.type == "cuda"
     ctx = StepContext(student=step_student, teacher=step_teacher, update=update, passes=passes,
-                      autocast=opts.autocast, route=route, probe=probe)
+                      autocast=opts.autocast, route=route, probe=probe, seed=seed,
+                      guides=list(guides or ()))
     history: list[dict[str, float]] = []
     metrics: dict[str, float] = {}
 
@@ -319,7 +324,7 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
             logits = teacher_cache.lookup(*drawn) if cached else None
             if graphs:  # a new iteration: CUDA-graph outputs of the last step may be overwritten from here on
                 torch.compiler.cudagraph_mark_step_begin()
-            terms = method.step(Batch(x, labels, epoch, train.epochs, logits), ctx)
+            terms = method.step(Batch(x, labels, epoch, train.epochs, logits, step=batch), ctx)
             for name, value in terms.items():  # summed on the device: no sync per step
                 totals[name] = totals.get(name, 0) + value.float()
             steps += 1

@@ -26,7 +26,7 @@ from filelock import FileLock, Timeout
 from rich.console import Console
 
 from kdbench import KdbenchError
-from kdbench.build import build_model, build_teacher, teacher_route
+from kdbench.build import build_guides, build_model, build_teacher, teacher_route
 from kdbench.data import DeviceData, load_data
 from kdbench.engine import Diverged, EngineOptions, Interrupted, collapse_reason, fit
 from kdbench.plan import STORED_ROLES, Job, Plan
@@ -290,6 +290,9 @@ def job_params(plan: Plan, job: Job, ctx: JobContext) -> dict[str, str]:
             params["assistant_test_acc"] = f"{stored_accuracy(store, job.teacher):.4f}"
     if job.assistant_choice:
         params["assistant_choice"] = job.assistant_choice
+    method = get_method(job.method.method)
+    if job.teacher and method.needs({**method.defaults, **job.config.get("method_params", {})}).dense:
+        params["guide_models"] = " > ".join(plan.job(k).model for k in plan.guide_keys(job))
     return params
 
 
@@ -388,7 +391,10 @@ def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
     result = fit(model, method, teacher, data, job.train, job.augment, job.seed, opts,
                  eval_batch_size=plan.suite.eval_batch_size, on_epoch=on_epoch, keep_route=keep_route,
                  on_route=on_route, route=teacher_route(plan, job, store) if needs.route and job.teacher else None,
-                 teacher_cache=cache, checkpoint=checkpoint, resume=resume, should_stop=ctx.local.should_stop or _never,
+                 teacher_cache=cache,
+                 guides=build_guides(plan, job, teacher, data, store, opts) if needs.dense and teacher is not None
+                 else None,
+                 checkpoint=checkpoint, resume=resume, should_stop=ctx.local.should_stop or _never,
                  combine=job.method.combine)
     if method.record:  # procedure details the method chose while training (RCO's anchors, FitNets' layers)
         tracker.log_params(run_id, {f"procedure.{k}": v for k, v in method.record.items()})

@@ -28,6 +28,7 @@ class Batch:
     epoch: int  # 0-based epoch of the job being trained
     epochs: int  # the job's total epochs (for warm-ups and schedules inside a method)
     teacher_logits: torch.Tensor | None = None  # shared teacher outputs for this batch, when the engine has them
+    step: int = 0  # 0-based index of this batch in its epoch: with `epoch` and `StepContext.seed`, seeds a per-step draw
 
 
 @dataclass
@@ -55,7 +56,12 @@ class Needs:
       teacher as it was after `teacher_epoch` epochs, one of its route checkpoints; 0 = the final one).
     route: the stored teacher's route checkpoints, lent to the method as `StepContext.route` (RCO).
     assistants: models trained between the teacher and the student, in order (TAKD): each an ordinary
-      KD run from the model before it, stored like a teacher; ("auto",) lets the executor choose one.
+      KD run from the model before it, stored like a teacher; ("auto",) lets the executor choose one;
+      ("between",) takes the suite's models between teacher and student in size, largest first, at most
+      `max_assistants` of them (0: all), spread evenly over that range (DGKD).
+    dense: the method learns from every model of the chain at once (DGKD): the frozen teacher and all
+      assistants before this job are lent as `StepContext.guides`, teacher first; an assistant job of such
+      a method gets the models above it.
     choice: a choice these params make on the validation split (e.g. "assistants 'auto'"), in words for the
       error that refuses a suite without `data.val_size`; "" when the method chooses nothing.
     """
@@ -64,10 +70,13 @@ class Needs:
     teacher_epoch: int = 0
     route: bool = False
     assistants: tuple[str, ...] = ()
+    max_assistants: int = 0
+    dense: bool = False
     choice: str = ""
 
 
 AUTO = "auto"  # an assistant chosen at run time, once the accuracies it is chosen by exist
+BETWEEN = "between"  # the suite's models between teacher and student in size, chosen when the plan is made
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,8 @@ class StepContext:
     # probe(n): the first n validation images (normalised, not augmented) and labels, for choices a method makes
     # during training (RCO's greedy anchors; declare them in `Needs.choice`). Never the test or training split.
     probe: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
+    seed: int = 0  # the job's seed: a method's random draws come from kdbench.seeding streams of it
+    guides: list[nn.Module] = field(default_factory=list)  # `Needs.dense`: frozen teacher and assistants, teacher first
 
 
 def check_ranges(params: dict[str, Any], positive: tuple[str, ...] = (),

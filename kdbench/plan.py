@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from kdbench import KdbenchError
 from kdbench.data import dataset_info
-from kdbench.method import AUTO
+from kdbench.method import AUTO, BETWEEN
 from kdbench.registry import get_method, method_hash
 from kdbench.store import sha256
 from kdbench.suite import AugmentConfig, MethodEntry, Suite, TrainConfig
@@ -155,6 +155,15 @@ class Plan:
             current = self.job(current.teacher)
         return current
 
+    def guide_keys(self, job: Job) -> list[str]:
+        """The jobs of every model above `job` in its chain: the pair's teacher first, `job`'s own teacher last."""
+        keys: list[str] = []
+        current = self.job(job.teacher) if job.teacher else None
+        while current is not None:
+            keys.insert(0, current.key)
+            current = self.job(current.teacher) if current.role == "assistant" else None
+        return keys
+
     def resolve_assistants(self, accuracy: Callable[[str], float | None]) -> tuple["Plan", dict[str, str]]:
         """Choose every "auto" assistant, now that `accuracy(job key)` knows the trained models' validation accuracy
         (never the test accuracy: the test split is only reported).
@@ -251,7 +260,7 @@ def assistant_jobs(suite: Suite, student_train: TrainConfig, teacher_key: str, t
     An assistant is keyed by what determines it (its model, its teacher's key, the loss params, the
     schedule, the teachers' seed), so every cell with the same teacher and assistant shares it.
     """
-    loss_params = {k: v for k, v in params.items() if k != "assistants"}
+    loss_params = {k: v for k, v in params.items() if k not in CHAIN_PARAMS}
     jobs, prev_key, prev_model = [], teacher_key, teacher_model
     for name in chain:
         train = student_train.for_model(name)
@@ -270,6 +279,20 @@ def assistant_jobs(suite: Suite, student_train: TrainConfig, teacher_key: str, t
 def combine_config(entry: MethodEntry) -> dict[str, str]:
     """How the entry combines its loss terms, for a job's hash: absent when summed, so existing keys stay valid."""
     return {"combine": entry.combine} if entry.combine != "sum" else {}
+
+
+CHAIN_PARAMS = ("assistants", "max_assistants")  # choose the chain (its keys say which): not an assistant's loss
+
+
+def models_between(models: dict[str, ModelStats], teacher: str, student: str, limit: int) -> tuple[str, ...]:
+    """The suite's models strictly between teacher and student in parameters, largest first (`Needs.assistants`
+    ("between",)); with more than `limit` (> 0), `limit` of them spread evenly over that order."""
+    low, high = models[student].params, models[teacher].params
+    found = sorted((m for m in models if low < models[m].params < high), key=lambda m: (-models[m].params, m))
+    if limit and len(found) > limit:
+        n = len(found)
+        found = [found[round((i + 1) * (n + 1) / (limit + 1)) - 1] for i in range(limit)]
+    return tuple(found)
 
 
 def expand(patterns: list[str], names: list[str]) -> list[str]:
@@ -404,6 +427,11 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
             extra: dict[str, Any] = {}  # what else determines this job's numbers, from the method's needs
             chain: list[Job] = []
             assistants = needs.assistants
+            choice = ""
+            if assistants == (BETWEEN,):
+                assistants = models_between(models, t, s, needs.max_assistants)
+                choice = (f"between: {', '.join(assistants)}" if assistants
+                          else "between: no suite model between teacher and student")
             teacher_key = teacher_keys[t] if needs.teacher in ("trained", "checkpoint") else None
             if needs.teacher == "random":  # no stored teacher: the architecture and its kwargs determine it
                 extra["teacher_model"] = t
@@ -440,7 +468,7 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
                                     teacher=config["teacher"], teacher_model=t if has_teacher else None,
                                     pair=f"{t}->{s}" if has_teacher else None, teacher_init=needs.teacher,
                                     teacher_epoch=needs.teacher_epoch, assistants=assistants,
-                                    assistant_choice="auto: no suite model between teacher and student"
-                                    if extra.get("assistants") == AUTO and not assistants else "")
+                                    assistant_choice=choice or ("auto: no suite model between teacher and student"
+                                                                if extra.get("assistants") == AUTO and not assistants else ""))
                 cells.append(Cell(pair, entry.label, seed, key))
     return Plan(suite, suite_path, models, pairs, cells, in_waves(jobs.values()), student_train, options)

@@ -25,7 +25,8 @@ from kdbench.zoo import create_model
 # Every registered method, found at collection time: a new method is covered without editing this test. Variants
 # add the procedures that keep state across epochs (stages), with parameters that give each stage two epochs.
 STAGED = {"rco": {"anchors": 3}, "fitnets": {"two_stage": True, "ce_weight": 0.1, "kd_weight": 0.9,
-                                              "hint_fraction": 1 / 3}}
+                                              "hint_fraction": 1 / 3},
+          "eskd": {"teacher_fraction": 0.3, "kd_until": 0.5}}  # an early route checkpoint; CE alone from epoch 3
 VARIANTS = {**{name: (name, STAGED.get(name, {})) for name in methods()},
             "rco_greedy": ("rco", {**STAGED["rco"], "choice": "greedy"}), "fitnets_one_stage": ("fitnets", {})}
 EPOCHS, STEPS = 6, 3  # stages of two epochs: [0, 2), [2, 4), [4, 6)
