@@ -59,6 +59,20 @@ def build_teacher(plan: Plan, job: Job, data: DeviceData, store: ModelStore,
     return to_device(teacher, opts)
 
 
+def build_guides(plan: Plan, job: Job, teacher: torch.nn.Module, data: DeviceData, store: ModelStore,
+                 opts: EngineOptions) -> list[torch.nn.Module]:
+    """`Needs.dense` (DGKD): the stored models above `job` in its chain (the pair's teacher first), then `teacher`,
+    the job's own."""
+    guides = []
+    for key in plan.guide_keys(job)[:-1]:
+        above = plan.job(key)
+        model = create_model(above.model, data.info.num_classes, data.info.input_shape[0],
+                             **above.config["model_kwargs"])
+        model.load_state_dict(store.load_final(key))
+        guides.append(to_device(model, opts))
+    return guides + [teacher]
+
+
 def teacher_route(plan: Plan, job: Job, store: ModelStore) -> TeacherRoute:
     key = plan.root_teacher(job).key
     return TeacherRoute(sorted(store.route(key)), lambda epoch: store.load_route(key, epoch))

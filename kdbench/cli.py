@@ -116,7 +116,8 @@ def methods() -> None:
         need = cls.needs(cls.defaults)
         needs = ", ".join(n for n, on in (
             (f"{need.teacher} teacher", need.teacher != "none"), ("trains the teacher", cls.trains_teacher),
-            ("route checkpoints", need.route), (f"assistants ({', '.join(need.assistants)})", need.assistants)) if on)
+            ("route checkpoints", need.route), (f"assistants ({', '.join(need.assistants)})", need.assistants),
+            ("a validation split (data.val_size)", need.choice)) if on)
         needs = needs or "-"
         defaults = ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "-"
         table.add_row(name, defaults, needs, cls.summary)
@@ -182,8 +183,8 @@ def run(
     except DataError as exc:  # the data is loaded before anything is written: name the suite and its field
         raise _data_error(suite, exc) from None
     already = f" ({outcome.skipped} already done before)" if outcome.skipped else ""
-    err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed; MLflow {tracking_uri()}, "
-              f"parent run {outcome.parent_run}")
+    err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed, "
+              f"{len(outcome.collapsed)} collapsed; MLflow {tracking_uri()}, parent run {outcome.parent_run}")
     if outcome.failed:
         raise typer.Exit(1)
 

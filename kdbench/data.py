@@ -29,6 +29,7 @@ from typing import Iterator, NamedTuple
 import torch
 
 from kdbench import KdbenchError
+from kdbench.seeding import stream_seed
 from kdbench.store import atomic_save, atomic_write, file_digest
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "dataset_info",
     "resolve_data_root",
     "load_data",
+    "carve_validation",
+    "training_pool",
     "crop_flip",
     "Views",
     "draw_views",
@@ -89,11 +92,14 @@ class DataSpec:
 
     dataset: str  # cifar100 | cifar10 | mnist | fashion_mnist | imagefolder | synthetic
     path: str | None = None  # imagefolder: folder (relative: under the data root) or a .zip of it
-    train_size: int | None = None  # use only the first N training images (None = all)
+    train_size: int | None = None  # use only the first N training images (None = all); validation comes out of them
     test_size: int | None = None  # likewise for the test split
     num_classes: int | None = None  # imagefolder/synthetic: declared, so planning works without data
     image_size: int | None = None  # imagefolder/synthetic: declared side length
     download: bool = False  # cifar*/mnist*: let torchvision download when missing
+    # Images held out of the training images for choices (TAKD's auto assistant, RCO's greedy anchors): drawn by
+    # a seeded stream fixed per dataset, so every job of a suite holds out the same ones; 0 = no validation split.
+    val_size: int = 0
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -104,6 +110,12 @@ class DataSpec:
             value = getattr(self, field)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise DataError(f"{self.dataset}: {field} must be a positive integer, got {value!r}")
+        if isinstance(self.val_size, bool) or not isinstance(self.val_size, int) or self.val_size < 0:
+            raise DataError(f"{self.dataset}: val_size must be a non-negative integer, got {self.val_size!r}")
+        pool = training_pool(self)
+        if pool is not None and self.val_size >= pool:
+            raise DataError(f"{self.dataset}: val_size {self.val_size} leaves no training images: it must be smaller "
+                            f"than the {pool} training images{' (train_size)' if self.train_size else ''}")
 
 
 # Per-channel mean/std of the training split. CIFAR-100 values are those of the CRD protocol
@@ -122,6 +134,15 @@ _SYNTHETIC_DEFAULTS = {"num_classes": 10, "image_size": 32, "train_size": 512, "
 _SYNTHETIC_SEED = 20240611  # fixed: the synthetic dataset is the same everywhere
 
 DATASETS = ("cifar100", "cifar10", "mnist", "fashion_mnist", "imagefolder", "synthetic")
+_TRAIN_IMAGES = {"cifar100": 50000, "cifar10": 50000, "mnist": 60000, "fashion_mnist": 60000,
+                 "synthetic": _SYNTHETIC_DEFAULTS["train_size"]}
+VAL_SEED = 0  # the cell seed of the validation stream: the held-out images depend only on the dataset
+
+
+def training_pool(spec: DataSpec) -> int | None:
+    """How many training images the spec uses, validation included (train_size, else the split's size; None: an
+    image folder's, unknown until read)."""
+    return spec.train_size or _TRAIN_IMAGES.get(spec.dataset)
 
 
 def dataset_info(spec: DataSpec) -> DatasetInfo:
@@ -169,9 +190,10 @@ class Split:
 @dataclass
 class DeviceData:
     info: DatasetInfo
-    train: Split
-    test: Split
+    train: Split  # what is trained on: the training images less the validation ones
+    test: Split  # only ever reported
     fingerprint: str | None = None  # of the whole dataset as read from disk (None: generated, nothing on disk)
+    val: Split | None = None  # held out of the training images, for every choice; None without data.val_size
 
 
 def resolve_data_root(cli_root: str | None) -> Path | None:
@@ -197,7 +219,8 @@ _HOW_TO_PROVIDE = "pass --data-root <folder> or set KDBENCH_DATA"
 
 
 def load_data(spec: DataSpec, root: Path | None, device: torch.device | str) -> DeviceData:
-    """Load both splits of ``spec`` on the CPU, cut them to train_size/test_size, move them to ``device`` once."""
+    """Load both splits of ``spec`` on the CPU, cut them to train_size/test_size, hold val_size training images out
+    as the validation split (:func:`carve_validation`), move them to ``device`` once."""
     info = dataset_info(spec)
     root = Path(root).expanduser() if root is not None else None
     name = spec.dataset
@@ -214,13 +237,32 @@ def load_data(spec: DataSpec, root: Path | None, device: torch.device | str) -> 
 
     fingerprint = _fingerprint(spec, root, (tr, te))
     device = torch.device(device)
+    tr = _first_n(*tr, spec.train_size, f"{name} train")
+    te = _first_n(*te, spec.test_size, f"{name} test")
+    parts = [("train", tr), ("test", te)]
+    if spec.val_size:
+        tr, va = carve_validation(*tr, spec)
+        parts = [("train", tr), ("test", te), ("val", va)]
     splits = []
-    for split_name, (images, labels), size in (("train", tr, spec.train_size), ("test", te, spec.test_size)):
-        images, labels = _first_n(images, labels, size, f"{name} {split_name}")
+    for split_name, (images, labels) in parts:
         _check_split(images, labels, info, f"{name} {split_name}")
         # One host-to-device copy per split; contiguous so batch gathers are plain strided reads.
         splits.append(Split(images.to(device).contiguous(), labels.to(device=device, dtype=torch.int64).contiguous()))
-    return DeviceData(info, splits[0], splits[1], fingerprint)
+    return DeviceData(info, splits[0], splits[1], fingerprint, splits[2] if len(splits) > 2 else None)
+
+
+def carve_validation(images: torch.Tensor, labels: torch.Tensor, spec: DataSpec):
+    """((train images, labels), (val images, labels)): val_size of the training images, drawn by the validation
+    stream of kdbench.seeding (fixed per dataset: the same for every method and seed), out of the training split.
+    Both keep the images' original order, so the engine's per-epoch draws work on the rest as on any split."""
+    n, k = len(images), spec.val_size
+    if k >= n:
+        raise DataError(f"{spec.dataset}: val_size {k} leaves no training images: the training split has {n}")
+    g = torch.Generator().manual_seed(stream_seed(VAL_SEED, "val", spec.dataset, spec.path))
+    held = torch.zeros(n, dtype=torch.bool)
+    held[torch.randperm(n, generator=g)[:k]] = True
+    keep = ~held
+    return (images[keep].contiguous(), labels[keep].contiguous()), (images[held].contiguous(), labels[held].contiguous())
 
 
 # --- Fingerprints -----------------------------------------------------------------------------------

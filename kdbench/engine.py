@@ -30,6 +30,34 @@ class Diverged(KdbenchError):
     pass
 
 
+CHANCE_MARGIN_PP = 2.0  # a final accuracy less than this (or 3 standard errors) above chance is a collapse
+
+
+def collapse_reason(history: list[dict[str, float]], num_classes: int, test_size: int) -> str | None:
+    """Why a finished run's number means nothing (it collapsed), or None.
+
+    Collapsed: the last epoch's test accuracy lies within max(2 pp, 3 standard errors of a chance-level
+    classifier on this test split) of chance (100 / classes %); or, over two or more epochs, no training
+    loss term ever fell below its first epoch's mean. Per term, not the total: a warm-up (DKD) raises the
+    total on a healthy run while its cross-entropy falls.
+    """
+    if not history or "test_acc" not in history[-1]:
+        return None
+    chance = 100.0 / num_classes
+    p = 1.0 / num_classes
+    margin = max(CHANCE_MARGIN_PP, 300.0 * math.sqrt(p * (1 - p) / max(test_size, 1)))
+    acc = history[-1]["test_acc"]
+    if acc < chance + margin:
+        return f"collapsed: test accuracy {acc:.2f}% is within {margin:.1f} pp of chance ({chance:.2f}%)"
+    terms = [k for k in history[0] if k.startswith("train_") and k != "train_loss"]
+    later = {k: [h[k] for h in history[1:] if k in h] for k in terms}
+    later = {k: v for k, v in later.items() if v}  # a stage's term that stops (FitNets' hint) says nothing here
+    if later and all(not any(v < history[0][k] for v in values) for k, values in later.items()):
+        return (f"collapsed: the training loss never fell below its first epoch's "
+                f"({history[0].get('train_loss', math.nan):.4g} -> {history[-1].get('train_loss', math.nan):.4g})")
+    return None
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     device: torch.device
@@ -145,20 +173,24 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         on_route: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
         route: TeacherRoute | None = None,
         teacher_cache: TeacherCache | None = None,
+        guides: list[nn.Module] | None = None,
         checkpoint: Callable[[dict[str, Any]], None] | None = None,
         resume: dict[str, Any] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         combine: str = "sum") -> FitResult:
-    """Train `student` for `train.epochs` with `method`, evaluating on the test split after each epoch.
+    """Train `student` for `train.epochs` with `method`, evaluating on the test split (and the validation split,
+    when `data.val` exists) after each epoch. Only validation numbers may choose anything (`StepContext.probe`).
 
     on_epoch(epoch, metrics) gets 1-based epochs; on_route(epoch, state_dict) is called where keep_route(epoch).
     route: the teacher's route checkpoints, for a method that declared `needs_route`.
+    guides: frozen models a method with `Needs.dense` learns from besides the teacher (DGKD), lent as ctx.guides.
     teacher_cache: shared teacher outputs of this teacher on data.train with this augmentation, used in place
     of the teacher forward when the method reads only the teacher's logits (the same numbers, computed once).
     checkpoint(state) is called at the end of every epoch and when should_stop() turns true between two steps
     (then Interrupted is raised); fit(..., resume=state) continues from such a state with the same numbers an
     uninterrupted run gives: each epoch's order and augmentation come from generators seeded by (seed, epoch),
-    and a resumed epoch replays its draws up to the step where it stopped.
+    and a resumed epoch replays its draws up to the step where it stopped. The method's state_dict and its
+    `extra_state()` are part of the state, and `method.resumed(ctx)` restores what it holds outside it.
     combine: how the student's named loss terms make its update: "sum", or "pcgrad" (kdbench.combine).
     """
     models = {"student": student}
@@ -169,6 +201,8 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
             trainable["teacher"] = list(teacher.parameters())
         else:
             teacher.eval().requires_grad_(False)  # frozen: running statistics, no dropout, no gradient
+    for guide in guides or ():
+        guide.eval().requires_grad_(False)  # frozen like a teacher
     optimizers = {k: make_optimizer(p, train) for k, p in trainable.items()}
     passes = PassCounts()
     combiner = PCGrad(seed) if combine == "pcgrad" else None
@@ -192,7 +226,10 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
             model.apply_max_norm_(model.max_norm)
 
     def probe(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = next(eval_batches(data.train, n))
+        # Choices are made on held-out images: never on what the student trains on, never on the test split.
+        if data.val is None:
+            raise KdbenchError(f"{method.name}: this method chooses on a validation split: set data.val_size")
+        images, labels = next(eval_batches(data.val, n))
         return normalize(images, data.info, channels_last=opts.channels_last), labels
 
     # Only a fixed teacher's outputs can be shared: not one that trains (ProKT) or changes by stage (RCO).
@@ -206,19 +243,30 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         step_teacher = Compiled(teacher, opts) if teacher is not None else None
     graphs = opts.compile and opts.device.type == "cuda"
     ctx = StepContext(student=step_student, teacher=step_teacher, update=update, passes=passes,
-                      autocast=opts.autocast, route=route, probe=probe)
+                      autocast=opts.autocast, route=route, probe=probe, seed=seed,
+                      guides=list(guides or ()))
     history: list[dict[str, float]] = []
     metrics: dict[str, float] = {}
+
+    def evaluated() -> dict[str, float]:
+        """Test accuracy and loss (reported only), and validation's where there is a split (what choices use)."""
+        out = {}
+        for name, split in (("test", data.test), ("val", data.val)):
+            if split is not None:
+                result = evaluate(student, split, data, opts, eval_batch_size)
+                out.update({f"{name}_acc": result["acc"], f"{name}_loss": result["loss"]})
+        return out
+
     if train.epochs == 0:  # a model used as loaded (checkpoint, pretrained): evaluate only
-        test = evaluate(student, data.test, data, opts, eval_batch_size)
-        metrics = {"test_acc": test["acc"], "test_loss": test["loss"]}
+        metrics = evaluated()
         return FitResult(metrics, [metrics], passes)
 
     def state(epoch: int, batch: int, totals: dict[str, torch.Tensor], steps: int, images_seen: int) -> dict:
         return {"epoch": epoch, "batch": batch, "steps": steps, "images_seen": images_seen,
                 "totals": {k: v.detach().clone() for k, v in totals.items()},
                 "models": {k: m.state_dict() for k, m in models.items() if k in trainable},
-                "method": method.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "method": method.state_dict(), "method_extra": method.extra_state(),
+                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                 "history": list(history), "passes": asdict(passes), "cpu_rng": torch.get_rng_state(),
                 "combine": combiner.state_dict() if combiner is not None else None,
                 "cuda_rng": torch.cuda.get_rng_state_all() if opts.device.type == "cuda" else None}
@@ -228,6 +276,7 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         for k, sd in resume["models"].items():
             models[k].load_state_dict(plain_state_dict(sd))
         method.load_state_dict(resume["method"])
+        method.load_extra_state(resume["method_extra"])
         for k, sd in resume["optimizers"].items():
             optimizers[k].load_state_dict(sd)
         history[:] = resume["history"]
@@ -240,10 +289,12 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
             torch.cuda.set_rng_state_all(resume["cuda_rng"])
         first_epoch, skip_batches = resume["epoch"], resume["batch"]
         resumed_totals = (resume["totals"], resume["steps"], resume["images_seen"]) if skip_batches else None
+        method.resumed(ctx)  # what the method holds outside its state (RCO: the anchor in the teacher)
 
     for epoch in range(first_epoch, train.epochs):
         start = time.perf_counter()
-        method.start_epoch(epoch, train.epochs, ctx)
+        if not skip_batches:  # an epoch resumed in its middle has started already: its state is restored
+            method.start_epoch(epoch, train.epochs, ctx)
         for opt in optimizers.values():
             for group in opt.param_groups:
                 group["lr"] = train.lr * lr_factor(train, epoch)
@@ -273,7 +324,7 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
             logits = teacher_cache.lookup(*drawn) if cached else None
             if graphs:  # a new iteration: CUDA-graph outputs of the last step may be overwritten from here on
                 torch.compiler.cudagraph_mark_step_begin()
-            terms = method.step(Batch(x, labels, epoch, train.epochs, logits), ctx)
+            terms = method.step(Batch(x, labels, epoch, train.epochs, logits, step=batch), ctx)
             for name, value in terms.items():  # summed on the device: no sync per step
                 totals[name] = totals.get(name, 0) + value.float()
             steps += 1
@@ -290,8 +341,7 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
             raise Diverged(f"training loss became {total_loss} in epoch {epoch + 1}")
         if total_loss > EXPLODED:
             raise Diverged(f"training loss exploded to {total_loss:.3g} in epoch {epoch + 1}")
-        test = evaluate(student, data.test, data, opts, eval_batch_size)
-        metrics = {"train_loss": total_loss, **train_loss, "test_acc": test["acc"], "test_loss": test["loss"],
+        metrics = {"train_loss": total_loss, **train_loss, **evaluated(),
                    "lr": optimizers["student"].param_groups[0]["lr"], "epoch_time": time.perf_counter() - start,
                    "images_per_sec": images_seen / train_time}
         metrics.update(method.epoch_metrics())  # a method's own per-epoch numbers (attention weights...)

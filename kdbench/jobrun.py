@@ -25,10 +25,10 @@ import torch
 from rich.console import Console
 
 from kdbench import KdbenchError
-from kdbench.build import build_model, build_teacher, teacher_route
+from kdbench.build import build_guides, build_model, build_teacher, teacher_route
 from kdbench.claims import Claim
 from kdbench.data import DeviceData, load_data
-from kdbench.engine import Diverged, EngineOptions, Interrupted, fit
+from kdbench.engine import Diverged, EngineOptions, Interrupted, collapse_reason, fit
 from kdbench.plan import STORED_ROLES, Job, Plan
 from kdbench.registry import get_method
 from kdbench.store import CorruptFile, ModelStore, load_checkpoint, save_checkpoint
@@ -42,13 +42,14 @@ FINISHED = "finished"  # trained now, or taken from the store
 SKIPPED = "skipped"  # finished by an earlier or concurrent run
 FAILED = "failed"
 HELD = "held"  # another process holds the job's claim: try again later
+COLLAPSED = "collapsed"  # finished (now or before), but at chance or never learned: no number (see collapse_reason)
 
 
 @dataclass
 class JobResult:
     key: str
     status: str
-    reason: str = ""  # why it failed
+    reason: str = ""  # why it failed or collapsed
     test_acc: float | None = None
 
 
@@ -196,7 +197,8 @@ def _claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobR
     parent = ctx.parent_run
     existing = tracker.job_run(parent, job.key)
     if existing is not None and existing.info.status == "FINISHED":
-        return JobResult(job.key, SKIPPED)
+        collapsed = existing.data.tags.get(f"{TAG}collapsed")
+        return JobResult(job.key, COLLAPSED, collapsed) if collapsed else JobResult(job.key, SKIPPED)
     reason = existing.data.tags.get(f"{TAG}failure", "") if existing is not None else ""
     if existing is not None and existing.info.status == "FAILED" and reason.startswith(DIVERGED):
         return JobResult(job.key, FAILED, reason)
@@ -238,10 +240,21 @@ def _claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobR
     wall = time.perf_counter() - start
     final = {"wall_time": wall, **{k: float(v) for k, v in asdict(result.passes).items()}}
     tracker.log_metrics(run_id, final, step=job.train.epochs)
-    tracker.end(run_id, "FINISHED")
+    status, why = _finish(plan, job, ctx, run_id, result.history)
     store.checkpoint_path(job.key).unlink(missing_ok=True)
     say(f"done {job.title}: test acc {result.metrics['test_acc']:.2f}% ({wall:.1f} s)")
-    return JobResult(job.key, FINISHED, test_acc=result.metrics["test_acc"])
+    return JobResult(job.key, status, why, test_acc=result.metrics["test_acc"])
+
+
+def _finish(plan: Plan, job: Job, ctx: JobContext, run_id: str, history: list[dict[str, float]]) -> tuple[str, str]:
+    """End a trained (or stored) job's run FINISHED; one that collapsed is tagged so, with why: (status, reason)."""
+    data = ctx.data(plan)
+    why = collapse_reason(history, data.info.num_classes, len(data.test))
+    if why:
+        ctx.tracker.set_tags(run_id, {f"{TAG}status": "collapsed", f"{TAG}collapsed": why})
+        ctx.reporter.print(f"[yellow]collapsed[/] {job.title}: {why}")
+    ctx.tracker.end(run_id, "FINISHED")
+    return (COLLAPSED, why) if why else (FINISHED, "")
 
 
 # ---------------------------------------------------------------------------------------------- tracking
@@ -251,7 +264,7 @@ def job_tags(plan: Plan, job: Job) -> dict[str, str]:
     tags = {f"{TAG}suite": plan.suite.name, f"{TAG}role": job.role, f"{TAG}student": job.model,
             f"{TAG}teacher": job.teacher_model or "", f"{TAG}method": job.method.label,
             f"{TAG}method_name": job.method.method, f"{TAG}seed": str(job.seed), f"{TAG}job": job.key,
-            f"{TAG}pair": job.pair or ""}
+            f"{TAG}pair": job.pair or "", f"{TAG}identity": plan.identities()[job.key]}
     if job.role in ("teacher", "reference"):
         tags[f"{TAG}teacher"] = job.model
         tags[f"{TAG}student"] = ""
@@ -262,8 +275,9 @@ def job_tags(plan: Plan, job: Job) -> dict[str, str]:
     return tags
 
 
-def stored_accuracy(store: ModelStore, key: str) -> float | None:
-    return store.meta(key)["metrics"]["test_acc"] if store.has(key) else None
+def stored_accuracy(store: ModelStore, key: str, metric: str = "test_acc") -> float | None:
+    """A stored model's last-epoch `metric`: test_acc to report it, val_acc to choose by it (None: absent)."""
+    return store.meta(key)["metrics"].get(metric) if store.has(key) else None
 
 
 def job_params(plan: Plan, job: Job, ctx: JobContext) -> dict[str, str]:
@@ -286,6 +300,9 @@ def job_params(plan: Plan, job: Job, ctx: JobContext) -> dict[str, str]:
             params["assistant_test_acc"] = f"{stored_accuracy(store, job.teacher):.4f}"
     if job.assistant_choice:
         params["assistant_choice"] = job.assistant_choice
+    method = get_method(job.method.method)
+    if job.teacher and method.needs({**method.defaults, **job.config.get("method_params", {})}).dense:
+        params["guide_models"] = " > ".join(plan.job(k).model for k in plan.guide_keys(job))
     return params
 
 
@@ -304,9 +321,9 @@ def _log_stored(plan: Plan, job: Job, ctx: JobContext, run_id: str | None) -> Jo
         run_id = ctx.tracker.start_job(ctx.parent_run, job.title, {**job_tags(plan, job), f"{TAG}reused": "true"},
                                        job_params(plan, job, ctx))
     _log_history(ctx.tracker, run_id, meta["history"])
-    ctx.tracker.end(run_id, "FINISHED")
+    status, why = _finish(plan, job, ctx, run_id, meta["history"])
     ctx.reporter.print(f"[dim]reused[/] {job.title}: test acc {meta['metrics']['test_acc']:.2f}%")
-    return JobResult(job.key, FINISHED, test_acc=meta["metrics"]["test_acc"])
+    return JobResult(job.key, status, why, test_acc=meta["metrics"]["test_acc"])
 
 
 # ---------------------------------------------------------------------------------------------- the store
@@ -330,6 +347,11 @@ def _resume_state(job: Job, path: Path, ctx: JobContext):
         state = load_checkpoint(path)
     except CorruptFile as exc:
         ctx.reporter.print(f"[red]corrupted[/] {exc}; restarting {job.title} from scratch")
+        path.unlink()
+        return None, {}
+    if "method_extra" not in state:  # written before methods' own state was saved: resuming could be wrong
+        ctx.reporter.print(f"{path}: checkpoint of an older kdbench lacks the method's state; restarting "
+                           f"{job.title} from scratch")
         path.unlink()
         return None, {}
     ctx.reporter.print(f"resuming {job.title} from epoch {state['epoch'] + 1}, step {state['batch']}")
@@ -379,7 +401,10 @@ def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
     result = fit(model, method, teacher, data, job.train, job.augment, job.seed, opts,
                  eval_batch_size=plan.suite.eval_batch_size, on_epoch=on_epoch, keep_route=keep_route,
                  on_route=on_route, route=teacher_route(plan, job, store) if needs.route and job.teacher else None,
-                 teacher_cache=cache, checkpoint=checkpoint, resume=resume, should_stop=ctx.local.should_stop or _never,
+                 teacher_cache=cache,
+                 guides=build_guides(plan, job, teacher, data, store, opts) if needs.dense and teacher is not None
+                 else None,
+                 checkpoint=checkpoint, resume=resume, should_stop=ctx.local.should_stop or _never,
                  combine=job.method.combine)
     if method.record:  # procedure details the method chose while training (RCO's anchors, FitNets' layers)
         tracker.log_params(run_id, {f"procedure.{k}": v for k, v in method.record.items()})

@@ -28,6 +28,7 @@ class Batch:
     epoch: int  # 0-based epoch of the job being trained
     epochs: int  # the job's total epochs (for warm-ups and schedules inside a method)
     teacher_logits: torch.Tensor | None = None  # shared teacher outputs for this batch, when the engine has them
+    step: int = 0  # 0-based index of this batch in its epoch: with `epoch` and `StepContext.seed`, seeds a per-step draw
 
 
 @dataclass
@@ -55,16 +56,27 @@ class Needs:
       teacher as it was after `teacher_epoch` epochs, one of its route checkpoints; 0 = the final one).
     route: the stored teacher's route checkpoints, lent to the method as `StepContext.route` (RCO).
     assistants: models trained between the teacher and the student, in order (TAKD): each an ordinary
-      KD run from the model before it, stored like a teacher; ("auto",) lets the executor choose one.
+      KD run from the model before it, stored like a teacher; ("auto",) lets the executor choose one;
+      ("between",) takes the suite's models between teacher and student in size, largest first, at most
+      `max_assistants` of them (0: all), spread evenly over that range (DGKD).
+    dense: the method learns from every model of the chain at once (DGKD): the frozen teacher and all
+      assistants before this job are lent as `StepContext.guides`, teacher first; an assistant job of such
+      a method gets the models above it.
+    choice: a choice these params make on the validation split (e.g. "assistants 'auto'"), in words for the
+      error that refuses a suite without `data.val_size`; "" when the method chooses nothing.
     """
 
     teacher: str = "trained"
     teacher_epoch: int = 0
     route: bool = False
     assistants: tuple[str, ...] = ()
+    max_assistants: int = 0
+    dense: bool = False
+    choice: str = ""
 
 
 AUTO = "auto"  # an assistant chosen at run time, once the accuracies it is chosen by exist
+BETWEEN = "between"  # the suite's models between teacher and student in size, chosen when the plan is made
 
 
 @dataclass(frozen=True)
@@ -87,9 +99,11 @@ class StepContext:
     passes: PassCounts
     autocast: Callable[[], Any]  # `with ctx.autocast():` around forward passes (bf16 on GPU, a no-op on CPU)
     route: TeacherRoute | None = None  # when the method declared `needs_route`
-    # probe(n): the first n training images (normalised, not augmented) and labels, for choices a method makes
-    # during training (RCO's greedy anchors). Never the test split.
+    # probe(n): the first n validation images (normalised, not augmented) and labels, for choices a method makes
+    # during training (RCO's greedy anchors; declare them in `Needs.choice`). Never the test or training split.
     probe: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
+    seed: int = 0  # the job's seed: a method's random draws come from kdbench.seeding streams of it
+    guides: list[nn.Module] = field(default_factory=list)  # `Needs.dense`: frozen teacher and assistants, teacher first
 
 
 def check_ranges(params: dict[str, Any], positive: tuple[str, ...] = (),
@@ -175,6 +189,12 @@ class Method(nn.Module):
     # True: losses() reads only the frozen teacher's logits, so the engine may hand it shared teacher
     # outputs (computed once per image and view, reused across epochs, methods and seeds) instead of a forward.
     teacher_logits_only: ClassVar[bool] = False
+    # Params that count epochs of the job's own schedule (DKD's warm-up): when --epochs shrinks the schedule,
+    # the plan scales them as it scales the milestones, and the scaled value is the one logged.
+    epoch_params: ClassVar[tuple[str, ...]] = ()
+    # Params that count epochs of the stored teacher's run (ProKT's teacher_epoch): scaled with the teachers'
+    # schedule and moved to the nearest route checkpoint it keeps; 0 stays 0.
+    teacher_epoch_params: ClassVar[tuple[str, ...]] = ()
     # False: the student's update is not a sum of several named terms (ProKT: one KL term in its own step()),
     # so a suite's `combine: pcgrad` would change nothing and is refused when the suite is loaded.
     combinable: ClassVar[bool] = True
@@ -202,7 +222,24 @@ class Method(nn.Module):
         return None
 
     def start_epoch(self, epoch: int, epochs: int, ctx: StepContext) -> None:
-        """Called by the engine before each of the job's `epochs` (0-based `epoch`): a method's stage switch."""
+        """Called by the engine before each of the job's `epochs` (0-based `epoch`): a method's stage switch.
+
+        Not called again for an epoch resumed in its middle: what it set must be in the method's state (see
+        `extra_state`) or be restored by `resumed`.
+        """
+
+    def extra_state(self) -> dict[str, Any]:
+        """State outside parameters and buffers that a resumed job needs; the engine checkpoints it beside the
+        method's state_dict. Override with `{**super().extra_state(), ...}` and extend `load_extra_state`.
+        (Not torch's get_extra_state: that would put a non-tensor into every `state_dict()`.)"""
+        return {"record": dict(self.record)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.record = dict(state["record"])
+
+    def resumed(self, ctx: StepContext) -> None:
+        """Called once when a job resumes from a checkpoint, after its state is loaded and before training goes on:
+        restore what lives outside the method and the trainable models (RCO reloads its anchor into the teacher)."""
 
     def losses(self, batch: Batch, student: Outputs, teacher: Outputs | None) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 from kdbench import KdbenchError
 from kdbench.data import dataset_info
-from kdbench.method import AUTO
-from kdbench.registry import get_method
+from kdbench.method import AUTO, BETWEEN
+from kdbench.registry import get_method, method_hash
 from kdbench.store import sha256
 from kdbench.suite import AugmentConfig, MethodEntry, Suite, TrainConfig
 from kdbench.zoo import ModelStats, known_models, meta_model, model_kwargs_problem, model_stats
@@ -102,6 +102,7 @@ class Plan:
     student_train: TrainConfig | None = None  # the students' schedule (after --epochs): assistants train with it
     options: dict[str, Any] = field(default_factory=dict)  # make_plan's keyword arguments, to plan again
     suite_hash: str = ""  # the plan hash before the data's fingerprint was known (what a report matches)
+    _ids: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def job(self, key: str) -> Job:
         return next(j for j in self.jobs if j.key == key)
@@ -111,6 +112,22 @@ class Plan:
         """Identifies 'the same suite run': running it again resumes the parent run with this hash."""
         return content_hash({"suite": self.suite.name, "jobs": [j.key for j in self.jobs],
                              "cells": [(c.pair.name, c.method, c.seed, c.job) for c in self.cells]})
+
+    def identities(self) -> dict[str, str]:
+        """Job key -> the job's identity: its content hash with every method_hash left out (its own and those
+        of the jobs it depends on). Two runs with one identity and different keys differ only in method code."""
+        if self._ids is None:
+            ids: dict[str, str] = {}
+            for job in self.jobs:  # dependency order: a job's teacher and references come first
+                ids[job.key] = content_hash(_without_method_code(job.config, ids))
+            self._ids = ids
+        return self._ids
+
+    def method_changed(self, previous: dict[str, set[str]]) -> list[Job]:
+        """The jobs that train again because their method's code (or a method behind their teacher) changed:
+        `previous` (identity -> keys of its finished runs) has their identity under other keys only."""
+        ids = self.identities()
+        return [j for j in self.jobs if previous.get(ids[j.key]) and j.key not in previous[ids[j.key]]]
 
     @property
     def data_free_hash(self) -> str:
@@ -138,8 +155,18 @@ class Plan:
             current = self.job(current.teacher)
         return current
 
+    def guide_keys(self, job: Job) -> list[str]:
+        """The jobs of every model above `job` in its chain: the pair's teacher first, `job`'s own teacher last."""
+        keys: list[str] = []
+        current = self.job(job.teacher) if job.teacher else None
+        while current is not None:
+            keys.insert(0, current.key)
+            current = self.job(current.teacher) if current.role == "assistant" else None
+        return keys
+
     def resolve_assistants(self, accuracy: Callable[[str], float | None]) -> tuple["Plan", dict[str, str]]:
-        """Choose every "auto" assistant, now that `accuracy(job key)` knows the trained models' test accuracy.
+        """Choose every "auto" assistant, now that `accuracy(job key)` knows the trained models' validation accuracy
+        (never the test accuracy: the test split is only reported).
 
         The rule (Mirzadeh et al.): the candidate whose accuracy is closest to the mean of the teacher's and
         the student's, all trained alone with the teachers' recipe. Returns the plan with the assistant jobs
@@ -153,7 +180,8 @@ class Plan:
             acc = {name: accuracy(key) for name, key in refs.items()}
             missing = [name for name, a in acc.items() if a is None]
             if missing:
-                failed[job.key] = f"assistant not chosen: the reference run of {missing[0]} did not finish"
+                failed[job.key] = f"assistant not chosen: the reference run of {missing[0]} did not finish " \
+                                  f"(or has no validation accuracy)"
                 continue
             target = (acc.pop("teacher") + acc.pop("student")) / 2
             chosen = min(acc, key=lambda name: (abs(acc[name] - target), name))
@@ -161,14 +189,47 @@ class Plan:
                                    job.method, config["method_params"], self.options.get("data_fingerprint"))
             for a in chain:
                 jobs.setdefault(a.key, a)
-            choice = (f"auto: {chosen}, accuracy closest to {target:.2f}, the mean of teacher {job.teacher_model} "
-                      f"and student {job.model}; candidates: " + ", ".join(f"{n} {a:.2f}" for n, a in sorted(acc.items())))
+            choice = (f"auto: {chosen}, validation accuracy closest to {target:.2f}, the mean of teacher "
+                      f"{job.teacher_model} and student {job.model}; candidates: "
+                      + ", ".join(f"{n} {a:.2f}" for n, a in sorted(acc.items())))
             jobs[job.key] = replace(job, teacher=chain[-1].key, assistants=(chosen,), assistant_choice=choice)
         return replace(self, jobs=in_waves(jobs.values())), failed
 
 
 def content_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _without_method_code(value: Any, ids: dict[str, str]) -> Any:
+    """`value` with method_hash entries dropped and other jobs' keys replaced by their identities."""
+    if isinstance(value, dict):
+        return {k: _without_method_code(v, ids) for k, v in value.items() if k != "method_hash"}
+    if isinstance(value, (list, tuple)):
+        return [_without_method_code(v, ids) for v in value]
+    return ids.get(value, value) if isinstance(value, str) else value
+
+
+def scale_epochs(value: int, old: int, new: int) -> int:
+    """An epoch count on a schedule of `old` epochs, moved to one of `new` (as milestones are): at least 1 if it was."""
+    scaled = round(value * new / old) if old else value
+    return max(1, scaled) if value >= 1 else scaled
+
+
+def scale_epoch_params(method, params: dict[str, Any], old: int, new: int, teacher_old: int, teacher_new: int,
+                       route: list[int]) -> dict[str, Any]:
+    """A method's epoch-counted params for a schedule shrunk by --epochs from `old` to `new` epochs (its
+    `epoch_params`) and a teachers' run shrunk from `teacher_old` to `teacher_new` (its `teacher_epoch_params`:
+    moved to the nearest of the teacher's `route` epochs, ties to the earlier; 0, the final teacher, stays)."""
+    out = dict(params)
+    for name in method.epoch_params:
+        if isinstance(out.get(name), (int, float)) and not isinstance(out[name], bool):
+            out[name] = type(out[name])(scale_epochs(out[name], old, new))
+    for name in method.teacher_epoch_params:
+        value = out.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0 and route:
+            scaled = scale_epochs(value, teacher_old, teacher_new)
+            out[name] = min(route, key=lambda e: (abs(e - scaled), e))
+    return out
 
 
 def default_route_every(epochs: int) -> int:
@@ -182,7 +243,10 @@ def in_waves(jobs) -> list[Job]:
 
 
 def base_config(suite: Suite, data_fingerprint: str | None = None) -> dict[str, Any]:
-    config = {"store_version": STORE_VERSION, "data": suite.data.model_dump(), "augment": suite.augment.model_dump()}
+    data = suite.data.model_dump()
+    if not data["val_size"]:  # no validation split trains on what suites before val_size trained on: same keys
+        del data["val_size"]
+    config = {"store_version": STORE_VERSION, "data": data, "augment": suite.augment.model_dump()}
     if data_fingerprint is not None:  # data read from disk: its content, not only its name (see data.py)
         config["data_fingerprint"] = data_fingerprint
     return config
@@ -196,13 +260,14 @@ def assistant_jobs(suite: Suite, student_train: TrainConfig, teacher_key: str, t
     An assistant is keyed by what determines it (its model, its teacher's key, the loss params, the
     schedule, the teachers' seed), so every cell with the same teacher and assistant shares it.
     """
-    loss_params = {k: v for k, v in params.items() if k != "assistants"}
+    loss_params = {k: v for k, v in params.items() if k not in CHAIN_PARAMS}
     jobs, prev_key, prev_model = [], teacher_key, teacher_model
     for name in chain:
         train = student_train.for_model(name)
         config = {**base_config(suite, data_fingerprint), "role": "assistant", "model": name,
                   "model_kwargs": suite.model_kwargs.get(name, {}), "seed": suite.teacher.seed,
-                  "method": entry.method, "method_params": loss_params, "train": train.model_dump(),
+                  "method": entry.method, "method_hash": method_hash(entry.method), "method_params": loss_params,
+                  "train": train.model_dump(),
                   "teacher": prev_key, **combine_config(entry)}
         job = Job(content_hash(config), "assistant", name, suite.teacher.seed, entry, train, suite.augment, config,
                   teacher=prev_key, teacher_model=prev_model, pair=f"{prev_model}->{name}")
@@ -214,6 +279,20 @@ def assistant_jobs(suite: Suite, student_train: TrainConfig, teacher_key: str, t
 def combine_config(entry: MethodEntry) -> dict[str, str]:
     """How the entry combines its loss terms, for a job's hash: absent when summed, so existing keys stay valid."""
     return {"combine": entry.combine} if entry.combine != "sum" else {}
+
+
+CHAIN_PARAMS = ("assistants", "max_assistants")  # choose the chain (its keys say which): not an assistant's loss
+
+
+def models_between(models: dict[str, ModelStats], teacher: str, student: str, limit: int) -> tuple[str, ...]:
+    """The suite's models strictly between teacher and student in parameters, largest first (`Needs.assistants`
+    ("between",)); with more than `limit` (> 0), `limit` of them spread evenly over that order."""
+    low, high = models[student].params, models[teacher].params
+    found = sorted((m for m in models if low < models[m].params < high), key=lambda m: (-models[m].params, m))
+    if limit and len(found) > limit:
+        n = len(found)
+        found = [found[round((i + 1) * (n + 1) / (limit + 1)) - 1] for i in range(limit)]
+    return tuple(found)
 
 
 def expand(patterns: list[str], names: list[str]) -> list[str]:
@@ -303,8 +382,8 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
         train = teacher_train.for_model(t)
         kwargs = {**suite.model_kwargs.get(t, {}), **suite.teacher.model_kwargs.get(t, {})}
         config = {**base, "augment": teacher_augment.model_dump(), "model": t, "model_kwargs": kwargs, "seed": suite.teacher.seed,
-                  "method": TEACHER_METHOD.method, "method_params": {}, "train": train.model_dump(),
-                  "source": suite.teacher.source}
+                  "method": TEACHER_METHOD.method, "method_hash": method_hash(TEACHER_METHOD.method),
+                  "method_params": {}, "train": train.model_dump(), "source": suite.teacher.source}
         # Everything the store keeps for it is part of the key: the route checkpoints too (RCO distils from them).
         route_every = suite.teacher.route_every or default_route_every(train.epochs)
         config["route_every"] = route_every
@@ -321,6 +400,11 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
                         route_every=route_every)
         return key
 
+    def teacher_route(epochs: int) -> list[int]:
+        """The epochs at which a teacher trained for `epochs` keeps route checkpoints (the executor's rule)."""
+        every = suite.teacher.route_every or default_route_every(epochs)
+        return [e for e in range(1, epochs + 1) if e % every == 0 or e == epochs]
+
     for t in dict.fromkeys(t for t, _ in pair_names):
         check_kwargs(t, {**suite.model_kwargs.get(t, {}), **suite.teacher.model_kwargs.get(t, {})},
                      "teacher.model_kwargs")
@@ -335,10 +419,19 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
         for entry in entries:
             method = get_method(entry.method)
             params = {**method.defaults, **entry.params}
+            if epochs is not None:
+                params = scale_epoch_params(method, params, suite.train.epochs, student_train.epochs,
+                                            suite.teacher_train().epochs, teacher_train.for_model(t).epochs,
+                                            teacher_route(teacher_train.for_model(t).epochs))
             needs = method.needs(params)
             extra: dict[str, Any] = {}  # what else determines this job's numbers, from the method's needs
             chain: list[Job] = []
             assistants = needs.assistants
+            choice = ""
+            if assistants == (BETWEEN,):
+                assistants = models_between(models, t, s, needs.max_assistants)
+                choice = (f"between: {', '.join(assistants)}" if assistants
+                          else "between: no suite model between teacher and student")
             teacher_key = teacher_keys[t] if needs.teacher in ("trained", "checkpoint") else None
             if needs.teacher == "random":  # no stored teacher: the architecture and its kwargs determine it
                 extra["teacher_model"] = t
@@ -365,7 +458,8 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
             for seed in seeds:
                 train = student_train.for_model(s)
                 config = {**base, "model": s, "model_kwargs": suite.model_kwargs.get(s, {}), "seed": seed,
-                          "method": entry.method, "method_params": params, "train": train.model_dump(),
+                          "method": entry.method, "method_hash": method_hash(entry.method),
+                          "method_params": params, "train": train.model_dump(),
                           "teacher": chain[-1].key if chain else teacher_key, **extra, **combine_config(entry)}
                 key = content_hash(config)
                 if key not in jobs:
@@ -374,7 +468,7 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
                                     teacher=config["teacher"], teacher_model=t if has_teacher else None,
                                     pair=f"{t}->{s}" if has_teacher else None, teacher_init=needs.teacher,
                                     teacher_epoch=needs.teacher_epoch, assistants=assistants,
-                                    assistant_choice="auto: no suite model between teacher and student"
-                                    if extra.get("assistants") == AUTO and not assistants else "")
+                                    assistant_choice=choice or ("auto: no suite model between teacher and student"
+                                                                if extra.get("assistants") == AUTO and not assistants else ""))
                 cells.append(Cell(pair, entry.label, seed, key))
     return Plan(suite, suite_path, models, pairs, cells, in_waves(jobs.values()), student_train, options)

@@ -15,6 +15,7 @@ built-in methods (the repository's `methods/` folder, installed as the package `
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import inspect
@@ -26,6 +27,7 @@ from pathlib import Path
 from types import ModuleType
 
 from kdbench import KdbenchError
+from kdbench import losses, method
 from kdbench.method import Method
 
 _PACKAGED = Path(__file__).resolve().parent / "builtin_methods"  # a wheel install: methods/ mapped there
@@ -143,3 +145,48 @@ def get_method(name: str) -> type[Method]:
     if name not in registry:
         raise KdbenchError(unknown_method(name))
     return registry[name]
+
+
+# The kdbench modules whose code is part of every method's numbers besides its own file: the contract
+# (the default step(), run_model, feature hooks) and the shared losses. A fix there must retrain the
+# methods. The engine, data pipeline and models are left out on purpose: they are shared by every job,
+# so a hash over them would retrain everything after any edit; a change there that changes numbers
+# bumps plan.STORE_VERSION instead.
+CONTRACT_MODULES = (method, losses)
+
+
+def normalized_source(path: str) -> str:
+    """A Python file's code without comments, docstrings or formatting: editing those changes no number."""
+    text = Path(path).read_text()
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return text
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def method_hash(name: str) -> str:
+    """A hash of the code that decides a method's numbers: its plugin file (and the files of the Method
+    classes it derives from) and the contract modules. Part of every job's content hash, so editing a
+    plugin retrains its jobs instead of reusing the old code's results; logged as the param `method_hash`."""
+    return _class_hash(get_method(name))
+
+
+@lru_cache(maxsize=None)
+def _class_hash(cls: type[Method]) -> str:
+    files = [inspect.getsourcefile(c) for c in cls.__mro__ if isinstance(c, type) and issubclass(c, Method)
+             and c is not Method]
+    files += [m.__file__ for m in CONTRACT_MODULES]
+    digest = hashlib.sha256()
+    for f in dict.fromkeys(files):
+        try:
+            digest.update(normalized_source(f).encode())
+        except (OSError, TypeError):  # no source (a compiled plugin): its module name stands in
+            digest.update(f"{cls.__module__}.{cls.__qualname__}".encode())
+    return digest.hexdigest()[:16]

@@ -26,8 +26,8 @@ TEACHER = "teacher"  # the row of teacher accuracies (teacher runs carry the met
 DATASET_NAMES = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10", "mnist": "MNIST", "fashion_mnist": "Fashion-MNIST",
                  "synthetic": "synthetic data", "imagefolder": "image folder"}
 RUN_COLUMNS = ["run_id", "role", "method", "method_name", "teacher", "student", "pair", "seed", "status", "reason",
-               "failure", "protocol", "reused", "epochs", "test_acc", "wall_time", "images_per_sec", *PASSES,
-               "start_time"]
+               "failure", "protocol", "reused", "method_hash", "epochs", "test_acc", "wall_time", "images_per_sec",
+               *PASSES, "start_time"]
 
 
 # ---------------------------------------------------------------------------------------------- MLflow
@@ -100,6 +100,8 @@ def failure_reason(status: str, failure: str) -> str:
     """Why a run has no number, in a word or two (the full message is in the run's kdbench.failure tag)."""
     if status == "FINISHED":
         return ""
+    if status == "COLLAPSED":
+        return "collapsed"
     if status == "FAILED":
         if failure.startswith("diverged"):
             return "diverged"
@@ -112,17 +114,21 @@ def failure_reason(status: str, failure: str) -> str:
 def run_record(client, run) -> dict:
     tags, metrics = run.data.tags, run.data.metrics
     finished = run.info.status == "FINISHED"
+    # A finished run that collapsed (chance accuracy, a loss that never fell) has no number: shown as a dash
+    # with its reason, as a failed run is, and never part of a mean.
+    status = "COLLAPSED" if finished and tags.get(f"{TAG}collapsed") else run.info.status
     history = client.get_metric_history(run.info.run_id, "test_acc") if finished else []
     rates = [m.value for m in client.get_metric_history(run.info.run_id, "images_per_sec")] if finished else []
-    failure = tags.get(f"{TAG}failure", "")
+    failure = tags.get(f"{TAG}failure", "") or tags.get(f"{TAG}collapsed", "")
     return {
         "run_id": run.info.run_id, "role": tags.get(f"{TAG}role", ""), "method": tags.get(f"{TAG}method", ""),
         "method_name": tags.get(f"{TAG}method_name", ""), "teacher": tags.get(f"{TAG}teacher", ""),
         "student": tags.get(f"{TAG}student", ""), "pair": tags.get(f"{TAG}pair", ""),
-        "seed": int(tags.get(f"{TAG}seed", "-1")), "status": run.info.status,
-        "reason": failure_reason(run.info.status, failure),
+        "seed": int(tags.get(f"{TAG}seed", "-1")), "status": status,
+        "reason": failure_reason(status, failure),
         "failure": failure.strip().splitlines()[-1] if failure else "",  # a traceback's last line says what
         "protocol": tags.get(f"{TAG}protocol", ""), "reused": tags.get(f"{TAG}reused", "") == "true",
+        "method_hash": run.data.params.get("method_hash", ""),
         "epochs": max((m.step for m in history), default=math.nan),
         # The headline: the test accuracy of the last epoch (the latest step), never the best epoch.
         "test_acc": max(history, key=lambda m: (m.step, m.timestamp)).value if history else math.nan,
@@ -270,11 +276,23 @@ def sample_std(values: list[float]) -> float:
 
 
 def pick(runs: pd.DataFrame, seeds: Iterable[int]) -> Cell:
-    """Per seed, the latest finished run; a seed without one says why (its latest run's status, or not run)."""
+    """Per seed, the latest finished run; a seed without one says why (its latest run's status, or not run).
+
+    A cell never mixes method code: only runs with the method_hash of its latest finished run count; a seed
+    finished only by other code shows as "other method code" (rerun the suite to retrain it).
+    """
     values, missing = {}, {}
+    if "method_hash" not in runs:
+        runs = runs.assign(method_hash="")
+    finished = runs[(runs.status == "FINISHED") & runs.test_acc.notna()]
+    code = finished.sort_values("start_time", kind="stable").iloc[-1].method_hash if len(finished) else None
     for seed in sorted(set(seeds) | set(runs.seed)):
         mine = runs[runs.seed == seed]
         done = mine[(mine.status == "FINISHED") & mine.test_acc.notna()]
+        if len(done) and not len(done[done.method_hash == code]):
+            missing[seed] = "other method code"
+            continue
+        done = done[done.method_hash == code]
         if len(done):
             values[seed] = float(done.iloc[-1].test_acc)
         elif len(mine):
@@ -632,6 +650,15 @@ def failures_markdown(runs: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def stale_methods(runs: pd.DataFrame) -> list[str]:
+    """Methods whose finished runs were trained by other code than the registered method's now."""
+    from kdbench.registry import method_hash, methods
+
+    known = methods()
+    done = runs[(runs.status == "FINISHED") & (runs.method_hash != "") & runs.method_name.isin(list(known))]
+    return sorted({name for name, code in zip(done.method_name, done.method_hash) if code != method_hash(name)})
+
+
 def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | None = None, x: str = "gap",
                  uri: str | None = None, methods: list[str] | None = None, title: str | None = None,
                  notice=None) -> Path:
@@ -648,12 +675,17 @@ def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | No
     parent = find_parent(client, suite.name, run_id, plan.data_free_hash, notice)
     runs = load_runs(client, parent)
     layout = layout_for(plan, runs)
+    stale = stale_methods(runs)
+    if stale and notice is not None:
+        notice(f"runs of {', '.join(stale)} in this report were trained by other method code than today's "
+             f"(param method_hash): run the suite again to retrain them")
     table = comparison_frame(runs, layout)
     cost = cost_frame(runs, layout)
 
     folder = out / suite.name
     folder.mkdir(parents=True, exist_ok=True)
-    write_csv(runs.drop(columns=["start_time"]), folder / "runs.csv")
+    # method_hash stays out of runs.csv for now: the committed results' files keep their bytes (it is in MLflow).
+    write_csv(runs.drop(columns=["start_time", "method_hash"]), folder / "runs.csv")
     write_csv(table, folder / "comparison.csv")
     write_text(folder / "comparison.md", comparison_markdown(table, layout))
     write_text(folder / "comparison.tex", comparison_latex(table, layout))

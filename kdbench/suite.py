@@ -50,6 +50,7 @@ class DataConfig(Strict):
     num_classes: PositiveInt | None = None
     image_size: PositiveInt | None = None
     download: bool = False
+    val_size: NonNegativeInt = 0  # held out of the training images for choices; train_size counts them too
 
     def spec(self) -> DataSpec:
         return DataSpec(**self.model_dump())
@@ -407,6 +408,13 @@ def _get(raw: Any, loc: tuple) -> Any:
     return raw
 
 
+def suggested_val_size(suite: Suite) -> int:
+    """A tenth of the training images, for error messages (5000 for CIFAR)."""
+    from kdbench.data import training_pool
+
+    return max(1, (training_pool(suite.data.spec()) or 10000) // 10)
+
+
 def _check_names(path: Path, suite: Suite) -> None:
     from kdbench.zoo import known_models
     from kdbench.registry import methods, unknown_method
@@ -489,6 +497,10 @@ def _check_names(path: Path, suite: Suite) -> None:
         problem = method.check_params({**defaults, **entry.params})
         if problem:
             raise SuiteError(f"{path}: field 'methods.{i}': method '{entry.method}': {problem}")
+        choice = method.needs({**defaults, **entry.params}).choice
+        if choice and not suite.data.val_size:
+            raise SuiteError(f"{path}: field 'methods.{i}': {entry.method} {choice} chooses on a validation split: "
+                             f"set data.val_size (e.g. {suggested_val_size(suite)})")
         if entry.label in labels:
             raise SuiteError(f"{path}: field 'methods.{i}': label '{entry.label}' is used twice; give each "
                              f"variant its own `label`")

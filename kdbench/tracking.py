@@ -156,6 +156,23 @@ class Tracker:
                                        max_results=1)
         return runs[0] if runs else None
 
+    def finished_identities(self, suite_name: str) -> dict[str, set[str]]:
+        """Identity -> job keys of this suite's finished job runs (any parent run): what a rerun compares against."""
+        found = self.client.get_experiment_by_name(suite_name)
+        out: dict[str, set[str]] = {}
+        token = None
+        while found is not None:
+            page = self.client.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                           max_results=1000, page_token=token)
+            for run in page:
+                identity = run.data.tags.get(f"{TAG}identity")
+                if identity:
+                    out.setdefault(identity, set()).add(run.data.tags.get(f"{TAG}job", ""))
+            token = page.token
+            if not token:
+                break
+        return out
+
     def job_run(self, parent_id: str, job_key: str):
         """This parent run's child run for a job, or None."""
         exp = self.client.get_run(parent_id).info.experiment_id

@@ -33,6 +33,7 @@ class DKD(Method):
     name = "dkd"
     summary = "decoupled KD: alpha TCKD + beta NCKD (target / non-target KL), warmed up, + CE"
     defaults = {"alpha": 1.0, "beta": 8.0, "T": 4.0, "ce_weight": 1.0, "warmup": 20}
+    epoch_params = ("warmup",)  # --epochs scales the warm-up with the schedule
     teacher_logits_only = True  # reads only the (frozen) teacher's logits: shared teacher outputs apply
 
     @classmethod

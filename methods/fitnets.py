@@ -70,6 +70,16 @@ class FitNets(Method):
                        "hint_layer": f"{layer_name(teacher, hint)} {list(t_shape[1:])}",
                        "regressor": type(self.regressor[0 if len(s_shape) == 4 == len(t_shape) else 1]).__name__}
 
+    # The stage is state outside parameters: a job resumed in stage 2 must not train stage 1 again.
+    def extra_state(self):
+        return {**super().extra_state(), "stage": self.stage}
+
+    def load_extra_state(self, state):
+        super().load_extra_state(state)
+        if state["stage"] == "kd" and self.stage != "kd":
+            self.stage = "kd"
+            self.student_features = self.teacher_features = None
+
     def hint_epochs(self, epochs: int) -> int:
         return min(max(1, round(self.params["hint_fraction"] * epochs)), max(epochs - 1, 1))
 

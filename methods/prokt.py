@@ -25,6 +25,7 @@ class ProKT(Method):
     defaults = {"lambda": 0.3, "clip_grad_norm": 1.0, "teacher_init": "random", "teacher_epoch": 0, "dual": False,
                 "eps": 1.0, "eta": 0.001, "beta0": 1.0, "zero_init_heads": False}
     trains_teacher = True
+    teacher_epoch_params = ("teacher_epoch",)  # a route epoch of the teacher's run: --epochs scales it
     protocol_note = "protocol assumed"
     combinable = False  # its own step(): the student update is one KL term, so PCGrad would change nothing
 

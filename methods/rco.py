@@ -6,10 +6,14 @@ trains in as many consecutive stages and in stage i is distilled (the KD loss) f
 epochs are the job's, the same as the KD baseline's, split by `split` (default: equally).
 Anchor choice: "equal" (EEIS, the default): the checkpoints closest to equal epoch intervals of the
 teacher's run; "greedy" (GSS): at each stage start, the furthest later checkpoint whose KD loss for
-the current student, on the first `probe_size` training images, stays under `gss_threshold` (the next
-checkpoint when none does); the last stage always uses the final teacher. The paper's anchor count,
-split and threshold could not be read: they are parameters, and each stage's anchor is recorded.
+the current student, on the first `probe_size` validation images (data.val_size), stays under
+`gss_threshold` (the next checkpoint when none does); the last stage always uses the final teacher.
+The paper's anchor count, split and threshold could not be read: they are parameters, and each
+stage's anchor is recorded. The anchor is state outside the parameters: it is checkpointed, and a
+job resumed inside a stage reloads it into the teacher.
 """
+
+from dataclasses import replace
 
 import torch
 
@@ -57,9 +61,26 @@ class RCO(Method):
             return f"split must list {params['anchors']} positive numbers (one weight per stage), got {split!r}"
         return check_ranges(params, positive=("T", "gss_threshold", "probe_size"), non_negative=("ce_weight", "kd_weight"))
 
+    @classmethod
+    def needs(cls, params):
+        return replace(super().needs(params), choice="choice 'greedy'" if params["choice"] == "greedy" else "")
+
     def __init__(self, params, student, teacher, input_shape):
         super().__init__(params, student, teacher, input_shape)
-        self.anchor_epoch: int | None = None  # the anchor being distilled from
+        self.anchor_epoch: int | None = None  # the anchor being distilled from (it is in the teacher)
+
+    # The anchor is state outside parameters: a job resumed inside a stage must distil from that stage's anchor,
+    # not from the final teacher it was built with.
+    def extra_state(self):
+        return {**super().extra_state(), "anchor_epoch": self.anchor_epoch}
+
+    def load_extra_state(self, state):
+        super().load_extra_state(state)
+        self.anchor_epoch = state["anchor_epoch"]
+
+    def resumed(self, ctx):
+        if self.anchor_epoch is not None:
+            ctx.teacher.load_state_dict(ctx.route.load(self.anchor_epoch))
 
     def start_epoch(self, epoch, epochs, ctx):
         p = self.params

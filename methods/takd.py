@@ -4,8 +4,8 @@ Each arrow is an ordinary KD run from a frozen, trained model (the KD loss of se
 not the official code's elementwise mean). The plan turns `assistants` into assistant jobs, trained
 from scratch by KD with the student's schedule and the teachers' seed, and stored like teachers, so
 every cell with the same teacher and assistant reuses them. `assistants`: a model name, a chain of
-names (teacher side first), or "auto": the suite's model whose accuracy, trained alone with the
-teachers' recipe, is closest to the mean of the teacher's and the student's (the paper's rule of
+names (teacher side first), or "auto": the suite's model whose validation accuracy (data.val_size),
+trained alone with the teachers' recipe, is closest to the mean of the teacher's and the student's (the paper's rule of
 thumb), chosen at run time once those models are trained; with no suite model between teacher and
 student in size, "auto" has no assistant and the cell is plain KD (recorded).
 """
@@ -27,7 +27,8 @@ class TAKD(Method):
 
     @classmethod
     def needs(cls, params):
-        return Needs(teacher="trained", assistants=chain_of(params["assistants"]))
+        chain = chain_of(params["assistants"])
+        return Needs(teacher="trained", assistants=chain, choice="assistants 'auto'" if chain == (AUTO,) else "")
 
     @classmethod
     def check_params(cls, params):

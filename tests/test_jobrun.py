@@ -43,7 +43,8 @@ def test_a_worker_process_given_plan_job_and_context_gives_the_in_process_number
     quiet = Console(file=io.StringIO())
     spawned = SpawnExecutor(plan, None, "cpu", console=quiet)
     remote = spawned.run()
-    assert not remote.failed and len(remote.finished) == len(plan.jobs) == 3
+    # One epoch of tiny data: a run at chance counts as collapsed (issue 9.4), still a finished job.
+    assert not remote.failed and len(remote.finished) + len(remote.collapsed) == len(plan.jobs) == 3
     ctx = pickle.loads(pickle.dumps(spawned.ctx))  # what crosses to a worker: settings only, no live objects
     assert ctx.parent_run == remote.parent_run and ctx.local.data is None and ctx.local.tracker is None
 

@@ -10,7 +10,9 @@ from kdbench.plan import make_plan
 from kdbench.suite import SuiteError, load_suite
 
 GAP = {"teachers": ["cifar_resnet56", "cifar_resnet32", "cifar_resnet20", "cifar_resnet14"],
-       "students": ["cifar_resnet8"], "pairs": [["cifar_resnet56", "cifar_resnet8"]], "seeds": [0, 1]}
+       "students": ["cifar_resnet8"], "pairs": [["cifar_resnet56", "cifar_resnet8"]], "seeds": [0, 1],
+       "data": {"dataset": "synthetic", "train_size": 256, "val_size": 32, "test_size": 128, "num_classes": 4,
+                "image_size": 32}}  # val_size: takd's "auto" chooses on it
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -16,45 +17,105 @@ from mlflow.tracking import MlflowClient
 
 from kdbench.data import DataSpec, load_data
 from kdbench.engine import EngineOptions, Interrupted, fit
-from kdbench.registry import get_method
+from kdbench.method import TeacherRoute
+from kdbench.registry import get_method, methods
 from kdbench.suite import AugmentConfig, TrainConfig
 from kdbench.zoo import create_model
 
-TRAIN = TrainConfig(epochs=3, batch_size=32, lr=0.05, schedule="step", milestones=[2])
-AUG = AugmentConfig(crop_padding=4, flip=True)
-
-
-def fresh_fit(data, **kw):
-    torch.manual_seed(1)
-    student = create_model("cifar_resnet8", 4, 3)
-    teacher = create_model("cifar_resnet8", 4, 3).eval()
-    method = get_method("kd")({}, student, teacher, (3, 32, 32))
-    return fit(student, method, teacher, data, TRAIN, AUG, 0, EngineOptions.for_device("cpu"), **kw), student
+# Every registered method, found at collection time: a new method is covered without editing this test. Variants
+# add the procedures that keep state across epochs (stages), with parameters that give each stage two epochs.
+STAGED = {"rco": {"anchors": 3}, "fitnets": {"two_stage": True, "ce_weight": 0.1, "kd_weight": 0.9,
+                                              "hint_fraction": 1 / 3},
+          "eskd": {"teacher_fraction": 0.3, "kd_until": 0.5}}  # an early route checkpoint; CE alone from epoch 3
+VARIANTS = {**{name: (name, STAGED.get(name, {})) for name in methods()},
+            "rco_greedy": ("rco", {**STAGED["rco"], "choice": "greedy"}), "fitnets_one_stage": ("fitnets", {})}
+EPOCHS, STEPS = 6, 3  # stages of two epochs: [0, 2), [2, 4), [4, 6)
+BATCH, SIZE = 8, 8  # tiny: 9 variants x 6 runs each must stay cheap
+TRAIN = TrainConfig(epochs=EPOCHS, batch_size=BATCH, lr=0.05, schedule="step", milestones=[4])
+AUG = AugmentConfig(crop_padding=1, flip=True)
+ROUTE = [2, 4, 6]  # the teacher's route checkpoints; the last is the converged teacher
+# Where each interrupted run stops, as (0-based epoch, steps done in it); STEPS + 1: after the epoch's end.
+STOPS = [(1, 2),  # inside stage 1, in its second epoch (RCO's anchor, FitNets' hint stage: not set by a stage start)
+         (1, STEPS + 1),  # across a stage boundary: resumed at the start of stage 2
+         (3, 1),  # inside stage 2, in its second epoch
+         (4, STEPS)]  # after the last step of an epoch, before its end (evaluation, checkpoint)
 
 
 @pytest.fixture(scope="module")
 def data():
-    return load_data(DataSpec("synthetic", train_size=96, test_size=32, num_classes=4, image_size=32), None,
-                     torch.device("cpu"))
+    return load_data(DataSpec("synthetic", train_size=STEPS * BATCH + 8, val_size=8, test_size=16, num_classes=4,
+                              image_size=SIZE), None, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("stop_after", [2, 3, 5, 7])  # mid-epoch (2, 5, 7) and exactly at an epoch's end (3)
-def test_stop_at_a_step_boundary_and_resume_is_bit_identical(data, stop_after):
-    reference, ref_model = fresh_fit(data)
-    saved, steps = {}, [0]
+def model(seed: int):
+    torch.manual_seed(seed)
+    return create_model("cifar_resnet8", 4, 3)
+
+
+@functools.cache
+def teacher_route() -> dict[int, dict[str, torch.Tensor]]:
+    """Stand-ins for a trained teacher's route checkpoints: distinct models (what matters is which one teaches)."""
+    return {e: model(100 + e).state_dict() for e in ROUTE}
+
+
+def fresh_fit(variant: str, data, **kw):
+    """Everything built as the executor builds it for a (resumed) job: fresh student, method, and the teacher its
+    needs say (the converged teacher when one is stored: whatever a method changed in it is gone)."""
+    name, params = VARIANTS[variant]
+    cls = get_method(name)
+    params = {**cls.defaults, **params}
+    needs = cls.needs(params)
+    route_states = teacher_route()
+    route = TeacherRoute(ROUTE, lambda e: route_states[e]) if needs.route else None
+    teacher = None
+    if needs.teacher == "random":
+        teacher = model(7)
+    elif needs.teacher != "none":
+        teacher = model(0)
+        teacher.load_state_dict(route_states[needs.teacher_epoch or ROUTE[-1]])
+    student = model(1)
+    method = cls(params, student, teacher, (3, SIZE, SIZE))
+    result = fit(student, method, teacher, data, TRAIN, AUG, 0, EngineOptions.for_device("cpu"), route=route, **kw)
+    return result, student, teacher, method
+
+
+def stop_at(epoch: int, calls: int, resumed_from: dict | None):
+    """should_stop for the engine's calls (after every step, and once at every epoch's end), counted from the
+    start of the job: a resumed run goes on counting where its checkpoint was written."""
+    count = [0 if resumed_from is None else resumed_from["epoch"] * (STEPS + 1) + resumed_from["batch"]]
+    target = epoch * (STEPS + 1) + calls
 
     def should_stop():
-        steps[0] += 1
-        return steps[0] == stop_after
+        count[0] += 1
+        return count[0] == target
+    return should_stop
 
-    with pytest.raises(Interrupted):
-        fresh_fit(data, checkpoint=lambda s: saved.update(state=s), should_stop=should_stop)
-    resumed, model = fresh_fit(data, resume=saved["state"])
-    keys = ("train_loss", "test_acc", "test_loss")
-    assert [[h[k] for k in keys] for h in resumed.history] == [[h[k] for k in keys] for h in reference.history]
-    for a, b in zip(model.state_dict().values(), ref_model.state_dict().values()):
+
+def comparable(history):
+    return [{k: v for k, v in h.items() if k not in ("epoch_time", "images_per_sec")} for h in history]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_method_stopped_mid_epoch_and_across_stages_resumes_bit_identical(variant, data):
+    reference, ref_student, ref_teacher, ref_method = fresh_fit(variant, data)
+    assert len(reference.history) == EPOCHS and "val_acc" in reference.history[-1]
+    state = None
+    for epoch, calls in STOPS:
+        saved = {}
+        with pytest.raises(Interrupted):
+            fresh_fit(variant, data, resume=state, checkpoint=lambda s: saved.update(state=s),
+                      should_stop=stop_at(epoch, calls, state))
+        state = saved["state"]
+        assert (state["epoch"], state["batch"]) == ((epoch + 1, 0) if calls > STEPS else (epoch, calls))
+    resumed, student, teacher, method = fresh_fit(variant, data, resume=state)
+    assert comparable(resumed.history) == comparable(reference.history)
+    for a, b in zip(student.state_dict().values(), ref_student.state_dict().values()):
         assert torch.equal(a, b)
+    if teacher is not None and method.trains_teacher:
+        for a, b in zip(teacher.state_dict().values(), ref_teacher.state_dict().values()):
+            assert torch.equal(a, b)
     assert resumed.passes == reference.passes
+    assert method.record == ref_method.record
 
 
 # ------------------------------------------------------------------------------------------ whole suites

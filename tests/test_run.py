@@ -1,6 +1,7 @@
 """A tiny suite end to end through the CLI: real timm models, real data pipeline, real MLflow (SQLite)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -53,7 +54,10 @@ def test_suite_runs_end_to_end_and_reproduces_bit_for_bit(write_suite):
     assert store.has(key) and sorted(store.route(key)) == [1, 2]  # route checkpoints kept for RCO
 
     again = kdbench("run", str(path), "--device", "cpu")  # the same plan again: every job is already finished
-    assert again.returncode == 0 and "3 jobs finished (3 already done before)" in again.stderr, again.stderr
+    assert again.returncode == 0, again.stderr
+    # Tiny data, 2 epochs: some runs sit at chance and are counted as collapsed (issue 9.4), none trains again.
+    done = re.search(r"(\d+) jobs finished \((\d+) already done before\), 0 failed, (\d+) collapsed", again.stderr)
+    assert done and done[1] == done[2] and int(done[1]) + int(done[3]) == 3, again.stderr
 
     second = kdbench("run", str(path), "--device", "cpu", "--fresh")
     assert second.returncode == 0, second.stderr

@@ -20,8 +20,9 @@ from rich.console import Console
 from kdbench.build import build_teacher
 from kdbench.engine import EngineOptions, Interrupted
 from kdbench.executors.options import ExecutorOptions
-from kdbench.jobrun import FAILED, FINISHED, HELD, SKIPPED, JobContext, JobResult, Local, Reporter, stored_accuracy
-from kdbench.plan import Job, Plan
+from kdbench.jobrun import (COLLAPSED, FAILED, FINISHED, HELD, SKIPPED, JobContext, JobResult, Local, Reporter,
+                            stored_accuracy)
+from kdbench.plan import STORED_ROLES, Job, Plan
 from kdbench.store import ModelStore
 from kdbench.tracking import TAG, Tracker, code_version, environment, flatten
 
@@ -31,6 +32,7 @@ class Outcome:
     parent_run: str
     finished: list[str] = field(default_factory=list)  # job keys
     failed: dict[str, str] = field(default_factory=dict)  # job key -> reason
+    collapsed: dict[str, str] = field(default_factory=dict)  # finished, but at chance or never learned: no number
     skipped: int = 0  # jobs already finished by an earlier or concurrent run
 
     def record(self, result: JobResult) -> None:
@@ -39,6 +41,8 @@ class Outcome:
             self.skipped += result.status == SKIPPED
         elif result.status == FAILED:
             self.failed[result.key] = result.reason
+        elif result.status == COLLAPSED:
+            self.collapsed[result.key] = result.reason
         elif result.status != HELD:
             raise ValueError(f"unknown job status {result.status!r}")
 
@@ -105,6 +109,12 @@ class Executor:
         ctx.local.tracker, ctx.tracking_uri = self.tracker, absolute_uri(self.tracker.uri)
         ctx.env = {**code_version(), **environment(str(ctx.opts.device)),
                    "compile": ctx.opts.compile_mode if ctx.opts.compile else "off"}
+        changed = [j for j in plan.method_changed(self.tracker.finished_identities(plan.suite.name))
+                   if not (j.role in STORED_ROLES and self.store.has(j.key))]
+        if changed:  # the job keys cover the method's code: these would have been reused before the edit
+            methods = ", ".join(dict.fromkeys(j.method.method for j in changed))
+            self.console.print(f"{len(changed)} jobs retrain because their method's code changed since this "
+                               f"suite last ran them ({methods})")
         ctx.parent_run = self.parent_run(ctx.env)  # before any worker starts: workers only add child runs
         self.ctx = ctx
         outcome = Outcome(ctx.parent_run)
@@ -134,8 +144,8 @@ class Executor:
             self.run_jobs(first_wave, outcome)
             if any(j.pending for j in self.plan.jobs):
                 # The accuracies that choose "auto" assistants exist now that the first wave is done.
-                self.plan, self.unresolved = self.plan.resolve_assistants(lambda key: stored_accuracy(self.store,
-                                                                                                     key))
+                self.plan, self.unresolved = self.plan.resolve_assistants(  # chosen on validation, never on test
+                    lambda key: stored_accuracy(self.store, key, "val_acc"))
             self.run_jobs([j for j in self.plan.jobs if j not in first_wave], outcome)
         except (Interrupted, KeyboardInterrupt):
             if self.workers.leave():  # never while another process still works on the shared parent
