@@ -2,6 +2,7 @@
 #   make quickstart    virtual environment, install, run suites/quickstart.yaml into ./mlflow.db
 #   make test          virtual environment, install with test extras, run the tests
 #   make bench         kdbench bench: classic loop vs kdbench vs ceiling, results into results/perf/
+#   make perf-executors  a suite's wall time in-process and on Ray (two one-thread workers), into results/perf/
 #   make bench-micro   pytest-benchmark micro-benchmarks, saved to results/perf/micro/ and compared with the last
 #   make test-slow     the slow tests (torch.compile on CPU: minutes), left out of `make test`
 #   make device-prep   wheels (.whl/) and a CIFAR-10 subset (.data/) for a GPU machine without network
@@ -18,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: install quickstart test test-slow bench bench-micro device-prep device-check
+.PHONY: install quickstart test test-slow bench bench-micro perf-executors device-prep device-check
 install: $(VENV)/.installed
 
 quickstart: $(VENV)/.installed
@@ -29,6 +30,9 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/kdbench bench --out results/perf/ $(ARGS)
+
+perf-executors: $(VENV)/.installed
+	PYTHON=$(VENV)/bin/python scripts/perf_executors.sh $(ARGS)
 
 bench-micro: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest benchmarks --benchmark-autosave --benchmark-compare $(ARGS)

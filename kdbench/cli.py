@@ -137,7 +137,23 @@ def run(
     download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
     teacher_cache: bool = typer.Option(False, "--teacher-cache", help="compute each teacher's logits once per image "
                                        "and view, shared by logit-only methods and seeds (same numbers, faster)"),
-    executor: str = typer.Option("inprocess", "--executor", help="where the jobs run: inprocess"),
+    executor: str = typer.Option("inprocess", "--executor", help="where the jobs run: inprocess, ray, slurm"),
+    executor_config: Optional[Path] = typer.Option(
+        None, "--executor-config", help="per-machine executor options (YAML, a section per executor) "
+        "[default: $KDBENCH_EXECUTOR_CONFIG, else ~/.config/kdbench/executor.yaml if present]"),
+    cpus_per_job: Optional[float] = typer.Option(None, "--cpus-per-job", help="ray, slurm: CPUs (and torch "
+                                                 "threads) per job [default: 1]"),
+    gpus_per_job: Optional[float] = typer.Option(None, "--gpus-per-job", help="ray: GPUs per job, fractions pack "
+                                                 "jobs (0.25: four per GPU); slurm: whole GPUs [default: 1 on "
+                                                 "a GPU device, else 0]"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="ray: an existing cluster (auto, "
+                                              "ray://head:10001) [default: start a local Ray]"),
+    partition: Optional[str] = typer.Option(None, "--partition", help="slurm: the partition"),
+    mem_gb: Optional[float] = typer.Option(None, "--mem-gb", help="slurm: memory per job, GB"),
+    time_min: Optional[int] = typer.Option(None, "--time-min", help="slurm: time limit per job, minutes (a job "
+                                           "stopped by it is requeued and resumes) [default: 1440]"),
+    slurm_logs: Optional[str] = typer.Option(None, "--slurm-logs", help="slurm: job log folder "
+                                             "[default: <store>/slurm-logs/<suite>]"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the models for "
                                            "training steps (CUDA graphs on a GPU) [default: on for CUDA, off on CPU]"),
     store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP, show_default=False),
@@ -146,9 +162,12 @@ def run(
     plan = load_plan(suite, methods, seeds, epochs)
     model_store = _store(store)
     from kdbench.data import DataError, cached_fingerprint, resolve_data_root
-    from kdbench.executors import get_executor
+    from kdbench.executors import get_executor, load_options
 
     executor_cls = get_executor(executor)
+    options = load_options(executor, executor_config, cpus_per_job=cpus_per_job, gpus_per_job=gpus_per_job,
+                           address=ray_address, partition=partition, mem_gb=mem_gb, time_min=time_min,
+                           logs=slurm_logs)
     root = resolve_data_root(str(data_root) if data_root else None)
     if dry_run:  # keys as the run will make them where the data's fingerprint is known without reading the data
         _print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)), model_store)

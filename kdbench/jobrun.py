@@ -6,9 +6,9 @@ settings (tracking URI, parent run, store and data roots, device). Whatever a pr
 (the data on its device, the MLflow client, the teacher-output cache) lives in `ctx.local`, made on first
 use in that process and never pickled, so the same context travels to a SLURM job or a Ray task as is.
 
-A file lock per job (in the store) is the claim: a job held by another process is not run but reported
-as HELD, and the caller tries it again later. Finished jobs are skipped, a diverged one is not retried,
-an unfinished one resumes from its last checkpoint in the same MLflow run.
+A lease per job (kdbench.claims, in the store) is the claim: a job held by another live worker is not run
+but reported as HELD, and the caller tries it again later; a dead worker's claim expires. Finished jobs
+are skipped, a diverged one is not retried, an unfinished one resumes from its last checkpoint in the same MLflow run.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from filelock import FileLock, Timeout
 from rich.console import Console
 
 from kdbench import KdbenchError
 from kdbench.build import build_guides, build_model, build_teacher, teacher_route
+from kdbench.claims import Claim
 from kdbench.data import DeviceData, load_data
 from kdbench.engine import Diverged, EngineOptions, Interrupted, collapse_reason, fit
 from kdbench.plan import STORED_ROLES, Job, Plan
@@ -114,6 +114,7 @@ class Local:
     reporter: Reporter | None = None
     should_stop: Callable[[], bool] | None = None  # asked at every step: stop now, resumably
     teacher_cache: tuple[str, TeacherCache] | None = None  # one at a time: jobs come grouped by pair
+    claim: Claim | None = None  # the running job's claim
 
 
 @dataclass
@@ -172,15 +173,23 @@ class JobContext:
 def run_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None = None) -> JobResult:
     """Claim `job` and live its life; HELD if another process has it. `blocked`: why it cannot run (the driver
     knows: its teacher failed, its assistant could not be chosen); it is then recorded as failed."""
-    lock = FileLock(str(ctx.store.lock_path(job.key)))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
+    claim = Claim(ctx.store.claim_path(job.key))
+    if not claim.acquire():
         return JobResult(job.key, HELD)
+    outer = ctx.local.should_stop or _never
+    ctx.local.claim = claim
+    ctx.local.should_stop = lambda: outer() or claim.lost  # taken over (we stalled past the lease): stop, unfinished
     try:
         return _claimed(plan, job, ctx, blocked)
+    except Interrupted:
+        if claim.lost:
+            ctx.reporter.print(f"[yellow]lost the claim[/] on {job.title} to another worker; leaving it to them")
+            return JobResult(job.key, HELD)
+        raise
     finally:
-        lock.release()
+        ctx.local.should_stop = None if outer is _never else outer
+        ctx.local.claim = None
+        claim.release()
 
 
 def _claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobResult:
@@ -215,7 +224,8 @@ def _claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobR
         say(f"[red]diverged[/] {job.title}: {exc}")
         return JobResult(job.key, FAILED, why)
     except (Interrupted, KeyboardInterrupt):
-        tracker.end(run_id, "KILLED", "interrupted: run the same command again to resume")
+        if ctx.local.claim is None or not ctx.local.claim.lost:  # a lost claim's run is its new owner's now
+            tracker.end(run_id, "KILLED", "interrupted: run the same command again to resume")
         raise
     except KdbenchError as exc:
         tracker.end(run_id, "FAILED", str(exc))

@@ -236,6 +236,10 @@ class ModelStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
+    def claim_path(self, key: str) -> Path:
+        """The job's claim (kdbench.claims): who trains it now, and their last heartbeat."""
+        return self.root / "locks" / f"{key}.claim"
+
     def workers(self, parent: str, guard: str) -> Workers:
         return Workers(self, parent, self.lock_path(guard))
 
@@ -304,13 +308,11 @@ class ModelStore:
         return [e for e in self.entries() if e.kind == "corrupt" or e.key not in referenced]
 
     def remove(self, entry: Entry) -> bool:
-        """Delete an entry unless a process holds its job's lock right now (it is being trained or used)."""
-        from filelock import FileLock, Timeout
+        """Delete an entry unless a worker holds its job's claim right now (it is being trained or used)."""
+        from kdbench.claims import Claim  # claims write through this module
 
-        lock = FileLock(str(self.lock_path(entry.key)))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
+        claim = Claim(self.claim_path(entry.key))
+        if not claim.acquire():  # held while deleting: no worker starts the job meanwhile
             return False
         try:
             if entry.path.is_dir():
@@ -318,5 +320,5 @@ class ModelStore:
             else:
                 entry.path.unlink(missing_ok=True)
         finally:
-            lock.release()
+            claim.release()
         return True

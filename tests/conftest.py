@@ -14,6 +14,7 @@ if os.environ.get("KDBENCH_DATA"):
 
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,3 +67,12 @@ def write_suite(tmp_path):
             path.write_text(yaml.safe_dump({k: v for k, v in suite.items() if v is not None}, sort_keys=False))
         return path
     return write
+
+
+def finished_jobs(uri: str, parent: str, experiment: str = "tiny") -> dict[str, tuple[str, float, float]]:
+    """Per job key: (role, final test_acc, final train_loss) of the parent run's finished child runs."""
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    return {r.data.tags["kdbench.job"]: (r.data.tags["kdbench.role"], r.data.metrics["test_acc"],
+                                         r.data.metrics["train_loss"]) for r in runs if r.info.status == "FINISHED"}

@@ -331,20 +331,15 @@ def test_a_signal_during_start_up_exits_130_with_one_line(write_suite, tmp_path,
 
 def test_sigterm_while_waiting_for_another_process_stops_at_once_and_leaves_the_parent_to_it(write_suite,
                                                                                                tmp_path, mlflow_db):
-    from filelock import FileLock, Timeout
+    from kdbench.claims import Claim
 
     path = write_suite({**SMALL, "train": {"epochs": 400, "batch_size": 32}, "methods": ["baseline"]})
     teacher = next(j for j in make_plan(load_suite(path), path).jobs if j.role == "teacher")
     first = start(tmp_path, path, "first")
 
     def training() -> bool:
-        lock = FileLock(str(ModelStore().lock_path(teacher.key)))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            return True
-        lock.release()
-        return False
+        claim = Claim(ModelStore().claim_path(teacher.key))
+        return not claim.stale(claim.holder())
 
     try:
         wait_for(training)

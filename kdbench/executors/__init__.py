@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from kdbench import KdbenchError
 from kdbench.executors.base import Executor, Outcome
+from kdbench.executors.options import ExecutorOptions, load_options
 
-BACKENDS = {"inprocess": "kdbench.executors.inprocess:InProcessExecutor"}
+BACKENDS = {"inprocess": "kdbench.executors.inprocess:InProcessExecutor",
+            "ray": "kdbench.executors.ray:RayExecutor",
+            "slurm": "kdbench.executors.slurm:SlurmExecutor"}
 
 
 def get_executor(name: str) -> type[Executor]:
@@ -21,4 +24,4 @@ def get_executor(name: str) -> type[Executor]:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["BACKENDS", "Executor", "Outcome", "get_executor"]
+__all__ = ["BACKENDS", "Executor", "ExecutorOptions", "Outcome", "get_executor", "load_options"]

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from kdbench.build import build_teacher
 from kdbench.engine import EngineOptions, Interrupted
+from kdbench.executors.options import ExecutorOptions
 from kdbench.jobrun import (COLLAPSED, FAILED, FINISHED, HELD, SKIPPED, JobContext, JobResult, Local, Reporter,
                             stored_accuracy)
 from kdbench.plan import STORED_ROLES, Job, Plan
@@ -46,6 +47,14 @@ class Outcome:
             raise ValueError(f"unknown job status {result.status!r}")
 
 
+def absolute_uri(uri: str) -> str:
+    """A relative SQLite tracking URI made absolute, so it names the same file from a worker's folder."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
 def dependency_levels(jobs: list[Job]) -> list[list[Job]]:
     """`jobs` in levels: each job after the level of its teacher when that is in `jobs` (TAKD's assistant chains)."""
     level: dict[str, int] = {}
@@ -65,7 +74,8 @@ class Executor:
 
     def __init__(self, plan: Plan, data_root: Path | None, device: str = "auto", tracker: Tracker | None = None,
                  store: ModelStore | None = None, console: Console | None = None, fresh: bool = False,
-                 download: bool = False, teacher_cache: bool = False, compile: bool | None = None):
+                 download: bool = False, teacher_cache: bool = False, compile: bool | None = None,
+                 options: ExecutorOptions | None = None):
         self.plan = plan
         self.data_root = data_root
         self.device = device
@@ -79,13 +89,16 @@ class Executor:
         self.teacher_cache = teacher_cache or plan.suite.teacher_cache
         self.unresolved: dict[str, str] = {}  # student job key -> why its "auto" assistant could not be chosen
         self.ctx: JobContext | None = None
+        self.options = options or ExecutorOptions()
 
     def run_jobs(self, jobs: list[Job], outcome: Outcome) -> None:
         raise NotImplementedError
 
     def run(self) -> Outcome:
         plan = self.plan
-        ctx = JobContext(parent_run="", tracking_uri="", store_root=self.store.root, data_root=self.data_root,
+        # Absolute paths: a worker may start in another folder (a Ray worker) or on another machine (SLURM).
+        ctx = JobContext(parent_run="", tracking_uri="", store_root=self.store.root.resolve(),
+                         data_root=self.data_root.resolve() if self.data_root else None,
                          device=self.device, compile=self.compile, download=self.download,
                          teacher_cache=self.teacher_cache,
                          local=Local(opts=self.opts, store=self.store, reporter=Reporter(self.console)))
@@ -93,7 +106,7 @@ class Executor:
         # they learn from (its fingerprint, known once it is read).
         self.plan = plan = plan.for_data(ctx.data(plan).fingerprint)
         self.tracker = self.tracker or Tracker()
-        ctx.local.tracker, ctx.tracking_uri = self.tracker, self.tracker.uri
+        ctx.local.tracker, ctx.tracking_uri = self.tracker, absolute_uri(self.tracker.uri)
         ctx.env = {**code_version(), **environment(str(ctx.opts.device)),
                    "compile": ctx.opts.compile_mode if ctx.opts.compile else "off"}
         changed = [j for j in plan.method_changed(self.tracker.finished_identities(plan.suite.name))

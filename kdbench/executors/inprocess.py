@@ -7,11 +7,12 @@ on one suite without training a job twice.
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
-from filelock import FileLock, Timeout
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from kdbench.claims import Claim
 from kdbench.engine import Interrupted
 from kdbench.executors.base import Executor, Outcome
 from kdbench.jobrun import HELD, Reporter, StopRequest, run_job
@@ -54,16 +55,11 @@ class InProcessExecutor(Executor):
             self.progress.advance(self.jobs_bar)
         if deferred:
             self.console.print(f"waiting for another kdbench process to finish {deferred[0].title}")
-            lock = FileLock(str(self.store.lock_path(deferred[0].key)))
-            while True:  # in short waits: a stop request ends the wait at once, not when the other job ends
+            claim = Claim(self.store.claim_path(deferred[0].key))
+            while not claim.stale(claim.holder()):  # in short waits: a stop request ends the wait at once
                 if self.stop():
                     raise Interrupted(f"stopped while waiting for another process to finish {deferred[0].title}")
-                try:
-                    lock.acquire(timeout=0.5)
-                except Timeout:
-                    continue
-                lock.release()
-                break
+                time.sleep(0.5)
         return deferred
 
 
