@@ -49,6 +49,7 @@ def _errors(points: pd.DataFrame, mean: str, low: str, high: str):
 
 def accuracy_figure(table: pd.DataFrame, layout, x: str = "gap", methods: list[str] | None = None,
                     title: str | None = None):
+    import matplotlib
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
 
@@ -58,7 +59,10 @@ def accuracy_figure(table: pd.DataFrame, layout, x: str = "gap", methods: list[s
     students = layout.students
     fig = Figure(figsize=(11, 4.3 * len(students) + 0.9), layout="constrained")
     grid = fig.subplots(len(students), 2, squeeze=False)
-    colors = {label: f"C{layout.methods.index(label) % 10}" for label in shown}
+    # Ten methods or fewer: matplotlib's default cycle; more: tab20, so no two methods share a colour.
+    palette = [f"C{i}" for i in range(10)] if len(layout.methods) <= 10 else \
+        [matplotlib.colormaps["tab20"](i / 20) for i in range(20)]
+    colors = {label: palette[layout.methods.index(label) % len(palette)] for label in shown}
     log = x == "gap"
     xs = list(table.loc[(table.role == "student") & (table.n > 0), x].dropna())
     offsets = dict(zip(shown, dodge_offsets(xs or [1.0], len(shown), log)))
@@ -97,6 +101,11 @@ def accuracy_figure(table: pd.DataFrame, layout, x: str = "gap", methods: list[s
             handles["alone"] = acc_ax.axhline(b["mean"], color="0.35", linestyle="--", linewidth=1,
                                               label=f"{layout.name(layout.baseline)} (student alone): mean")
         gain_ax.axhline(0, color="0.35", linestyle="--", linewidth=1)
+        # Axes fit the means (and the student-alone band), not the intervals: one cell's huge interval (two
+        # seeds far apart) would flatten every other method into a line; its bars run off the axes instead.
+        _fit_means(acc_ax, list(mine[(mine.n > 0) & mine.row.isin(shown)]["mean"])
+                   + ([low, high] if len(base) else []))
+        _fit_means(gain_ax, list(mine[(mine.delta_n > 0) & mine.row.isin(shown)].delta_mean) + [0.0])
         pairs = mine[(mine.n > 0) & mine.row.isin(shown)].drop_duplicates("teacher")  # the pairs with points
         for ax in (acc_ax, gain_ax):
             ax.set_xscale("log" if log else "linear")
@@ -123,6 +132,14 @@ def accuracy_figure(table: pd.DataFrame, layout, x: str = "gap", methods: list[s
     fig.suptitle(title or layout.title
                  or f"{layout.dataset}: student accuracy vs {what} (mean and 95 % CI over seeds, last epoch)")
     return fig
+
+
+def _fit_means(ax, values: list[float]) -> None:
+    values = [v for v in values if not math.isnan(v)]
+    if values:
+        low, high = min(values), max(values)
+        pad = max(0.15 * (high - low), 0.5)
+        ax.set_ylim(low - pad, high + pad)
 
 
 def _pair_ticks(ax, pairs: pd.DataFrame, x: str, layout, null_formatter) -> None:
