@@ -60,7 +60,8 @@ def test_ray_with_an_mlflow_server_gives_the_in_process_runs_and_numbers(write_s
     log = io.StringIO()
     options = load_options("ray", None, cpus_per_job=1)
     remote = get_executor("ray")(plan, None, "cpu", console=Console(file=log), options=options).run()
-    assert not remote.failed and len(remote.finished) == 3, log.getvalue()
+    # Tiny data can leave a job at chance: collapsed jobs are finished runs too (marked, kept out of means).
+    assert not remote.failed and len(remote.finished) + len(remote.collapsed) == 3, log.getvalue()
     assert "a local Ray" in log.getvalue() and "1 CPU and 0 GPU per job" in log.getvalue()
     on_ray = finished_jobs(mlflow_server, remote.parent_run)
 
