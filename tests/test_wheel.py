@@ -8,6 +8,7 @@ environment running the tests through a .pth file, so nothing is downloaded.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,4 +74,6 @@ def test_wheel_installed_elsewhere_has_the_builtin_methods_and_runs(tmp_path):
              "train": {"epochs": 1, "batch_size": 32}}
     (elsewhere / "tiny.yaml").write_text(yaml.safe_dump(suite, sort_keys=False))
     done = run([kdbench, "run", "tiny.yaml", "--device", "cpu"], cwd=elsewhere, env=env)
-    assert "3 jobs finished" in done.stderr and "0 failed" in done.stderr, done.stderr
+    # 64 images for one epoch may leave a job at chance: collapsed jobs count beside the finished ones.
+    counts = re.search(r"(\d+) jobs finished, 0 failed(?:, (\d+) collapsed)?", done.stderr)
+    assert counts and int(counts[1]) + int(counts[2] or 0) == 3, done.stderr
