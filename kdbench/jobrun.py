@@ -117,6 +117,9 @@ class Local:
     claim: Claim | None = None  # the running job's claim
 
 
+_LAST_LOCAL: tuple[str, Local] | None = None  # this process's unpickled contexts' Local, one suite at a time
+
+
 @dataclass
 class JobContext:
     """Everything a worker needs besides the plan and the job; picklable (`local` stays behind)."""
@@ -136,7 +139,14 @@ class JobContext:
         return {k: v for k, v in self.__dict__.items() if k != "local"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, local=Local())
+        # A Ray worker unpickles the context once per task: it keeps the Local of the suite it last ran, so
+        # its data, MLflow client and teacher-output cache are built once per worker, not once per job.
+        global _LAST_LOCAL
+        key = repr(sorted(state.items()))
+        if _LAST_LOCAL is None or _LAST_LOCAL[0] != key:
+            _LAST_LOCAL = (key, Local())
+        self.__dict__.update(state, local=_LAST_LOCAL[1])
+
 
     @property
     def opts(self) -> EngineOptions:

@@ -663,6 +663,7 @@ def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | No
                  uri: str | None = None, methods: list[str] | None = None, title: str | None = None,
                  notice=None) -> Path:
     """Read the suite's runs from MLflow and write its tables and figure into out/<suite>/; returns that folder."""
+    from kdbench.curves import curves_figure, curves_frame
     from kdbench.paper import paper_frame, paper_latex, paper_markdown
     from kdbench.plan import make_plan
     from kdbench.suite import load_suite
@@ -696,11 +697,19 @@ def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | No
     write_text(folder / "cost.tex", cost_latex(cost, suite.name))
     figure = f"accuracy_vs_{x}"
     save_figure(accuracy_figure(table, layout, x, methods, title), folder / figure)
+    curves = curves_frame(client, runs, layout.baseline)
+    write_csv(curves, folder / "learning_curves.csv")
+    if len(curves):
+        save_figure(curves_figure(curves, layout), folder / "learning_curves")
 
     sections = [f"# {suite.name}\n", (suite.description + "\n") if suite.description else "",
                 describe_parent(parent, runs), "\n## Accuracy\n\n", comparison_markdown(table, layout),
                 "\n## Differences\n\n", differences_markdown(table, layout),
-                f"\n![student accuracy vs {x}]({figure}.png)\n", "\n## Cost\n\n", cost_markdown(cost)]
+                f"\n![student accuracy vs {x}]({figure}.png)\n"]
+    if len(curves):
+        sections.append("\n## Learning curves\n\nThe teachers and the student alone, per epoch "
+                        "(`learning_curves.csv`):\n\n![learning curves](learning_curves.png)\n")
+    sections += ["\n## Cost\n\n", cost_markdown(cost)]
     if suite.reference is not None:
         paper = paper_frame(suite, suite_path, runs, layout)
         write_csv(paper, folder / "paper_table.csv")

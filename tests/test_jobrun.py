@@ -52,3 +52,19 @@ def test_a_worker_process_given_plan_job_and_context_gives_the_in_process_number
     assert local.parent_run != remote.parent_run and not local.failed
     remote_acc, local_acc = student_accuracies(remote.parent_run), student_accuracies(local.parent_run)
     assert set(remote_acc) == {"baseline", "kd"} and remote_acc == local_acc  # bit for bit on CPU
+
+
+def test_a_worker_unpickling_the_same_context_keeps_what_it_built():
+    """A Ray worker gets the context pickled once per task: the data, client and teacher cache it built for one
+    job serve its next job of the same suite, and a context of another suite starts afresh."""
+    from pathlib import Path
+
+    from kdbench.jobrun import JobContext
+
+    ctx = JobContext(parent_run="p1", tracking_uri="sqlite:///x.db", store_root=Path("s"), data_root=None)
+    first, second = pickle.loads(pickle.dumps(ctx)), pickle.loads(pickle.dumps(ctx))
+    assert first.local is second.local and first.local is not ctx.local
+    first.local.data = "built once"
+    assert pickle.loads(pickle.dumps(ctx)).local.data == "built once"
+    other = JobContext(parent_run="p2", tracking_uri="sqlite:///x.db", store_root=Path("s"), data_root=None)
+    assert pickle.loads(pickle.dumps(other)).local.data is None

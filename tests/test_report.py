@@ -374,3 +374,29 @@ def test_statuses_beyond_finished_and_failed():
     cell = pick(runs, [0, 1, 2, 3])  # a resumed seed 0 counts once, with its finished run
     assert cell.values == {0: 60.0} and cell.missing == {1: "killed", 2: "running", 3: "not run"}
     assert cell.note == "1 killed, 1 running, 1 not run"
+
+
+def test_learning_curves_are_the_teachers_and_the_student_alone_per_epoch(store, report):
+    """learning_curves.csv holds every epoch of every finished teacher and student-alone run, straight from MLflow,
+    and nothing else (no distilled student, no failed teacher); the figure is written beside it."""
+    client = MlflowClient(store["uri"])
+    rows = read_csv(report / "learning_curves.csv")
+    got = {(r["run_id"], r["metric"], int(r["epoch"])): float(r["value"]) for r in rows}
+    runs = client.search_runs([client.get_run(store["parent"]).info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{store['parent']}'")
+    expected = {}
+    for run in runs:
+        t = run.data.tags
+        wanted = (t["kdbench.role"] == "teacher" or (t["kdbench.role"] == "student" and t["kdbench.method"] == "baseline"))
+        if not wanted or run.info.status != "FINISHED":
+            continue
+        for metric in ("val_acc", "test_acc", "train_loss"):
+            for m in client.get_metric_history(run.info.run_id, metric):
+                expected[(run.info.run_id, metric, m.step)] = m.value
+    assert {k[0] for k in expected} and len(expected) == len(rows)
+    assert got.keys() == expected.keys()
+    assert all(math.isclose(got[k], expected[k], rel_tol=1e-5, abs_tol=1e-6) for k in got)
+    roles = {(r["role"], r["model"]) for r in rows}
+    assert roles == {("teacher", GOOD), ("student alone", STUDENT)}  # the diverged teacher has no curve
+    for suffix in (".png", ".svg", ".pdf"):
+        assert (report / f"learning_curves{suffix}").stat().st_size > 1000
