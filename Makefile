@@ -25,8 +25,11 @@ install: $(VENV)/.installed
 quickstart: $(VENV)/.installed
 	$(VENV)/bin/kdbench run suites/quickstart.yaml $(ARGS)
 
+# One pytest worker per core (pytest-xdist); a test file stays on one worker, so its module fixtures
+# (a Ray cluster, an MLflow server, a trained store) are built once. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= auto
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q $(ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/kdbench bench --out results/perf/ $(ARGS)
@@ -38,7 +41,7 @@ bench-micro: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest benchmarks --benchmark-autosave --benchmark-compare $(ARGS)
 
 test-slow: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q -m slow $(ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m slow $(ARGS)
 
 device-prep: $(VENV)/.installed
 	$(VENV)/bin/python scripts/device_check.py prepare $(ARGS)

@@ -567,6 +567,32 @@ def differences_markdown(table: pd.DataFrame, layout: Layout) -> str:
     return text + "\n" + differences_caption(table, layout) + "\n"
 
 
+def by_gap_markdown(table: pd.DataFrame, layout: Layout) -> str:
+    """The differences table turned into the study's answer: a method per row, a pair per column (growing gap),
+    each cell a method's paired difference to vanilla KD (and, in a second table, to the student alone)."""
+    pairs = list(dict.fromkeys(zip(table.teacher, table.student)))
+    gaps = table.drop_duplicates(["teacher", "student"]).gap.tolist()
+    header = ["method"] + [f"{layout.name(t)} ({g:.1f}×)" for (t, _), g in zip(pairs, gaps)]
+    rows = difference_rows(table, layout)
+    parts = []
+    for ref, against in (("kd", f"vanilla KD (`{layout.kd}`)"), ("delta", f"the student alone (`{layout.baseline}`)")):
+        if ref == "kd" and not layout.kd:
+            continue
+        body = []
+        for method in dict.fromkeys(rows.row):
+            if ref == "kd" and method == layout.kd:
+                continue
+            cells = rows[rows.row == method]
+            body.append([layout.name(method)] + [delta_text(r, ref) if r[f"{ref}_n"] else DASH
+                                                 for _, r in cells.iterrows()])
+        parts.append(f"Against {against}: percentage points, teacher (capacity gap) per column\n\n"
+                     + markdown_table(header, body, "l" + "r" * len(pairs)))
+    note = ("\nMean paired difference in last-epoch test accuracy [95 % t interval]; *: significant after Holm's "
+            "correction across the differences table (p values there); a dash: fewer than two paired seeds or a "
+            "collapsed run.\n")
+    return "\n".join(parts) + note
+
+
 def differences_latex(table: pd.DataFrame, layout: Layout) -> str:
     header = ["pair", "method", "$n$", r"$\Delta$ alone [95\% CI]", r"$p_\mathrm{Holm}$"]
     if layout.kd:
@@ -692,6 +718,7 @@ def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | No
     write_text(folder / "comparison.tex", comparison_latex(table, layout))
     write_text(folder / "differences.md", differences_markdown(table, layout))
     write_text(folder / "differences.tex", differences_latex(table, layout))
+    write_text(folder / "by_gap.md", by_gap_markdown(table, layout))
     write_csv(cost, folder / "cost.csv")
     write_text(folder / "cost.md", cost_markdown(cost))
     write_text(folder / "cost.tex", cost_latex(cost, suite.name))
@@ -704,6 +731,7 @@ def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | No
 
     sections = [f"# {suite.name}\n", (suite.description + "\n") if suite.description else "",
                 describe_parent(parent, runs), "\n## Accuracy\n\n", comparison_markdown(table, layout),
+                "\n## Differences by gap\n\n", by_gap_markdown(table, layout),
                 "\n## Differences\n\n", differences_markdown(table, layout),
                 f"\n![student accuracy vs {x}]({figure}.png)\n"]
     if len(curves):

@@ -3,12 +3,17 @@
 # and MLflow database (nothing reused), written to results/perf/executors.md with the command and the machine.
 #   scripts/perf_executors.sh [SUITE] [extra kdbench run options]     (default suite: suites/quickstart.yaml)
 #   make perf-executors ARGS="suites/quickstart.yaml"
+# PERF_KEEP=DIR keeps both runs' stores and databases in DIR (DIR/inprocess/mlflow.db, DIR/ray/mlflow.db).
 set -euo pipefail
 suite=${1:-suites/quickstart.yaml}; shift || true
 PY=${PYTHON:-$(command -v python3)}
 out=${PERF_OUT:-results/perf/executors.md}
-work=$(mktemp -d "${TMPDIR:-/tmp}/kdbench-perf.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+if [ -n "${PERF_KEEP:-}" ]; then
+  work=$PERF_KEEP; rm -rf "$work/inprocess" "$work/ray"; mkdir -p "$work"
+else
+  work=$(mktemp -d "${TMPDIR:-/tmp}/kdbench-perf.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+fi
 load_before=$(cut -d" " -f1-3 /proc/loadavg)
 export OMP_NUM_THREADS=1
 run() {  # name, kdbench run options...; prints the wall seconds

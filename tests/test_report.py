@@ -400,3 +400,18 @@ def test_learning_curves_are_the_teachers_and_the_student_alone_per_epoch(store,
     assert roles == {("teacher", GOOD), ("student alone", STUDENT)}  # the diverged teacher has no curve
     for suffix in (".png", ".svg", ".pdf"):
         assert (report / f"learning_curves{suffix}").stat().st_size > 1000
+
+
+def test_by_gap_tables_hold_the_paired_differences_per_pair(report):
+    """by_gap.md: a row per method, a column per pair, each cell the comparison table's paired difference."""
+    rows = [r for r in read_csv(report / "comparison.csv") if r["role"] == "student" and r["row"] != "baseline"]
+    text = (report / "by_gap.md").read_text()
+    vs_kd, vs_alone = text.split("Against the student alone")
+    for r in rows:
+        for ref, part in (("kd", vs_kd), ("delta", vs_alone)):
+            if ref == "kd" and r["row"] == "kd":
+                assert "| kd |" not in part
+                continue
+            line = next(line for line in part.splitlines() if line.startswith(f"| {r['row']} |"))
+            if int(r[f"{ref}_n"]):
+                assert f"{float(r[f'{ref}_mean']):+.2f}".replace("-", "−") in line
