@@ -73,3 +73,39 @@ def test_ray_with_an_mlflow_server_gives_the_in_process_runs_and_numbers(write_s
     in_process = finished_jobs(local_uri, local.parent_run)
     assert sorted(role for role, *_ in on_ray.values()) == ["student", "student", "teacher"]
     assert on_ray == in_process  # same jobs, same final accuracy and loss, bit for bit
+
+
+def test_ctrl_c_on_a_ray_run_cancels_its_jobs_marks_them_killed_and_the_next_run_finishes(write_suite, tmp_path):
+    """The driver answers Ctrl-C within seconds, not at the end of a wave: the running tasks are cancelled,
+    their runs and the parent end KILLED, the exit code is 130, and the same command then finishes the suite."""
+    pytest.importorskip("ray")
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    path = write_suite({"train": {"epochs": 10, "batch_size": 64}})  # about a second an epoch
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    command = [sys.executable, "-m", "kdbench.cli", "run", str(path), "--device", "cpu", "--executor", "ray",
+               "--cpus-per-job", "1"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client, deadline = MlflowClient(uri), time.time() + 240
+    while time.time() < deadline and proc.poll() is None:  # wait until the teacher has logged an epoch
+        experiment = client.get_experiment_by_name("tiny")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        if any(r.data.metrics.get("test_acc") is not None for r in runs):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGINT)
+    stopped = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert time.time() - stopped < 60, "the driver waited for the wave instead of stopping"
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stderr + again.stdout  # the killed run continues from its checkpoint
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and client.get_run(parents[0].info.run_id).info.status == "FINISHED"

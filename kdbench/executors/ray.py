@@ -12,8 +12,9 @@ from contextlib import contextmanager
 
 from kdbench import KdbenchError
 from kdbench.claims import Claim
+from kdbench.engine import Interrupted
 from kdbench.executors.base import Executor, Outcome, dependency_levels
-from kdbench.jobrun import HELD, JobContext, JobResult, run_job
+from kdbench.jobrun import HELD, JobContext, JobResult, StopRequest, run_job
 from kdbench.plan import Job, Plan
 
 
@@ -35,6 +36,7 @@ class RayExecutor(Executor):
             raise KdbenchError("--executor ray: the ray package is not installed (pip install 'kdbench[cluster]')") \
                 from None
         self.ray = ray
+        self.stop = StopRequest(self.console)
         opts = self.options
         self.cpus = opts.cpus_per_job if opts.cpus_per_job is not None else 1.0
         on_gpu = self.ctx.opts.device.type == "cuda"
@@ -69,16 +71,34 @@ class RayExecutor(Executor):
         threads = max(1, int(self.cpus))
         for level in dependency_levels(jobs):
             while level:
-                refs = [task.remote(plan_ref, job, ctx_ref, self.blocked(job, outcome), threads) for job in level]
-                held = []
-                for job, result in zip(level, ray.get(refs)):
-                    if result.status == HELD:  # another kdbench process trains it: wait, then look again
-                        held.append(job)
-                    else:
-                        outcome.record(result)
-                        self.console.print(f"[dim]ray:[/] {job.title}: {result.status}")
+                running = {task.remote(plan_ref, job, ctx_ref, self.blocked(job, outcome), threads): job
+                           for job in level}
+                held = self.collect(running, outcome)
                 if held:
                     self.console.print(f"waiting for another kdbench process to finish {held[0].title}")
                     Claim(self.store.claim_path(held[0].key)).wait_free()
                 level = held
 
+    def collect(self, running: dict, outcome: Outcome) -> list[Job]:
+        """Record each job's result as it arrives; on Ctrl-C or SIGTERM cancel the rest (their runs end KILLED
+        and resume on the next run). Returns the jobs another kdbench process holds."""
+        ray, held = self.ray, []
+        with self.stop.installed():
+            try:
+                while running:
+                    done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+                    if self.stop():
+                        raise Interrupted("stopped: the running jobs were cancelled")
+                    for ref in done:
+                        job, result = running.pop(ref), ray.get(ref)
+                        if result.status == HELD:  # another kdbench process trains it: wait, then look again
+                            held.append(job)
+                        else:
+                            outcome.record(result)
+                            self.console.print(f"[dim]ray:[/] {job.title}: {result.status}")
+            except (Interrupted, KeyboardInterrupt):
+                for ref in running:
+                    ray.cancel(ref)  # a KeyboardInterrupt in the task: its run is marked KILLED, its claim freed
+                ray.wait(list(running), num_returns=len(running), timeout=30)
+                raise
+        return held
