@@ -132,3 +132,21 @@ def test_quickstart_report_and_readme_snippet_are_what_the_code_writes(tmp_path)
     table = [line for line in (quickstart / "comparison.md").read_text().splitlines() if line.startswith("|")]
     assert table and all(line in snippet for line in table)
     assert "results/quickstart/accuracy_vs_gap.png" in snippet
+
+
+STUDIES = sorted(p.parent.name for p in (REPO / "results").glob("study_*/mlflow.db"))
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_study_results_are_what_the_committed_store_gives_and_the_readme_quotes_them(study, tmp_path):
+    """A committed study regenerates byte for byte from its MLflow store (tables, the figures' data), and its README
+    quotes the by-gap tables as the code writes them."""
+    committed = REPO / "results" / study
+    folder = write_report(REPO / "suites" / f"{study}.yaml", tmp_path, uri=f"sqlite:///{committed / 'mlflow.db'}")
+    for name in ("comparison.md", "comparison.csv", "differences.md", "by_gap.md", "cost.csv", "runs.csv",
+                 "learning_curves.csv", "accuracy_vs_gap.svg", "learning_curves.svg"):
+        assert (folder / name).read_bytes() == (committed / name).read_bytes(), name
+    readme = (committed / "README.md").read_text()
+    table = [line for line in (committed / "by_gap.md").read_text().splitlines() if line.startswith("|")]
+    assert table and all(line in readme for line in table)
+    assert f"kdbench run suites/{study}.yaml" in readme and f"kdbench report suites/{study}.yaml" in readme
