@@ -40,7 +40,9 @@ def curves_figure(curves: pd.DataFrame, layout):
 
     fig = Figure(figsize=(12, 3.9), layout="constrained")
     axes = fig.subplots(1, len(CURVE_METRICS))
-    models = list(dict.fromkeys(curves[curves.role == "teacher"].model)) + \
+    teachers = set(curves[curves.role == "teacher"].model)
+    in_suite = [p.teacher for p in sorted(layout.pairs, key=lambda p: p.gap)]  # growing capacity
+    models = [t for t in dict.fromkeys(in_suite) if t in teachers] + sorted(teachers - set(in_suite)) + \
         list(dict.fromkeys(curves[curves.role != "teacher"].model))
     colours = matplotlib.colormaps["viridis"]
     for ax, (metric, label) in zip(axes, CURVE_METRICS.items()):

@@ -15,7 +15,7 @@ import pandas as pd
 
 from kdbench import KdbenchError
 
-X_AXES = {"gap": "capacity gap: teacher / student parameters (log scale)",
+X_AXES = {"gap": "capacity gap: teacher / student parameters (log scale)\nT: the teacher's test accuracy",
           "teacher_acc": "teacher test accuracy (%)"}
 DODGE = 0.3  # the methods at one x spread over this fraction of the distance to the nearest other x
 
@@ -71,6 +71,7 @@ def accuracy_figure(table: pd.DataFrame, layout, x: str = "gap", methods: list[s
         return values * offsets[label] if log else values + offsets[label]
 
     handles: dict[str, object] = {}
+    drawn: list[tuple] = []  # (axes, xs, ys, colour): to mark the points that fall below the fitted axes
     for (acc_ax, gain_ax), student in zip(grid, students):
         mine = table[(table.student == student) & (table.role == "student")]
         for label in shown:
@@ -83,12 +84,14 @@ def accuracy_figure(table: pd.DataFrame, layout, x: str = "gap", methods: list[s
                                              yerr=_errors(points, "mean", "ci_low", "ci_high"),
                                              label=layout.name(label), color=colors[label], marker="o", markersize=5,
                                              capsize=3, linewidth=1.4)
+            drawn.append((acc_ax, xv, points["mean"].to_numpy(), colors[label]))
             paired = points[points.delta_n > 0]
             if len(paired):
                 px = place(paired[x].to_numpy(), label)
                 gain_ax.errorbar(px, paired.delta_mean.to_numpy(),
                                  yerr=_errors(paired, "delta_mean", "delta_ci_low", "delta_ci_high"),
                                  color=colors[label], marker="none", capsize=3, linewidth=1.4)
+                drawn.append((gain_ax, px, paired.delta_mean.to_numpy(), colors[label]))
                 significant = paired.delta_significant.to_numpy(dtype=bool)
                 gain_ax.scatter(px, paired.delta_mean.to_numpy(), s=30, zorder=3, color=colors[label],
                                 facecolors=[colors[label] if sig else "white" for sig in significant])
@@ -103,9 +106,11 @@ def accuracy_figure(table: pd.DataFrame, layout, x: str = "gap", methods: list[s
         gain_ax.axhline(0, color="0.35", linestyle="--", linewidth=1)
         # Axes fit the means (and the student-alone band), not the intervals: one cell's huge interval (two
         # seeds far apart) would flatten every other method into a line; its bars run off the axes instead.
-        _fit_means(acc_ax, list(mine[(mine.n > 0) & mine.row.isin(shown)]["mean"])
-                   + ([low, high] if len(base) else []))
-        _fit_means(gain_ax, list(mine[(mine.delta_n > 0) & mine.row.isin(shown)].delta_mean) + [0.0])
+        # A method far below the rest (a collapse) would flatten them all: it is drawn as an arrow at the bottom.
+        means = list(mine[(mine.n > 0) & mine.row.isin(shown)]["mean"])
+        _fit_means(acc_ax, means + ([low, high] if len(base) else []),
+                   b["mean"] if len(base) else (float(pd.Series(means).median()) if means else math.nan))
+        _fit_means(gain_ax, list(mine[(mine.delta_n > 0) & mine.row.isin(shown)].delta_mean) + [0.0], 0.0)
         pairs = mine[(mine.n > 0) & mine.row.isin(shown)].drop_duplicates("teacher")  # the pairs with points
         for ax in (acc_ax, gain_ax):
             ax.set_xscale("log" if log else "linear")
@@ -117,6 +122,8 @@ def accuracy_figure(table: pd.DataFrame, layout, x: str = "gap", methods: list[s
         acc_ax.set_title(f"(a) student {name}: test accuracy", loc="left", fontsize="medium")
         gain_ax.set_ylabel("improvement over the student alone (pp)")
         gain_ax.set_title(f"(b) student {name}: gain over the student alone", loc="left", fontsize="medium")
+    for ax, xv, yv, colour in drawn:
+        _mark_off_scale(ax, xv, yv, colour)
     if any(len(ax.collections) for ax in grid[:, 1]):  # what filled and open points mean in panel (b)
         from matplotlib.lines import Line2D
 
@@ -134,12 +141,26 @@ def accuracy_figure(table: pd.DataFrame, layout, x: str = "gap", methods: list[s
     return fig
 
 
-def _fit_means(ax, values: list[float]) -> None:
-    values = [v for v in values if not math.isnan(v)]
+OFF_SCALE = 10.0  # percentage points below the student alone (or no gain) past which a mean is off the axes
+
+
+def _fit_means(ax, values: list[float], anchor: float) -> None:
+    values = [v for v in values if not math.isnan(v) and (math.isnan(anchor) or v >= anchor - OFF_SCALE)]
     if values:
         low, high = min(values), max(values)
         pad = max(0.15 * (high - low), 0.5)
         ax.set_ylim(low - pad, high + pad)
+
+
+def _mark_off_scale(ax, xs, ys, colour) -> None:
+    """A downward arrow at the bottom edge, with its value, for each mean below the axes."""
+    bottom = ax.get_ylim()[0]
+    for x, y in zip(xs, ys):
+        if not math.isnan(y) and y < bottom:
+            ax.plot([x], [bottom], marker="v", markersize=8, color=colour, clip_on=False, zorder=4)
+            ax.annotate(f"{y:.1f}", (x, bottom), xytext=(0, 8), textcoords="offset points", ha="center",
+                        va="bottom", rotation=90, fontsize="x-small", color=colour,
+                        bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
 
 
 def _pair_ticks(ax, pairs: pd.DataFrame, x: str, layout, null_formatter) -> None:
@@ -150,7 +171,7 @@ def _pair_ticks(ax, pairs: pd.DataFrame, x: str, layout, null_formatter) -> None
     labels = []
     for _, p in pairs.iterrows():
         teacher = "n/a" if math.isnan(p.teacher_acc) else f"{p.teacher_acc:.1f}%"
-        labels.append(f"{p.gap:.1f}×\nteacher {teacher}" if x == "gap" else f"{p.teacher_acc:.2f}\ngap {p.gap:.1f}×")
+        labels.append(f"{p.gap:.1f}×\nT {teacher}" if x == "gap" else f"{p.teacher_acc:.2f}\ngap {p.gap:.1f}×")
     ticks = pairs[x].to_numpy()
     ax.set_xticks(ticks, labels, fontsize="small")
     ax.xaxis.set_minor_formatter(null_formatter())

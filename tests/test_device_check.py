@@ -12,6 +12,7 @@ import zipfile
 from argparse import Namespace
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO
@@ -26,6 +27,7 @@ def load_script():
     return module
 
 
+@pytest.mark.slow  # a minute and a half of CPU: `make test-slow` runs it (CI does)
 def test_tiny_check_runs_every_step_and_returns_at_most_eight_files(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     proc = subprocess.run([sys.executable, str(SCRIPT), "run", "--tiny", "--out", str(out), "--work", str(work),

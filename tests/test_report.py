@@ -230,7 +230,7 @@ def test_figure_lines_and_band_match_the_table(store):
     assert acc_ax.get_xscale() == "log" and "capacity gap" in acc_ax.get_xlabel()
     assert "accuracy" in acc_ax.get_ylabel() and "student alone" in gain_ax.get_ylabel()
     teacher = next(v[1] for k, v in truth_runs.items() if k[0] == "teacher" and k[2] == GOOD)
-    assert [t.get_text() for t in acc_ax.get_xticklabels()] == [f"{gap:.1f}×\nteacher {teacher:.1f}%"]
+    assert [t.get_text() for t in acc_ax.get_xticklabels()] == [f"{gap:.1f}×\nT {teacher:.1f}%"]
     title = fig._suptitle.get_text()
     assert title.startswith("synthetic data:") and "95 % CI" in title and "reportsuite" not in title
     legend = fig.legends[0]
@@ -415,3 +415,21 @@ def test_by_gap_tables_hold_the_paired_differences_per_pair(report):
             line = next(line for line in part.splitlines() if line.startswith(f"| {r['row']} |"))
             if int(r[f"{ref}_n"]):
                 assert f"{float(r[f'{ref}_mean']):+.2f}".replace("-", "−") in line
+
+
+def test_a_collapsed_mean_is_an_arrow_at_the_bottom_not_a_flattened_axis():
+    """Means more than 10 pp below the student alone are left out of the y range and marked at the bottom edge
+    with their value, so one failing method does not squash every other into a line."""
+    from matplotlib.figure import Figure
+
+    from kdbench.figures import _fit_means, _mark_off_scale
+
+    ax = Figure().subplots()
+    means = [96.5, 96.9, 97.1, 20.1]
+    ax.plot([1, 2, 3, 4], means)
+    _fit_means(ax, means, anchor=96.7)
+    low, high = ax.get_ylim()
+    assert 90 < low < 96.5 and high > 97.1
+    _mark_off_scale(ax, [1, 2, 3, 4], means, "C0")
+    assert [t.get_text() for t in ax.texts] == ["20.1"]
+    assert ax.lines[-1].get_marker() == "v" and list(ax.lines[-1].get_ydata()) == [low]
