@@ -38,14 +38,15 @@ def curves_figure(curves: pd.DataFrame, layout):
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(12, 3.9), layout="constrained")
-    axes = fig.subplots(1, len(CURVE_METRICS))
+    metrics = {m: label for m, label in CURVE_METRICS.items() if m in set(curves.metric)}  # no split, no val_acc
+    fig = Figure(figsize=(4 * len(metrics), 3.9), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     teachers = set(curves[curves.role == "teacher"].model)
     in_suite = [p.teacher for p in sorted(layout.pairs, key=lambda p: p.gap)]  # growing capacity
     models = [t for t in dict.fromkeys(in_suite) if t in teachers] + sorted(teachers - set(in_suite)) + \
         list(dict.fromkeys(curves[curves.role != "teacher"].model))
     colours = matplotlib.colormaps["viridis"]
-    for ax, (metric, label) in zip(axes, CURVE_METRICS.items()):
+    for ax, (metric, label) in zip(axes, metrics.items()):
         points = curves[curves.metric == metric]
         for i, model in enumerate(models):
             student = model not in set(curves[curves.role == "teacher"].model)

@@ -401,6 +401,20 @@ def test_learning_curves_are_the_teachers_and_the_student_alone_per_epoch(store,
     for suffix in (".png", ".svg", ".pdf"):
         assert (report / f"learning_curves{suffix}").stat().st_size > 1000
 
+    # The figure: a panel per metric the runs have (no validation split here: no empty validation panel), and a
+    # legend naming the teacher and the student alone.
+    from kdbench.curves import curves_figure, curves_frame
+
+    suite = load_suite(store["suite"])
+    runs = load_runs(client, find_parent(client, suite.name))
+    layout = layout_for(make_plan(suite, store["suite"]), runs)
+    fig = curves_figure(curves_frame(client, runs, layout.baseline), layout)
+    metrics = {r["metric"] for r in rows}
+    assert "val_acc" not in metrics and len(fig.axes) == len(metrics)
+    assert all(ax.lines for ax in fig.axes)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == [f"{GOOD} (teacher)", f"{STUDENT} (student alone, each seed)"]
+
 
 def test_by_gap_tables_hold_the_paired_differences_per_pair(report):
     """by_gap.md: a row per method, a column per pair, each cell the comparison table's paired difference."""
