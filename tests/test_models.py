@@ -46,9 +46,11 @@ PARAMS_M = {
     'mnist_mlp_30x2': 0.02,
     'mnist_cnn': 0.42,
     # conv weights (no bias) + BN + head: w=16, depth 1: 16*9 + 32 + 16*32*9 + 64 + 32*10 + 10 = 5,178
+    'mnist_convnet_4x1': 0.0004,  # 4*9 + 8 + 4*8*9 + 16 + 8*10 + 10 = 438
     'mnist_convnet_8x1': 0.0014,
     'mnist_convnet_16x1': 0.0052,
     'mnist_convnet_32x1': 0.0196,
+    'mnist_convnet_48x1': 0.0432,  # 43,162
     'mnist_convnet_32x2': 0.0658,
     'mnist_convnet_64x2': 0.2607,
 }

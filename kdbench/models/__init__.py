@@ -31,8 +31,8 @@ CIFAR_MODELS = (
 )
 MNIST_MODELS = (
     'mnist_mlp', 'mnist_mlp_1200x2', 'mnist_mlp_800x2', 'mnist_mlp_400x2', 'mnist_mlp_100x2', 'mnist_mlp_30x2',
-    'mnist_cnn', 'mnist_convnet_8x1', 'mnist_convnet_16x1', 'mnist_convnet_32x1', 'mnist_convnet_32x2',
-    'mnist_convnet_64x2',
+    'mnist_cnn', 'mnist_convnet_4x1', 'mnist_convnet_8x1', 'mnist_convnet_16x1', 'mnist_convnet_32x1',
+    'mnist_convnet_48x1', 'mnist_convnet_32x2', 'mnist_convnet_64x2',
 )
 
 __all__ = [

@@ -9,12 +9,12 @@
 * :class:`MnistConvNet` -- a family of growing width and depth for capacity-gap
   studies on 28x28 images: two stages (28 -> 14 -> 7) of ``depth``
   conv3x3-BN-ReLU blocks, widths ``(w, 2w)``, global average pool, linear head.
-  ``mnist_convnet_{w}x{depth}`` from 1.4k to 0.26M parameters.
+  ``mnist_convnet_{w}x{depth}`` from 0.4k to 0.26M parameters.
 
 Registered: ``mnist_mlp`` (takes ``hidden=``), ``mnist_mlp_1200x2``,
 ``mnist_mlp_800x2``, ``mnist_mlp_400x2``, ``mnist_mlp_100x2``,
-``mnist_mlp_30x2``, ``mnist_cnn``, ``mnist_convnet_8x1``, ``mnist_convnet_16x1``,
-``mnist_convnet_32x1``, ``mnist_convnet_32x2``, ``mnist_convnet_64x2``.
+``mnist_mlp_30x2``, ``mnist_cnn``, ``mnist_convnet_4x1``, ``mnist_convnet_8x1``, ``mnist_convnet_16x1``,
+``mnist_convnet_32x1``, ``mnist_convnet_48x1``, ``mnist_convnet_32x2``, ``mnist_convnet_64x2``.
 """
 from __future__ import annotations
 
@@ -274,6 +274,12 @@ def _convnet(width: int, depth: int, pretrained: bool, **kwargs) -> MnistConvNet
 
 
 @register_model
+def mnist_convnet_4x1(pretrained: bool = False, **kwargs) -> MnistConvNet:
+    """Widths 4-8, one conv per stage (438 parameters): the CNN study's student, cheap enough for CPU."""
+    return _convnet(4, 1, pretrained, **kwargs)
+
+
+@register_model
 def mnist_convnet_8x1(pretrained: bool = False, **kwargs) -> MnistConvNet:
     """Widths 8-16, one conv per stage (1.4k parameters)."""
     return _convnet(8, 1, pretrained, **kwargs)
@@ -289,6 +295,12 @@ def mnist_convnet_16x1(pretrained: bool = False, **kwargs) -> MnistConvNet:
 def mnist_convnet_32x1(pretrained: bool = False, **kwargs) -> MnistConvNet:
     """Widths 32-64, one conv per stage (20k parameters)."""
     return _convnet(32, 1, pretrained, **kwargs)
+
+
+@register_model
+def mnist_convnet_48x1(pretrained: bool = False, **kwargs) -> MnistConvNet:
+    """Widths 48-96, one conv per stage (43k parameters): the CNN study's largest teacher, 99x the 4x1."""
+    return _convnet(48, 1, pretrained, **kwargs)
 
 
 @register_model
