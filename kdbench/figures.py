@@ -114,7 +114,7 @@ def accuracy_figure(table: pd.DataFrame, layout, x: str = "gap", methods: list[s
         pairs = mine[(mine.n > 0) & mine.row.isin(shown)].drop_duplicates("teacher")  # the pairs with points
         for ax in (acc_ax, gain_ax):
             ax.set_xscale("log" if log else "linear")
-            _pair_ticks(ax, pairs, x, layout, NullFormatter)
+            _pair_ticks(ax, pairs, x, layout, NullFormatter, list(offsets.values()))
             ax.set_xlabel(X_AXES[x])
             ax.grid(True, which="major", alpha=0.3)
         name = layout.name(student)
@@ -163,8 +163,9 @@ def _mark_off_scale(ax, xs, ys, colour) -> None:
                         bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
 
 
-def _pair_ticks(ax, pairs: pd.DataFrame, x: str, layout, null_formatter) -> None:
-    """One tick per pair, naming the gap and the teacher's accuracy (or, on a teacher-accuracy axis, the gap)."""
+def _pair_ticks(ax, pairs: pd.DataFrame, x: str, layout, null_formatter, offsets: list[float]) -> None:
+    """One tick per pair, naming the gap and the teacher's accuracy (or, on a teacher-accuracy axis, the gap);
+    the x range leaves room for the outermost dodged points (`offsets`, as `dodge_offsets` gives them)."""
     pairs = pairs[pairs[x].notna()].sort_values(x)
     if not len(pairs):
         return
@@ -178,10 +179,11 @@ def _pair_ticks(ax, pairs: pd.DataFrame, x: str, layout, null_formatter) -> None
     if len(ticks) == 1:  # one pair: centre its point instead of matplotlib's lopsided default
         ax.set_xlim(*((ticks[0] / 2, ticks[0] * 2) if x == "gap" else (ticks[0] - 1, ticks[0] + 1)))
     else:  # room for the dodged points at both ends
-        if x == "gap":
-            ax.set_xlim(ticks[0] / 10 ** 0.15, ticks[-1] * 10 ** 0.15)
+        if x == "gap":  # decades: past the widest dodge by a little, and never less than the old fixed 0.15
+            pad = max(0.15, max(abs(math.log10(o)) for o in offsets) + 0.05)
+            ax.set_xlim(ticks[0] / 10 ** pad, ticks[-1] * 10 ** pad)
         else:
-            pad = 0.1 * (ticks[-1] - ticks[0])
+            pad = max(0.1 * (ticks[-1] - ticks[0]), max(abs(o) for o in offsets) + 0.05 * (ticks[-1] - ticks[0]))
             ax.set_xlim(ticks[0] - pad, ticks[-1] + pad)
 
 

@@ -447,3 +447,23 @@ def test_a_collapsed_mean_is_an_arrow_at_the_bottom_not_a_flattened_axis():
     _mark_off_scale(ax, [1, 2, 3, 4], means, "C0")
     assert [t.get_text() for t in ax.texts] == ["20.1"]
     assert ax.lines[-1].get_marker() == "v" and list(ax.lines[-1].get_ydata()) == [low]
+
+
+@pytest.mark.parametrize("x, count", [("gap", 5), ("gap", 16), ("teacher_acc", 5)])
+def test_figure_x_range_holds_every_dodged_point(x, count):
+    """Two pairs far apart (a study at both ends of its gap) dodge wide: the x range must still show the outermost
+    points (it was a fixed 0.15 decades, which cut them off at 3.6x and 96.6x with five methods)."""
+    import pandas as pd
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    from kdbench.figures import _pair_ticks, dodge_offsets
+
+    pairs = pd.DataFrame({"gap": [3.6, 96.6], "teacher_acc": [89.5, 90.5]})
+    offsets = dodge_offsets(list(pairs[x]), count, log=x == "gap")
+    ax = Figure().subplots()
+    ax.set_xscale("log" if x == "gap" else "linear")
+    _pair_ticks(ax, pairs, x, None, NullFormatter, offsets)
+    low, high = ax.get_xlim()
+    dodged = [v * o if x == "gap" else v + o for v in pairs[x] for o in offsets]
+    assert low < min(dodged) and max(dodged) < high
