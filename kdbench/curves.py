@@ -49,7 +49,7 @@ def curves_figure(curves: pd.DataFrame, layout):
     for ax, (metric, label) in zip(axes, metrics.items()):
         points = curves[curves.metric == metric]
         for i, model in enumerate(models):
-            student = model not in set(curves[curves.role == "teacher"].model)
+            student = model not in teachers
             colour = "black" if student else colours(i / max(len(models) - 1, 1) * 0.85)
             for j, (_, run) in enumerate(points[points.model == model].groupby("run_id", sort=False)):
                 name = layout.name(model) + (" (student alone, each seed)" if student else " (teacher)")
