@@ -13,7 +13,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from kdbench import KdbenchError
+from kdbench import KdbenchError, Stopped
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kdbench: knowledge distillation benchmarks on timm models, logged to MLflow.")
@@ -356,13 +356,14 @@ def _print_plan(plan, store) -> None:
     out.print(table)
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM as Ctrl-C until the executor installs its own handlers: exit 130, one line
+def _stop(signum, frame):
+    raise Stopped  # Ctrl-C or SIGTERM until the executor installs its own handlers: exit 130, one line
 
 
 def main() -> None:
     try:
-        signal.signal(signal.SIGTERM, _terminate)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _stop)
     except ValueError:  # not the main thread
         pass
     interrupted: tuple[type[BaseException], ...] = (KeyboardInterrupt,)  # a signal may come during this import

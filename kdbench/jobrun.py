@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from rich.console import Console
 
-from kdbench import KdbenchError
+from kdbench import KdbenchError, Stopped
 from kdbench.build import build_guides, build_model, build_teacher, teacher_route
 from kdbench.claims import Claim
 from kdbench.data import DeviceData, load_data
@@ -84,7 +84,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise Stopped
         self.requested = True
         self.console.print(f"[yellow]{signal.Signals(signum).name}: stopping after the current step "
                            "(run the same command again to resume)[/]")
