@@ -104,13 +104,18 @@ def accuracy_figure(table: pd.DataFrame, layout, x: str = "gap", methods: list[s
             handles["alone"] = acc_ax.axhline(b["mean"], color="0.35", linestyle="--", linewidth=1,
                                               label=f"{layout.name(layout.baseline)} (student alone): mean")
         gain_ax.axhline(0, color="0.35", linestyle="--", linewidth=1)
-        # Axes fit the means (and the student-alone band), not the intervals: one cell's huge interval (two
-        # seeds far apart) would flatten every other method into a line; its bars run off the axes instead.
+        # Axes fit the means (and the student-alone band), and the intervals' ends within NEAR of the student
+        # alone (or of no gain): one cell's huge interval (two seeds far apart) would flatten every other method
+        # into a line, so only such bars run off the axes.
         # A method far below the rest (a collapse) would flatten them all: it is drawn as an arrow at the bottom.
-        means = list(mine[(mine.n > 0) & mine.row.isin(shown)]["mean"])
+        cells = mine[(mine.n > 0) & mine.row.isin(shown)]
+        means = list(cells["mean"])
         _fit_means(acc_ax, means + ([low, high] if len(base) else []),
-                   b["mean"] if len(base) else (float(pd.Series(means).median()) if means else math.nan))
-        _fit_means(gain_ax, list(mine[(mine.delta_n > 0) & mine.row.isin(shown)].delta_mean) + [0.0], 0.0)
+                   b["mean"] if len(base) else (float(pd.Series(means).median()) if means else math.nan),
+                   list(cells.ci_low) + list(cells.ci_high))
+        gains = mine[(mine.delta_n > 0) & mine.row.isin(shown)]
+        _fit_means(gain_ax, list(gains.delta_mean) + [0.0], 0.0,
+                   list(gains.delta_ci_low) + list(gains.delta_ci_high))
         pairs = mine[(mine.n > 0) & mine.row.isin(shown)].drop_duplicates("teacher")  # the pairs with points
         for ax in (acc_ax, gain_ax):
             ax.set_xscale("log" if log else "linear")
@@ -142,10 +147,13 @@ def accuracy_figure(table: pd.DataFrame, layout, x: str = "gap", methods: list[s
 
 
 OFF_SCALE = 10.0  # percentage points below the student alone (or no gain) past which a mean is off the axes
+NEAR = 5.0  # percentage points either side of it within which an interval's end is kept on the axes
 
 
-def _fit_means(ax, values: list[float], anchor: float) -> None:
+def _fit_means(ax, values: list[float], anchor: float, ends: list[float] = ()) -> None:
     values = [v for v in values if not math.isnan(v) and (math.isnan(anchor) or v >= anchor - OFF_SCALE)]
+    if values and not math.isnan(anchor):
+        values += [v for v in ends if not math.isnan(v) and abs(v - anchor) <= NEAR]
     if values:
         low, high = min(values), max(values)
         pad = max(0.15 * (high - low), 0.5)

@@ -449,6 +449,20 @@ def test_a_collapsed_mean_is_an_arrow_at_the_bottom_not_a_flattened_axis():
     assert ax.lines[-1].get_marker() == "v" and list(ax.lines[-1].get_ydata()) == [low]
 
 
+def test_interval_ends_near_the_student_alone_stay_on_the_axes_and_a_huge_one_runs_off():
+    """The CNN follow-up's KD bars reached 3.6 pp below the student alone and were cut at the axis fitted to the
+    means; ends within 5 pp are now kept, while one cell's 27-pp interval still does not flatten the rest."""
+    from matplotlib.figure import Figure
+
+    from kdbench.figures import _fit_means
+
+    ax = Figure().subplots()
+    _fit_means(ax, [77.5, 80.0, 81.0], anchor=80.0, ends=[76.3, 81.5, 53.0, 107.0])
+    low, high = ax.get_ylim()
+    assert low < 76.3 and high > 81.5  # the near ends are on the axes
+    assert low > 70 and high < 90  # the far ones are not
+
+
 @pytest.mark.parametrize("x, count", [("gap", 5), ("gap", 16), ("teacher_acc", 5)])
 def test_figure_x_range_holds_every_dodged_point(x, count):
     """Two pairs far apart (a study at both ends of its gap) dodge wide: the x range must still show the outermost
