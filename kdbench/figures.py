@@ -116,7 +116,7 @@ def accuracy_figure(table: pd.DataFrame, layout, x: str = "gap", methods: list[s
         gains = mine[(mine.delta_n > 0) & mine.row.isin(shown)]
         _fit_means(gain_ax, list(gains.delta_mean) + [0.0], 0.0,
                    list(gains.delta_ci_low) + list(gains.delta_ci_high))
-        pairs = mine[(mine.n > 0) & mine.row.isin(shown)].drop_duplicates("teacher")  # the pairs with points
+        pairs = cells.drop_duplicates("teacher")  # the pairs with points
         for ax in (acc_ax, gain_ax):
             ax.set_xscale("log" if log else "linear")
             _pair_ticks(ax, pairs, x, layout, NullFormatter, list(offsets.values()))
