@@ -6,8 +6,8 @@ import torch
 from torch.utils.data import default_collate
 
 from conftest import synchronize
-from kdbench.bench import PilDataset, bench_data, classic_transform
-from kdbench.data import epoch_batches, make_generator, normalize
+from kdbench.tools.bench import PilDataset, bench_data, classic_transform
+from kdbench.data.batches import epoch_batches, make_generator, normalize
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from conftest import synchronize
-from kdbench.data import DataSpec, load_data
-from kdbench.engine import EngineOptions, fit
+from kdbench.data.spec import DataSpec
+from kdbench.data.load import load_data
+from kdbench.train.engine import EngineOptions, fit
 from kdbench.registry import get_method, methods
-from kdbench.suite import AugmentConfig, TrainConfig
-from kdbench.teacher_cache import TeacherCache
+from kdbench.config.schema import AugmentConfig, TrainConfig
+from kdbench.train.teacher_cache import TeacherCache
 from kdbench.zoo import create_model
 
 BATCH = 64

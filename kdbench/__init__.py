@@ -16,3 +16,7 @@ class Stopped(KeyboardInterrupt):
     A subclass on purpose: once a bare KeyboardInterrupt has crossed one of CPython's C entry points that run
     Python code, the interpreter ends the process by SIGINT at exit, even if it was caught, and the promised
     exit status 130 is lost (seen under `python -m kdbench.cli`). CPython checks for exactly that class."""
+
+
+class Interrupted(Exception):
+    """A stop was requested (Ctrl-C, SIGTERM): the job saved its state at a step boundary and can resume."""

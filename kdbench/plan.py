@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kdbench import KdbenchError
-from kdbench.data import dataset_info
+from kdbench.data.spec import dataset_info
 from kdbench.method import AUTO, BETWEEN
 from kdbench.registry import get_method, method_hash
-from kdbench.store import sha256
-from kdbench.suite import AugmentConfig, MethodEntry, Suite, TrainConfig
+from kdbench.storage.files import sha256
+from kdbench.config.schema import AugmentConfig, MethodEntry, Suite, TrainConfig
 from kdbench.zoo import ModelStats, known_models, meta_model, model_kwargs_problem, model_stats
+from kdbench.data.load import data_fingerprint
 
 STORE_VERSION = 2  # bump when a change to the engine changes what a given config trains to
 # 2: channels_last on CPU too (other convolution kernels, so other last bits)
@@ -144,7 +145,6 @@ class Plan:
 
     def for_data_root(self, root: Path | None) -> "Plan":
         """for_data with the fingerprint of the dataset under `root` (cached, or computed by reading it)."""
-        from kdbench.data import data_fingerprint
 
         return self.for_data(data_fingerprint(self.suite.data.spec(), root))
 

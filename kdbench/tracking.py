@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kdbench import KdbenchError, __version__
+from kdbench.storage.files import check_writable
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 TAG = "kdbench."  # prefix of kdbench's own tags
@@ -32,7 +33,6 @@ def check_tracking(uri: str | None = None) -> None:
     """Fail in one line, at start-up, on a tracking store that cannot work: a server that does not answer within
     a few seconds (MLflow itself retries for minutes), or a SQLite database or folder that cannot be written.
     Creates nothing."""
-    from kdbench.store import check_writable
 
     uri = uri or tracking_uri()
     if uri.startswith(("http://", "https://")):
@@ -121,7 +121,6 @@ def flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
 
 class Tracker:
     """The only module that talks to MLflow while training."""
-
     def __init__(self, uri: str | None = None):
         import mlflow
         from filelock import FileLock

@@ -233,7 +233,7 @@ if torch.cuda.is_available():
     info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), sms=p.multi_processor_count,
                 capability=f"{p.major}.{p.minor}")
 print(json.dumps(info))
-import mlflow, pydantic, timm, kdbench.executor
+import mlflow, pydantic, timm, kdbench.run.executors.inprocess
 print("mlflow", mlflow.__version__, "pydantic", pydantic.__version__, "timm", timm.__version__)
 if shutil.which("nvidia-smi"):
     print(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
@@ -242,7 +242,8 @@ if shutil.which("nvidia-smi"):
 DATA_PY = """
 import sys, time
 from pathlib import Path
-from kdbench.data import DataSpec, load_data
+from kdbench.data.spec import DataSpec
+from kdbench.data.load import load_data
 start = time.perf_counter()
 d = load_data(DataSpec("imagefolder", path=sys.argv[1], num_classes=10, image_size=32), None, "cpu")
 print(f"{len(d.train)} train and {len(d.test)} test images, decoded and cached in {time.perf_counter() - start:.1f} s")

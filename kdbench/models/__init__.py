@@ -10,8 +10,6 @@ parameter names; MNIST models (28x28x1, default ``num_classes=10``) are the
 MLPs of Hinton et al. (2015), a small CNN and a convnet family of growing
 width and depth (``mnist_convnet_*``) for capacity-gap studies.
 """
-from . import cifar_mobilenetv2, cifar_resnet, cifar_resnet50, cifar_shufflenetv1, cifar_shufflenetv2, cifar_vgg, \
-    cifar_wrn, mnist
 from ._common import StagedNet
 from .cifar_mobilenetv2 import CifarMobileNetV2
 from .cifar_resnet import CifarResNet

@@ -1,0 +1,350 @@
+"""The `kdbench` commands (typer): run, report, validate, pairs, methods, store, bench.
+
+Imported by `kdbench.cli.main` once its signal handlers are installed.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from kdbench import KdbenchError
+from kdbench.storage.store import ModelStore
+from kdbench.plan import STORED_ROLES, make_plan
+from kdbench.config.load import load_suite
+from kdbench.registry import methods as registry
+from kdbench.data.spec import DataError
+from kdbench.data.load import cached_fingerprint, resolve_data_root
+from kdbench.run.executors import get_executor, load_options
+from kdbench.storage.files import check_writable, folder_size
+from kdbench.tracking import check_tracking, referenced_keys, tracking_uri
+from kdbench.report.write import write_report
+from kdbench.tools.bench import BenchSettings, print_result, run_bench, write_result
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="kdbench: knowledge distillation benchmarks on timm models, logged to MLflow.")
+out = Console()
+err = Console(stderr=True, soft_wrap=True)  # log lines stay whole: paths must stay copyable
+
+SuiteArg = typer.Argument(..., help="suite file (YAML)", show_default=False)
+STORE_HELP = "the model store: trained teachers, route checkpoints, assistants [default: $KDBENCH_STORE, else ./kdbench-store]"
+
+
+def _store(path: Optional[Path]):
+    return ModelStore(path)
+
+
+def _csv(value: Optional[str]) -> Optional[list[str]]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def load_plan(suite_path: Path, methods: Optional[str] = None, seeds: Optional[str] = None,
+              epochs: Optional[int] = None):
+    """The suite validated and expanded into its plan: what `validate`, `pairs` and `run` start with.
+
+    Raises a one-line KdbenchError naming the file, the field and what was expected; writes nothing.
+    """
+
+    suite = load_suite(suite_path)
+    seed_list = None
+    if seeds is not None:
+        try:
+            seed_list = [int(s) for s in _csv(seeds) or []]
+        except ValueError:
+            seed_list = []
+        if not seed_list or any(s < 0 for s in seed_list) or len(set(seed_list)) != len(seed_list):
+            raise KdbenchError(f"--seeds: expected comma-separated non-negative integers, each once, got '{seeds}'")
+    if epochs is not None and epochs < 1:
+        raise KdbenchError(f"--epochs: expected a positive integer, got {epochs}")
+    return make_plan(suite, suite_path, methods=_csv(methods), seeds=seed_list, epochs=epochs)
+
+
+def _data_error(suite_path: Path, exc: Exception) -> KdbenchError:
+    """A dataset problem found at load time, named by the suite file and the data field it comes from."""
+    text = str(exc)
+    field = ("data.train_size" if " train: asked for the first" in text else
+             "data.test_size" if " test: asked for the first" in text else
+             "data.path" if text.startswith("imagefolder") else "data")
+    return KdbenchError(f"{suite_path}: field '{field}': {text}")
+
+
+def _pairs_table(plan) -> Table:
+    table = Table(title=f"{plan.suite.name}: {len(plan.pairs)} pairs", box=box.SIMPLE_HEAD)
+    for col in ("teacher", "params M", "MACs M", "student", "params M", "MACs M", "gap"):
+        names = col in ("teacher", "student")
+        table.add_column(col, justify="left" if names else "right", no_wrap=names)
+    for p in plan.pairs:
+        table.add_row(p.teacher.name, f"{p.teacher.params / 1e6:.2f}", f"{p.teacher.macs / 1e6:.1f}",
+                      p.student.name, f"{p.student.params / 1e6:.2f}", f"{p.student.macs / 1e6:.1f}", f"{p.gap:.1f}")
+    return table
+
+
+@app.command()
+def pairs(suite: Path = SuiteArg) -> None:
+    """Print the suite's teacher-student pairs with parameters, MACs and capacity gap (needs no data)."""
+    out.print(_pairs_table(load_plan(suite)))
+
+
+@app.command()
+def validate(
+    suite: Path = SuiteArg,
+    methods: Optional[str] = typer.Option(None, help="only these method labels, comma-separated"),
+    seeds: Optional[str] = typer.Option(None, help="these seeds instead of the suite's, comma-separated"),
+    epochs: Optional[int] = typer.Option(None, help="shrink every schedule to this many epochs (milestones scale)"),
+) -> None:
+    """Check a suite and its plan (fields, models, methods against the models) without data or MLflow: exit 0 or 2."""
+    plan = load_plan(suite, methods, seeds, epochs)
+    roles: dict[str, int] = {}
+    for job in plan.jobs:
+        roles[job.role] = roles.get(job.role, 0) + 1
+    labels = list(dict.fromkeys(c.method for c in plan.cells))
+    seeds_used = sorted({c.seed for c in plan.cells})
+    out.print(f"{suite}: valid. {plan.suite.name}: {len(plan.pairs)} pairs x {len(labels)} methods "
+              f"({', '.join(labels)}) x {len(seeds_used)} seeds = {len(plan.cells)} cells; {len(plan.jobs)} jobs ("
+              + ", ".join(f"{n} {r}" for r, n in roles.items()) + f"); data {plan.suite.data.dataset}",
+              markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods with their defaults."""
+    table = Table(title="methods", box=box.SIMPLE_HEAD,
+                  caption="any method's loss terms can be combined by PCGrad: {method: NAME, combine: pcgrad}")
+    for col in ("name", "defaults", "needs", "what it does"):
+        table.add_column(col)
+    for name, cls in registry().items():
+        need = cls.needs(cls.defaults)
+        needs = ", ".join(n for n, on in (
+            (f"{need.teacher} teacher", need.teacher != "none"), ("trains the teacher", cls.trains_teacher),
+            ("route checkpoints", need.route), (f"assistants ({', '.join(need.assistants)})", need.assistants),
+            ("a validation split (data.val_size)", need.choice)) if on)
+        needs = needs or "-"
+        defaults = ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "-"
+        table.add_row(name, defaults, needs, cls.summary)
+    out.print(table)
+
+
+@app.command()
+def run(
+    suite: Path = SuiteArg,
+    methods: Optional[str] = typer.Option(None, help="only these method labels, comma-separated"),
+    seeds: Optional[str] = typer.Option(None, help="these seeds instead of the suite's, comma-separated"),
+    epochs: Optional[int] = typer.Option(None, help="shrink every schedule to this many epochs (milestones scale)"),
+    device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder [default: $KDBENCH_DATA]"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and exit; touches no data and no MLflow"),
+    fresh: bool = typer.Option(False, "--fresh", help="start a new parent run instead of continuing this plan's last one"),
+    download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
+    teacher_cache: bool = typer.Option(False, "--teacher-cache", help="compute each teacher's logits once per image "
+                                       "and view, shared by logit-only methods and seeds (same numbers, faster)"),
+    executor: str = typer.Option("inprocess", "--executor", help="where the jobs run: inprocess, ray, slurm"),
+    executor_config: Optional[Path] = typer.Option(
+        None, "--executor-config", help="per-machine executor options (YAML, a section per executor) "
+        "[default: $KDBENCH_EXECUTOR_CONFIG, else ~/.config/kdbench/executor.yaml if present]"),
+    cpus_per_job: Optional[float] = typer.Option(None, "--cpus-per-job", help="ray, slurm: CPUs (and torch "
+                                                 "threads) per job [default: 1]"),
+    gpus_per_job: Optional[float] = typer.Option(None, "--gpus-per-job", help="ray: GPUs per job, fractions pack "
+                                                 "jobs (0.25: four per GPU); slurm: whole GPUs [default: 1 on "
+                                                 "a GPU device, else 0]"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="ray: an existing cluster (auto, "
+                                              "ray://head:10001) [default: start a local Ray]"),
+    partition: Optional[str] = typer.Option(None, "--partition", help="slurm: the partition"),
+    mem_gb: Optional[float] = typer.Option(None, "--mem-gb", help="slurm: memory per job, GB"),
+    time_min: Optional[int] = typer.Option(None, "--time-min", help="slurm: time limit per job, minutes (a job "
+                                           "stopped by it is requeued and resumes) [default: 1440]"),
+    slurm_logs: Optional[str] = typer.Option(None, "--slurm-logs", help="slurm: job log folder "
+                                             "[default: <store>/slurm-logs/<suite>]"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the models for "
+                                           "training steps (CUDA graphs on a GPU) [default: on for CUDA, off on CPU]"),
+    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP, show_default=False),
+) -> None:
+    """Run every job of a suite: teachers, then students of every method and seed, logged to MLflow."""
+    plan = load_plan(suite, methods, seeds, epochs)
+    model_store = _store(store)
+
+    executor_cls = get_executor(executor)
+    options = load_options(executor, executor_config, cpus_per_job=cpus_per_job, gpus_per_job=gpus_per_job,
+                           address=ray_address, partition=partition, mem_gb=mem_gb, time_min=time_min,
+                           logs=slurm_logs)
+    root = resolve_data_root(str(data_root) if data_root else None)
+    if dry_run:  # keys as the run will make them where the data's fingerprint is known without reading the data
+        _print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)), model_store)
+        return
+
+    check_tracking()  # before any data is read: a dead server or a read-only database is one line, at once
+    check_writable(model_store.root, "model store")
+    try:
+        outcome = executor_cls(plan, root, device, console=err, fresh=fresh, download=download,
+                               teacher_cache=teacher_cache, compile=compile, store=model_store,
+                               options=options).run()
+    except DataError as exc:  # the data is loaded before anything is written: name the suite and its field
+        raise _data_error(suite, exc) from None
+    already = f" ({outcome.skipped} already done before)" if outcome.skipped else ""
+    err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed, "
+              f"{len(outcome.collapsed)} collapsed; MLflow {tracking_uri()}, parent run {outcome.parent_run}")
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    suite: Path = SuiteArg,
+    run_id: Optional[str] = typer.Option(None, "--run",
+                                         help="the parent run id to report (default: the suite's latest run)"),
+    out_dir: Path = typer.Option(Path("results"), "--out", help="write into OUT/<suite name>/"),
+    x: str = typer.Option("gap", "--x", help="the figure's x axis: gap (teacher/student parameters) or teacher_acc"),
+    methods: Optional[str] = typer.Option(None, "--methods",
+                                          help="method labels to plot, comma-separated (default: every method)"),
+    title: Optional[str] = typer.Option(None, "--title", help="the figure's title (default: the suite's display "
+                                        "title, else the dataset and what is plotted)"),
+) -> None:
+    """Tables (Markdown, LaTeX, CSV) with confidence intervals and paired tests, and the accuracy-vs-gap figure
+    (PNG, SVG, PDF) of a suite's run, read from MLflow."""
+
+    try:
+        folder = write_report(suite, out_dir, run_id, x, methods=_csv(methods), title=title,
+                              notice=lambda line: err.print(f"kdbench: {line}", markup=False, highlight=False))
+    except PermissionError as exc:  # a results folder that cannot be written: one line naming it
+        raise KdbenchError(f"{exc.filename or out_dir}: cannot be written ({exc.strerror}); choose another --out") from None
+    err.print(f"report written to {folder}/ (report.md, comparison, cost, figure"
+              f"{', paper_table' if (folder / 'paper_table.md').exists() else ''})")
+
+
+@app.command()
+def bench(
+    device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N"),
+    pairs: Optional[str] = typer.Option(None, help="teacher:student pairs, comma-separated "
+                                        "[default: cifar_resnet56:cifar_resnet20,cifar_resnet32x4:cifar_resnet8x4]"),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="comma-separated [default: 64,512]"),
+    rounds: Optional[int] = typer.Option(None, help="timed rounds per loop [default: 5 on GPU, 3 on CPU]"),
+    steps: Optional[int] = typer.Option(None, help="timed steps per loop and round [default: 100 on GPU; 384 images' worth on CPU]"),
+    workers: Optional[int] = typer.Option(None, help="the classic loop's DataLoader workers [default: min(8, cores)]"),
+    loops: str = typer.Option("classic,kdbench,ceiling", help="which loops to measure"),
+    dataset: str = typer.Option("synthetic", help="synthetic (CIFAR-100-shaped) or cifar100 (needs --data-root)"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder [default: $KDBENCH_DATA]"),
+    cache_cell: bool = typer.Option(False, "--cache-cell", help="also time a cell of 5 logit methods x 3 seeds "
+                                    "without and with shared teacher outputs"),
+    cell_train_size: Optional[int] = typer.Option(None, help="images in the cache cell [default: 50000 GPU, 128 CPU]"),
+    cell_epochs: Optional[int] = typer.Option(None, help="epochs per run in the cache cell [default: 2]"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="also write <device>.md, .csv, .json into this folder"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the models for "
+                                           "training steps (CUDA graphs on a GPU) [default: on for CUDA, off on CPU]"),
+) -> None:
+    """Measure training speed: the field's classic loop, kdbench's engine and the models' ceiling, side by side."""
+    def ints(value: Optional[str], option: str) -> Optional[tuple[int, ...]]:
+        try:
+            return tuple(int(v) for v in _csv(value)) if value else None
+        except ValueError:
+            raise KdbenchError(f"{option}: expected comma-separated integers, got '{value}'") from None
+
+    pair_list = None
+    if pairs:
+        pair_list = tuple(tuple(p.split(":")) for p in _csv(pairs))
+        if any(len(p) != 2 for p in pair_list):
+            raise KdbenchError(f"--pairs: expected teacher:student pairs, comma-separated, got '{pairs}'")
+    settings = BenchSettings(device=device, rounds=rounds, steps=steps, workers=workers, loops=tuple(_csv(loops) or ()),
+                             dataset=dataset, data_root=resolve_data_root(str(data_root) if data_root else None),
+                             cache_cell=cache_cell, cell_train_size=cell_train_size, cell_epochs=cell_epochs,
+                             compile=compile)
+    if pair_list:
+        settings.pairs = pair_list
+    settings.batch_sizes = ints(batch_sizes, "--batch-sizes") or settings.batch_sizes
+    if err.is_terminal:
+        with err.status("kdbench bench") as status:
+            result = run_bench(settings, progress=lambda what: status.update(f"kdbench bench: {what}"))
+    else:  # a log: one line per stage, so a run cut short still shows how far it got
+        result = run_bench(settings, progress=lambda what: err.print(f"kdbench bench: {what}", highlight=False,
+                                                                     markup=False))
+    print_result(result, out)
+    if out_dir is not None:
+        for path in write_result(result, out_dir):
+            err.print(f"wrote {path}")
+
+
+store_app = typer.Typer(no_args_is_help=True, help="What the model store holds, and removing what no run refers to.")
+app.add_typer(store_app, name="store")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""  # pragma: no cover
+
+
+def _print_entries(title: str, entries) -> None:
+    """Plain aligned lines, never cut to the terminal's width: keys and paths stay whole and copyable."""
+    rows = [("key", "kind", "model", "role", "size", "date")]
+    rows += [(e.key, e.kind, e.model or "-", e.role or "-", _size(e.size),
+              time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))) for e in entries]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out.print(title, markup=False, highlight=False, soft_wrap=True)
+    for r in rows:
+        out.print("  ".join(c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip(),
+                  markup=False, highlight=False, soft_wrap=True)
+
+
+@store_app.command("list")
+def store_list(store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP, show_default=False)) -> None:
+    """Every entry of the store (trained models, unfinished jobs' checkpoints, corrupted entries moved aside)."""
+    model_store = _store(store)
+    entries = model_store.entries()
+    _print_entries(f"{model_store.root}: {len(entries)} entries", entries)
+    total = folder_size(model_store.root) if model_store.root.is_dir() else 0
+    out.print(f"total {_size(total)} in {model_store.root}", markup=False, highlight=False, soft_wrap=True)
+
+
+@store_app.command("gc")
+def store_gc(
+    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP, show_default=False),
+    keep: Optional[list[Path]] = typer.Option(None, "--keep", help="also keep every model this suite's plan needs "
+                                              "(repeatable)", show_default=False),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder, to key --keep suites' "
+                                             "teachers by their data [default: $KDBENCH_DATA]"),
+    yes: bool = typer.Option(False, "--yes", help="remove them; without it, only list what would be removed"),
+) -> None:
+    """Remove what no run refers to: entries whose key no run in the MLflow store (any status) names in a tag or
+    param, and no --keep suite needs; corrupted entries always go. Lists them unless --yes."""
+
+    model_store = _store(store)
+    referenced = referenced_keys()
+    for path in keep or []:
+        plan = load_plan(path)
+        referenced |= {j.key for j in plan.for_data_root(resolve_data_root(str(data_root) if data_root else None)).jobs}
+    doomed = model_store.unreferenced(referenced)
+    total = sum(e.size for e in doomed)
+    if not doomed:
+        err.print(f"nothing to remove in {model_store.root}: every entry is referenced by a run in {tracking_uri()}",
+                  markup=False, highlight=False)
+        return
+    _print_entries(f"{'removing' if yes else 'would remove'} {len(doomed)} entries ({_size(total)}) from "
+                   f"{model_store.root}", doomed)
+    if not yes:
+        err.print("dry run: nothing removed; pass --yes to remove them", markup=False, highlight=False)
+        return
+    busy = [e for e in doomed if not model_store.remove(e)]
+    freed = total - sum(e.size for e in busy)
+    err.print(f"removed {len(doomed) - len(busy)} entries, {_size(freed)} freed"
+              + (f"; {len(busy)} in use by a running process, kept" if busy else ""), markup=False, highlight=False)
+
+
+def _print_plan(plan, store) -> None:
+    out.print(_pairs_table(plan))
+    table = Table(title=f"{len(plan.jobs)} jobs, {len(plan.cells)} cells", box=box.SIMPLE_HEAD)
+    for col in ("#", "role", "model", "method", "seed", "teacher", "epochs", "key", "store"):
+        table.add_column(col, no_wrap=col in ("model", "teacher", "method"))
+    for i, job in enumerate(plan.jobs, 1):
+        stored = "reuse" if job.role in STORED_ROLES and store.has(job.key) else ""
+        teacher = (job.teacher_model or "") + (" (fresh)" if job.teacher_init == "random" else "")
+        teacher += "".join(f" > {a}" for a in job.assistants)
+        table.add_row(str(i), job.role, job.model, job.method.label, str(job.seed), teacher,
+                      str(job.train.epochs), job.key, stored)
+    out.print(table)
+
+

@@ -1,0 +1,121 @@
+"""The one table of dataset facts: names, classes, input shapes, split sizes, mean and std.
+
+Static knowledge: planning (`kdbench pairs`, dry runs) and the models' normalisation need no
+data on disk.
+"""
+
+from __future__ import annotations
+from dataclasses import dataclass
+from kdbench import KdbenchError
+
+
+class DataError(KdbenchError):
+    """A dataset could not be found, read or verified.
+
+    The message is always one line (whitespace, newlines included, is collapsed) and says what was
+    looked for where, and how to provide it.
+    """
+
+    def __init__(self, message: object) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Static knowledge
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a suite asks for; built by the suite loader from YAML."""
+
+    dataset: str  # cifar100 | cifar10 | mnist | fashion_mnist | imagefolder | synthetic
+    path: str | None = None  # imagefolder: folder (relative: under the data root) or a .zip of it
+    train_size: int | None = None  # use only the first N training images (None = all); validation comes out of them
+    test_size: int | None = None  # likewise for the test split
+    num_classes: int | None = None  # imagefolder/synthetic: declared, so planning works without data
+    image_size: int | None = None  # imagefolder/synthetic: declared side length
+    download: bool = False  # cifar*/mnist*: let torchvision download when missing
+    # Images held out of the training images for choices (TAKD's auto assistant, RCO's greedy anchors): drawn by
+    # a seeded stream fixed per dataset, so every job of a suite holds out the same ones; 0 = no validation split.
+    val_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise DataError(
+                f"unknown dataset {self.dataset!r}; expected one of: {', '.join(DATASETS)}"
+            )
+        for field in ("train_size", "test_size", "num_classes", "image_size"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise DataError(f"{self.dataset}: {field} must be a positive integer, got {value!r}")
+        if isinstance(self.val_size, bool) or not isinstance(self.val_size, int) or self.val_size < 0:
+            raise DataError(f"{self.dataset}: val_size must be a non-negative integer, got {self.val_size!r}")
+        pool = training_pool(self)
+        if pool is not None and self.val_size >= pool:
+            raise DataError(f"{self.dataset}: val_size {self.val_size} leaves no training images: it must be smaller "
+                            f"than the {pool} training images{' (train_size)' if self.train_size else ''}")
+
+
+# Per-channel mean/std of the training split. CIFAR-100 values are those of the CRD protocol
+# (Tian et al., "Contrastive Representation Distillation"), which most KD papers reuse.
+_FIXED: dict[str, DatasetInfo] = {
+    "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "mnist": DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,)),
+    "fashion_mnist": DatasetInfo("fashion_mnist", 10, (1, 28, 28), (0.2860,), (0.3530,)),
+}
+# An image folder's statistics are unknown without reading it; natural images are close to ImageNet's.
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_SYNTHETIC_DEFAULTS = {"num_classes": 10, "image_size": 32, "train_size": 512, "test_size": 256}
+_SYNTHETIC_SEED = 20240611  # fixed: the synthetic dataset is the same everywhere
+
+DATASETS = ("cifar100", "cifar10", "mnist", "fashion_mnist", "imagefolder", "synthetic")
+_TRAIN_IMAGES = {"cifar100": 50000, "cifar10": 50000, "mnist": 60000, "fashion_mnist": 60000,
+                 "synthetic": _SYNTHETIC_DEFAULTS["train_size"]}
+VAL_SEED = 0  # the cell seed of the validation stream: the held-out images depend only on the dataset
+
+
+def training_pool(spec: DataSpec) -> int | None:
+    """How many training images the spec uses, validation included (train_size, else the split's size; None: an
+    image folder's, unknown until read)."""
+    return spec.train_size or _TRAIN_IMAGES.get(spec.dataset)
+
+
+def dataset_info(spec: DataSpec) -> DatasetInfo:
+    """Classes, input shape and normalisation of ``spec``'s dataset. Never touches files."""
+    name = spec.dataset
+    if name in _FIXED:
+        info = _FIXED[name]
+        # A declaration that contradicts the real dataset is a suite error, not something to ignore.
+        if spec.num_classes is not None and spec.num_classes != info.num_classes:
+            raise DataError(f"{name} has {info.num_classes} classes, but the suite declares num_classes: {spec.num_classes}")
+        if spec.image_size is not None and spec.image_size != info.input_shape[1]:
+            raise DataError(f"{name} images are {info.input_shape[1]}x{info.input_shape[2]}, but the suite declares image_size: {spec.image_size}")
+        return info
+    if name == "synthetic":
+        n_cls = spec.num_classes or _SYNTHETIC_DEFAULTS["num_classes"]
+        size = spec.image_size or _SYNTHETIC_DEFAULTS["image_size"]
+        if n_cls < 2:
+            raise DataError(f"synthetic: num_classes must be at least 2, got {n_cls}")
+        return DatasetInfo("synthetic", n_cls, (3, size, size), (0.5,) * 3, (0.25,) * 3)
+    if name == "imagefolder":
+        missing = [f for f in ("num_classes", "image_size") if getattr(spec, f) is None]
+        if missing:
+            raise DataError(
+                f"imagefolder dataset {spec.path!r}: declare {' and '.join(missing)} in the suite's data section "
+                "(needed to build models without reading the images)"
+            )
+        assert spec.num_classes is not None and spec.image_size is not None
+        return DatasetInfo("imagefolder", spec.num_classes, (3, spec.image_size, spec.image_size), _IMAGENET_MEAN, _IMAGENET_STD)
+    raise DataError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")

@@ -1,0 +1,183 @@
+"""The driver every executor shares: the suite's MLflow parent run, the dependency waves, the outcome.
+
+A backend subclasses `Executor` and implements one method, `run_jobs(jobs, outcome)`: run these jobs,
+each through `kdbench.jobrun.run_job(self.plan, job, self.ctx, self.blocked(job, outcome))`, and
+`outcome.record(result)` each result. Jobs come in dependency order: a job's teacher (or assistant) is
+earlier in the same list or already done; `dependency_levels(jobs)` splits a list into levels whose
+jobs can run at the same time. `self.ctx` is picklable: send it with the plan and the job to a worker.
+"""
+
+from __future__ import annotations
+
+import traceback
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from filelock import FileLock
+from rich.console import Console
+
+from kdbench.run.build import build_teacher
+from kdbench import Interrupted
+from kdbench.train.engine import EngineOptions
+from kdbench.run.executors.options import ExecutorOptions
+from kdbench.run.job import COLLAPSED, FAILED, FINISHED, HELD, SKIPPED, JobResult, stored_accuracy
+from kdbench.run.context import JobContext, Local, Reporter
+from kdbench.plan import STORED_ROLES, Job, Plan
+from kdbench.storage.store import ModelStore
+from kdbench.tracking import TAG, Tracker, code_version, environment, flatten
+
+
+@dataclass
+class Outcome:
+    parent_run: str
+    finished: list[str] = field(default_factory=list)  # job keys
+    failed: dict[str, str] = field(default_factory=dict)  # job key -> reason
+    collapsed: dict[str, str] = field(default_factory=dict)  # finished, but at chance or never learned: no number
+    skipped: int = 0  # jobs already finished by an earlier or concurrent run
+
+    def record(self, result: JobResult) -> None:
+        if result.status in (FINISHED, SKIPPED):
+            self.finished.append(result.key)
+            self.skipped += result.status == SKIPPED
+        elif result.status == FAILED:
+            self.failed[result.key] = result.reason
+        elif result.status == COLLAPSED:
+            self.collapsed[result.key] = result.reason
+        elif result.status != HELD:
+            raise ValueError(f"unknown job status {result.status!r}")
+
+
+def absolute_uri(uri: str) -> str:
+    """A relative SQLite tracking URI made absolute, so it names the same file from a worker's folder."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def dependency_levels(jobs: list[Job]) -> list[list[Job]]:
+    """`jobs` in levels: each job after the level of its teacher when that is in `jobs` (TAKD's assistant chains)."""
+    level: dict[str, int] = {}
+    for job in jobs:  # in dependency order, so a teacher's level is known before its students'
+        level[job.key] = level[job.teacher] + 1 if job.teacher in level else 0
+    out: list[list[Job]] = [[] for _ in range(max(level.values(), default=-1) + 1)]
+    for job in jobs:
+        out[level[job.key]].append(job)
+    return out
+
+
+class Executor:
+    """Runs a plan's jobs in dependency waves: teachers and reference runs, then (with the accuracies that choose
+    "auto" assistants known) assistants and students. Subclasses say where a job runs: `run_jobs`."""
+
+    name = "base"
+
+    def __init__(self, plan: Plan, data_root: Path | None, device: str = "auto", tracker: Tracker | None = None,
+                 store: ModelStore | None = None, console: Console | None = None, fresh: bool = False,
+                 download: bool = False, teacher_cache: bool = False, compile: bool | None = None,
+                 options: ExecutorOptions | None = None):
+        self.plan = plan
+        self.data_root = data_root
+        self.device = device
+        self.compile = compile  # None: the device's default (on for CUDA)
+        self.opts = EngineOptions.for_device(device, compile)  # a bad --device stops here, before anything else
+        self.console = console or Console(stderr=True)
+        self.store = store or ModelStore()
+        self.tracker = tracker
+        self.fresh = fresh
+        self.download = download
+        self.teacher_cache = teacher_cache or plan.suite.teacher_cache
+        self.unresolved: dict[str, str] = {}  # student job key -> why its "auto" assistant could not be chosen
+        self.ctx: JobContext | None = None
+        self.options = options or ExecutorOptions()
+
+    def run_jobs(self, jobs: list[Job], outcome: Outcome) -> None:
+        raise NotImplementedError
+
+    def run(self) -> Outcome:
+        plan = self.plan
+        # Absolute paths: a worker may start in another folder (a Ray worker) or on another machine (SLURM).
+        ctx = JobContext(parent_run="", tracking_uri="", store_root=self.store.root.resolve(),
+                         data_root=self.data_root.resolve() if self.data_root else None,
+                         device=self.device, compile=self.compile, download=self.download,
+                         teacher_cache=self.teacher_cache,
+                         local=Local(opts=self.opts, store=self.store, reporter=Reporter(self.console)))
+        # A missing dataset stops the suite before anything is written to MLflow; teachers are keyed by the data
+        # they learn from (its fingerprint, known once it is read).
+        self.plan = plan = plan.for_data(ctx.data(plan).fingerprint)
+        self.tracker = self.tracker or Tracker()
+        ctx.local.tracker, ctx.tracking_uri = self.tracker, absolute_uri(self.tracker.uri)
+        ctx.env = {**code_version(), **environment(str(ctx.opts.device)),
+                   "compile": ctx.opts.compile_mode if ctx.opts.compile else "off"}
+        changed = [j for j in plan.method_changed(self.tracker.finished_identities(plan.suite.name))
+                   if not (j.role in STORED_ROLES and self.store.has(j.key))]
+        if changed:  # the job keys cover the method's code: these would have been reused before the edit
+            methods = ", ".join(dict.fromkeys(j.method.method for j in changed))
+            self.console.print(f"{len(changed)} jobs retrain because their method's code changed since this "
+                               f"suite last ran them ({methods})")
+        ctx.parent_run = self.parent_run(ctx.env)  # before any worker starts: workers only add child runs
+        self.ctx = ctx
+        outcome = Outcome(ctx.parent_run)
+        # The parent run is shared by every process working on this plan: the last one to leave ends it.
+        with self.store.workers(ctx.parent_run, f"suite-{plan.plan_hash}") as self.workers:
+            try:
+                with self.session(outcome):
+                    self.run_waves(outcome)
+            except (Interrupted, KeyboardInterrupt):
+                raise
+            except BaseException:  # a bug outside any job: the parent must not stay RUNNING
+                if self.workers.leave():
+                    self.tracker.end(outcome.parent_run, "FAILED", traceback.format_exc())
+                raise
+            if self.workers.leave():
+                self.tracker.end(outcome.parent_run, "FAILED" if outcome.failed else "FINISHED")
+        return outcome
+
+    def session(self, outcome: Outcome):
+        """A backend's set-up around the waves (start a cluster, show progress); nothing by default."""
+        return nullcontext()
+
+    def run_waves(self, outcome: Outcome) -> None:
+        plan = self.plan
+        try:
+            first_wave = [j for j in plan.jobs if j.role in ("teacher", "reference")]
+            self.run_jobs(first_wave, outcome)
+            if any(j.pending for j in self.plan.jobs):
+                # The accuracies that choose "auto" assistants exist now that the first wave is done.
+                self.plan, self.unresolved = self.plan.resolve_assistants(  # chosen on validation, never on test
+                    lambda key: stored_accuracy(self.store, key, "val_acc"))
+            self.run_jobs([j for j in self.plan.jobs if j not in first_wave], outcome)
+        except (Interrupted, KeyboardInterrupt):
+            if self.workers.leave():  # never while another process still works on the shared parent
+                self.tracker.end(outcome.parent_run, "KILLED")
+            raise
+
+    def blocked(self, job: Job, outcome: Outcome) -> str | None:
+        """Why `job` cannot run now, given what failed so far; None when it can."""
+        if job.pending:
+            return self.unresolved.get(job.key, "assistant not chosen")
+        if job.teacher and job.teacher in outcome.failed:
+            return f"its teacher failed: {outcome.failed[job.teacher]}"
+        return None
+
+    def parent_run(self, env: dict[str, str]) -> str:
+        """Continue this plan's parent run if one exists (resume), else create it; one process at a time."""
+        plan = self.plan
+        with FileLock(str(self.store.lock_path(f"suite-{plan.plan_hash}"))):
+            found = None if self.fresh else self.tracker.find_suite_run(plan.suite.name, plan.plan_hash)
+            if found is not None:
+                if found.info.status != "RUNNING":
+                    self.tracker.reopen(found.info.run_id)
+                self.console.print(f"continuing run {found.info.run_id} of {plan.suite.name} "
+                                   f"(finished jobs are skipped; use --fresh to start over)")
+                return found.info.run_id
+            tags = {f"{TAG}{k}": v for k, v in env.items()}
+            tags[f"{TAG}plan"] = plan.plan_hash
+            tags[f"{TAG}suite_plan"] = plan.data_free_hash  # what `kdbench report` matches the suite file with
+            return self.tracker.start_suite(plan.suite.name, str(plan.suite_path), tags,
+                                            flatten("", plan.suite.model_dump(mode="json"), {}))
+
+    def build_teacher(self, job: Job):
+        """The model that teaches `job` (as a worker builds it), for inspection after a run."""
+        return build_teacher(self.plan, job, self.ctx.data(self.plan), self.store, self.opts)

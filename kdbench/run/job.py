@@ -1,0 +1,305 @@
+"""One job's life, wherever it runs: claim, skip or block, resume, train, track in MLflow, save to the store.
+
+`run_job(plan, job, ctx)` is all a worker needs. The driver creates the MLflow parent run and the store
+before any worker starts and hands each worker the plan, the job and a `JobContext`: plain, picklable
+settings (tracking URI, parent run, store and data roots, device). Whatever a process builds from them
+(the data on its device, the MLflow client, the teacher-output cache) lives in `ctx.local`, made on first
+use in that process and never pickled, so the same context travels to a SLURM job or a Ray task as is.
+
+A lease per job (kdbench.claims, in the store) is the claim: a job held by another live worker is not run
+but reported as HELD, and the caller tries it again later; a dead worker's claim expires. Finished jobs
+are skipped, a diverged one is not retried, an unfinished one resumes from its last checkpoint in the same MLflow run.
+"""
+
+from __future__ import annotations
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+import torch
+from kdbench import KdbenchError
+from kdbench.run.build import build_guides, build_model, build_teacher, teacher_route
+from kdbench.storage.claims import Claim
+from kdbench.data.batches import DeviceData
+from kdbench import Interrupted
+from kdbench.train.engine import Diverged, collapse_reason, fit
+from kdbench.plan import STORED_ROLES, Job, Plan
+from kdbench.registry import get_method
+from kdbench.storage.files import CorruptFile, load_checkpoint, save_checkpoint
+from kdbench.storage.store import ModelStore
+from kdbench.train.teacher_cache import TeacherCache
+from kdbench.tracking import TAG, Tracker, flatten
+from kdbench.run.context import JobContext
+
+
+DIVERGED = "diverged: "  # prefix of the failure reason of a diverged job: deterministic, so never retried
+
+# JobResult.status
+FINISHED = "finished"  # trained now, or taken from the store
+SKIPPED = "skipped"  # finished by an earlier or concurrent run
+FAILED = "failed"
+HELD = "held"  # another process holds the job's claim: try again later
+COLLAPSED = "collapsed"  # finished (now or before), but at chance or never learned: no number (see collapse_reason)
+
+
+@dataclass
+class JobResult:
+    key: str
+    status: str
+    reason: str = ""  # why it failed or collapsed
+    test_acc: float | None = None
+
+
+def run_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None = None) -> JobResult:
+    """Claim `job` and live its life; HELD if another process has it. `blocked`: why it cannot run (the driver
+    knows: its teacher failed, its assistant could not be chosen); it is then recorded as failed."""
+    claim = Claim(ctx.store.claim_path(job.key))
+    if not claim.acquire():
+        return JobResult(job.key, HELD)
+    outer = ctx.local.should_stop or _never
+    ctx.local.claim = claim
+    ctx.local.should_stop = lambda: outer() or claim.lost  # taken over (we stalled past the lease): stop, unfinished
+    try:
+        return _claimed(plan, job, ctx, blocked)
+    except Interrupted:
+        if claim.lost:
+            ctx.reporter.print(f"[yellow]lost the claim[/] on {job.title} to another worker; leaving it to them")
+            return JobResult(job.key, HELD)
+        raise
+    finally:
+        ctx.local.should_stop = None if outer is _never else outer
+        ctx.local.claim = None
+        claim.release()
+
+
+def _claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobResult:
+    tracker, store, say = ctx.tracker, ctx.store, ctx.reporter.print
+    parent = ctx.parent_run
+    existing = tracker.job_run(parent, job.key)
+    if existing is not None and existing.info.status == "FINISHED":
+        collapsed = existing.data.tags.get(f"{TAG}collapsed")
+        return JobResult(job.key, COLLAPSED, collapsed) if collapsed else JobResult(job.key, SKIPPED)
+    reason = existing.data.tags.get(f"{TAG}failure", "") if existing is not None else ""
+    if existing is not None and existing.info.status == "FAILED" and reason.startswith(DIVERGED):
+        return JobResult(job.key, FAILED, reason)
+    run_id = existing.info.run_id if existing is not None else None
+    if blocked:
+        run_id = run_id or tracker.start_job(parent, job.title, job_tags(plan, job), job_params(plan, job, ctx))
+        tracker.end(run_id, "FAILED", blocked)
+        return JobResult(job.key, FAILED, blocked)
+    if job.role in STORED_ROLES and store.has(job.key) and _usable(job, ctx):
+        return _log_stored(plan, job, ctx, run_id)
+    if run_id is not None:
+        tracker.reopen(run_id)
+    else:
+        run_id = tracker.start_job(parent, job.title, job_tags(plan, job), job_params(plan, job, ctx))
+    ctx.reporter.job_started(job)
+    start = time.perf_counter()
+    try:
+        run_id, result = _train(plan, job, ctx, run_id)
+    except Diverged as exc:
+        why = f"{DIVERGED}{exc}"
+        tracker.end(run_id, "FAILED", why)
+        store.checkpoint_path(job.key).unlink(missing_ok=True)
+        say(f"[red]diverged[/] {job.title}: {exc}")
+        return JobResult(job.key, FAILED, why)
+    except (Interrupted, KeyboardInterrupt):
+        if ctx.local.claim is None or not ctx.local.claim.lost:  # a lost claim's run is its new owner's now
+            tracker.end(run_id, "KILLED", "interrupted: run the same command again to resume")
+        raise
+    except KdbenchError as exc:
+        tracker.end(run_id, "FAILED", str(exc))
+        say(f"[red]failed[/] {job.title}: {exc}")
+        return JobResult(job.key, FAILED, str(exc))
+    except Exception as exc:  # a bug: record it with its traceback, go on with the other jobs
+        tracker.end(run_id, "FAILED", traceback.format_exc())
+        say(f"[red]failed[/] {job.title}:\n{traceback.format_exc()}")
+        return JobResult(job.key, FAILED, f"{type(exc).__name__}: {exc}")
+    finally:
+        ctx.reporter.job_ended()
+    wall = time.perf_counter() - start
+    final = {"wall_time": wall, **{k: float(v) for k, v in asdict(result.passes).items()}}
+    tracker.log_metrics(run_id, final, step=job.train.epochs)
+    status, why = _finish(plan, job, ctx, run_id, result.history)
+    store.checkpoint_path(job.key).unlink(missing_ok=True)
+    say(f"done {job.title}: test acc {result.metrics['test_acc']:.2f}% ({wall:.1f} s)")
+    return JobResult(job.key, status, why, test_acc=result.metrics["test_acc"])
+
+
+def _finish(plan: Plan, job: Job, ctx: JobContext, run_id: str, history: list[dict[str, float]]) -> tuple[str, str]:
+    """End a trained (or stored) job's run FINISHED; one that collapsed is tagged so, with why: (status, reason)."""
+    data = ctx.data(plan)
+    why = collapse_reason(history, data.info.num_classes, len(data.test))
+    if why:
+        ctx.tracker.set_tags(run_id, {f"{TAG}status": "collapsed", f"{TAG}collapsed": why})
+        ctx.reporter.print(f"[yellow]collapsed[/] {job.title}: {why}")
+    ctx.tracker.end(run_id, "FINISHED")
+    return (COLLAPSED, why) if why else (FINISHED, "")
+
+
+# ---------------------------------------------------------------------------------------------- tracking
+
+def job_tags(plan: Plan, job: Job) -> dict[str, str]:
+    method = get_method(job.method.method)
+    tags = {f"{TAG}suite": plan.suite.name, f"{TAG}role": job.role, f"{TAG}student": job.model,
+            f"{TAG}teacher": job.teacher_model or "", f"{TAG}method": job.method.label,
+            f"{TAG}method_name": job.method.method, f"{TAG}seed": str(job.seed), f"{TAG}job": job.key,
+            f"{TAG}pair": job.pair or "", f"{TAG}identity": plan.identities()[job.key]}
+    if job.role in ("teacher", "reference"):
+        tags[f"{TAG}teacher"] = job.model
+        tags[f"{TAG}student"] = ""
+    if job.assistants:
+        tags[f"{TAG}assistant"] = " > ".join(job.assistants)
+    if method.protocol_note:
+        tags[f"{TAG}protocol"] = method.protocol_note
+    return tags
+
+
+def stored_accuracy(store: ModelStore, key: str, metric: str = "test_acc") -> float | None:
+    """A stored model's last-epoch `metric`: test_acc to report it, val_acc to choose by it (None: absent)."""
+    return store.meta(key)["metrics"].get(metric) if store.has(key) else None
+
+
+def job_params(plan: Plan, job: Job, ctx: JobContext) -> dict[str, str]:
+    store = ctx.store
+    params = flatten("", {k: v for k, v in job.config.items() if k != "method_params"}, {})
+    params.update({f"method.{k}": str(v) for k, v in job.config.get("method_params", {}).items()})
+    params.update({"role": job.role, "method_label": job.method.label, "config_hash": job.key,
+                   "combine": job.method.combine, **ctx.env})
+    if job.teacher_model:
+        params["teacher_model"] = job.teacher_model
+    root = plan.root_teacher(job)
+    if root is not None and store.has(root.key):
+        params["teacher_test_acc"] = f"{stored_accuracy(store, root.key):.4f}"
+    if job.teacher_init in ("random", "checkpoint"):
+        params["teacher_init"] = job.teacher_init
+    if job.assistants and not job.pending:
+        params["assistant_models"] = " > ".join(job.assistants)
+        params["assistant_job"] = job.teacher
+        if store.has(job.teacher):
+            params["assistant_test_acc"] = f"{stored_accuracy(store, job.teacher):.4f}"
+    if job.assistant_choice:
+        params["assistant_choice"] = job.assistant_choice
+    method = get_method(job.method.method)
+    if job.teacher and method.needs({**method.defaults, **job.config.get("method_params", {})}).dense:
+        params["guide_models"] = " > ".join(plan.job(k).model for k in plan.guide_keys(job))
+    return params
+
+
+def _log_history(tracker: Tracker, run_id: str, history: list[dict[str, float]]) -> None:
+    """Log the epochs this run does not have yet: after a resume, each epoch is logged exactly once."""
+    done = tracker.last_step(run_id)
+    for epoch, metrics in enumerate(history, start=1):
+        if epoch > done:
+            tracker.log_metrics(run_id, metrics, step=epoch)
+
+
+def _log_stored(plan: Plan, job: Job, ctx: JobContext, run_id: str | None) -> JobResult:
+    """A teacher from the store still gets its child run, so every suite run reports its teachers."""
+    meta = ctx.store.meta(job.key)
+    if run_id is None:
+        run_id = ctx.tracker.start_job(ctx.parent_run, job.title, {**job_tags(plan, job), f"{TAG}reused": "true"},
+                                       job_params(plan, job, ctx))
+    _log_history(ctx.tracker, run_id, meta["history"])
+    status, why = _finish(plan, job, ctx, run_id, meta["history"])
+    ctx.reporter.print(f"[dim]reused[/] {job.title}: test acc {meta['metrics']['test_acc']:.2f}%")
+    return JobResult(job.key, status, why, test_acc=meta["metrics"]["test_acc"])
+
+
+# ---------------------------------------------------------------------------------------------- the store
+
+def _usable(job: Job, ctx: JobContext) -> bool:
+    """A stored teacher whose files fail their hash check is moved aside and trained again, never used."""
+    try:
+        ctx.store.verify(job.key)
+        return True
+    except CorruptFile as exc:
+        where = ctx.store.quarantine(job.key)
+        ctx.reporter.print(f"[red]corrupted[/] {exc}; moved to {where}, retraining it")
+        return False
+
+
+def _resume_state(job: Job, path: Path, ctx: JobContext):
+    """The job's last checkpoint, if there is a sound one; a corrupted one is reported and discarded."""
+    if not path.is_file():
+        return None, {}
+    try:
+        state = load_checkpoint(path)
+    except CorruptFile as exc:
+        ctx.reporter.print(f"[red]corrupted[/] {exc}; restarting {job.title} from scratch")
+        path.unlink()
+        return None, {}
+    if "method_extra" not in state:  # written before methods' own state was saved: resuming could be wrong
+        ctx.reporter.print(f"{path}: checkpoint of an older kdbench lacks the method's state; restarting "
+                           f"{job.title} from scratch")
+        path.unlink()
+        return None, {}
+    ctx.reporter.print(f"resuming {job.title} from epoch {state['epoch'] + 1}, step {state['batch']}")
+    return state, dict(state["route"])
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def _never() -> bool:
+    return False
+
+
+def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
+    data, opts, store, tracker = ctx.data(plan), ctx.opts, ctx.store, ctx.tracker
+    model = build_model(job, data, opts)
+    teacher = build_teacher(plan, job, data, store, opts)
+    method_cls = get_method(job.method.method)
+    method = method_cls(job.config["method_params"], model, teacher, data.info.input_shape).to(opts.device)
+    needs = method_cls.needs(method.params)
+
+    checkpoint_path = store.checkpoint_path(job.key)
+    resume, route = _resume_state(job, checkpoint_path, ctx)
+    if resume is None and tracker.last_step(run_id) > 0:
+        # Epochs were logged but no usable checkpoint is left: start over in a new run, keep the old one failed.
+        tracker.end(run_id, "FAILED", "no usable checkpoint to resume from; restarted in a new run")
+        run_id = tracker.start_job(ctx.parent_run, job.title, job_tags(plan, job), job_params(plan, job, ctx))
+    if resume is not None:
+        _log_history(tracker, run_id, resume["history"])
+        ctx.reporter.epoch(len(resume["history"]))
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        tracker.log_metrics(run_id, metrics, step=epoch)
+        ctx.reporter.epoch(epoch)
+
+    def on_route(epoch: int, state: dict[str, torch.Tensor]) -> None:
+        route[epoch] = store.save_route(job.key, epoch, state)
+
+    def checkpoint(state: dict) -> None:
+        save_checkpoint({**state, "route": route}, checkpoint_path)
+
+    keep_route = None
+    if job.role in ("teacher", "reference"):
+        keep_route = lambda e: e % job.route_every == 0 or e == job.train.epochs  # noqa: E731
+    cache = None
+    if teacher is not None and (ctx.teacher_cache or plan.suite.teacher_cache) and method_cls.teacher_logits_only:
+        cache = _shared_teacher_outputs(job, teacher, data, ctx)
+    result = fit(model, method, teacher, data, job.train, job.augment, job.seed, opts,
+                 eval_batch_size=plan.suite.eval_batch_size, on_epoch=on_epoch, keep_route=keep_route,
+                 on_route=on_route, route=teacher_route(plan, job, store) if needs.route and job.teacher else None,
+                 teacher_cache=cache,
+                 guides=build_guides(plan, job, teacher, data, store, opts) if needs.dense and teacher is not None
+                 else None,
+                 checkpoint=checkpoint, resume=resume, should_stop=ctx.local.should_stop or _never,
+                 combine=job.method.combine)
+    if method.record:  # procedure details the method chose while training (RCO's anchors, FitNets' layers)
+        tracker.log_params(run_id, {f"procedure.{k}": v for k, v in method.record.items()})
+    if job.role in STORED_ROLES:
+        store.save_final(job.key, model.state_dict(), {"config": job.config, "metrics": result.metrics,
+                                                       "history": result.history}, route)
+    return run_id, result
+
+
+def _shared_teacher_outputs(job: Job, teacher: torch.nn.Module, data: DeviceData, ctx: JobContext) -> TeacherCache:
+    """The teacher-output cache for this job's teacher, data and augmentation (kept while jobs share it)."""
+    key = f"{job.teacher}/{job.config['data']}/{job.augment.model_dump()}"
+    held = ctx.local.teacher_cache
+    if held is None or held[0] != key:
+        ctx.local.teacher_cache = None  # free the previous teacher's outputs first
+        cache = TeacherCache(teacher, data.train, data.info, job.augment.crop_padding, job.augment.flip, ctx.opts)
+        ctx.local.teacher_cache = (key, cache)
+    return ctx.local.teacher_cache[1]

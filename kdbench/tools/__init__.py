@@ -1,0 +1,2 @@
+"""Commands off the main path (speed measurements).
+"""

@@ -1,0 +1,61 @@
+"""Pairs, model statistics and job hashing."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from kdbench.plan import make_plan
+from kdbench.config.load import load_suite
+
+from conftest import REPO
+
+
+def plan_of(path, **kw):
+    return make_plan(load_suite(path), Path(path), **kw)
+
+
+def test_wildcards_expand_and_rule_keeps_larger_teachers(write_suite):
+    plan = plan_of(write_suite({"teachers": ["cifar_resnet1*", "cifar_resnet8"], "students": ["cifar_resnet14"]}))
+    names = [(p.teacher.name, p.student.name) for p in plan.pairs]
+    assert names == [("cifar_resnet110", "cifar_resnet14")]
+    pair = plan.pairs[0]
+    assert pair.gap == pair.teacher.params / pair.student.params > 1
+    assert pair.teacher.macs > pair.student.macs > 0
+
+
+def test_cells_share_baseline_and_teacher_jobs(write_suite):
+    plan = plan_of(write_suite({"teachers": ["cifar_resnet20", "cifar_resnet14"], "seeds": [0, 1]}))
+    teachers = [j for j in plan.jobs if j.role == "teacher"]
+    students = [j for j in plan.jobs if j.role == "student"]
+    assert len(teachers) == 2
+    assert len(students) == 2 * 1 + 2 * 2  # baseline per seed (shared by both pairs) + kd per pair and seed
+    assert len(plan.cells) == 2 * 2 * 2
+    assert plan.jobs.index(teachers[-1]) < plan.jobs.index(students[0])
+
+
+def test_hash_changes_with_any_setting_that_changes_numbers(write_suite):
+    a = plan_of(write_suite())
+    b = plan_of(write_suite({"train": {"epochs": 2, "batch_size": 64, "lr": 0.1, "milestones": [1]}}))
+    c = plan_of(write_suite({"methods": ["baseline", {"kd": {"T": 8}}]}))
+    key = lambda p, role, label: next(j.key for j in p.jobs if j.role == role and j.method.label == label)  # noqa
+    assert key(a, "teacher", "baseline") != key(b, "teacher", "baseline")
+    assert key(a, "teacher", "baseline") == key(c, "teacher", "baseline")
+    assert key(a, "student", "kd") != key(c, "student", "kd")
+    assert key(a, "student", "baseline") == key(c, "student", "baseline")
+
+
+def test_narrowing_options(write_suite):
+    plan = plan_of(write_suite({"seeds": [0, 1, 2]}), methods=["kd"], seeds=[5], epochs=1)
+    students = [j for j in plan.jobs if j.role == "student"]
+    assert [(j.method.label, j.seed, j.train.epochs) for j in students] == [("kd", 5, 1)]
+
+
+def test_pairs_and_dry_run_work_without_the_dataset(tmp_path, monkeypatch):
+    monkeypatch.delenv("KDBENCH_DATA", raising=False)
+    suite = REPO / "suites" / "cifar100_gap.yaml"
+    for args in (["pairs", str(suite)], ["run", str(suite), "--dry-run"]):
+        proc = subprocess.run([sys.executable, "-m", "kdbench.cli", *args], capture_output=True, text=True,
+                              timeout=300, env={**__import__("os").environ, "COLUMNS": "200"})
+        assert proc.returncode == 0, proc.stderr
+        assert "cifar_resnet32x4" in proc.stdout and "cifar_resnet8" in proc.stdout
+    assert not (tmp_path / "mlflow.db").exists()
