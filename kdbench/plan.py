@@ -73,6 +73,15 @@ class Job:
         """An assistant still to be chosen (at run time, once the models it is chosen by are trained)."""
         return self.assistants == (AUTO,)
 
+    def keeps_route(self, epoch: int) -> bool:
+        """Whether the model after 1-based `epoch` is kept as a route checkpoint: every `route_every` epochs and
+        after the last (teachers and references; other jobs keep none)."""
+        return self.route_every is not None and (epoch % self.route_every == 0 or epoch == self.train.epochs)
+
+    @property
+    def route_epochs(self) -> list[int]:
+        return [e for e in range(1, self.train.epochs + 1) if self.keeps_route(e)]
+
     @property
     def title(self) -> str:
         if self.role in ("teacher", "reference"):
@@ -232,9 +241,15 @@ def scale_epoch_params(method, params: dict[str, Any], old: int, new: int, teach
     return out
 
 
+ROUTE_CHECKPOINTS = 24  # at most this many route checkpoints by default
+
+
 def default_route_every(epochs: int) -> int:
-    """The smallest divisor of `epochs` that keeps at most 24 route checkpoints (240 epochs: every 10)."""
-    return next(d for d in range(1, epochs + 1) if epochs % d == 0 and epochs // d <= 24) if epochs else 1
+    """The smallest divisor of `epochs` that keeps at most 24 route checkpoints (240 epochs: every 10): `epochs`
+    over its largest divisor up to 24 (a prime number of epochs over 24: only the last)."""
+    if not epochs:
+        return 1
+    return epochs // max(q for q in range(1, ROUTE_CHECKPOINTS + 1) if epochs % q == 0)
 
 
 def in_waves(jobs) -> list[Job]:
@@ -400,11 +415,6 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
                         route_every=route_every)
         return key
 
-    def teacher_route(epochs: int) -> list[int]:
-        """The epochs at which a teacher trained for `epochs` keeps route checkpoints (the executor's rule)."""
-        every = suite.teacher.route_every or default_route_every(epochs)
-        return [e for e in range(1, epochs + 1) if e % every == 0 or e == epochs]
-
     for t in dict.fromkeys(t for t, _ in pair_names):
         check_kwargs(t, {**suite.model_kwargs.get(t, {}), **suite.teacher.model_kwargs.get(t, {})},
                      "teacher.model_kwargs")
@@ -422,7 +432,7 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
             if epochs is not None:
                 params = scale_epoch_params(method, params, suite.train.epochs, student_train.epochs,
                                             suite.teacher_train().epochs, teacher_train.for_model(t).epochs,
-                                            teacher_route(teacher_train.for_model(t).epochs))
+                                            jobs[teacher_keys[t]].route_epochs)
             needs = method.needs(params)
             extra: dict[str, Any] = {}  # what else determines this job's numbers, from the method's needs
             chain: list[Job] = []
