@@ -22,8 +22,9 @@ from kdbench.run.build import build_guides, build_model, build_teacher, teacher_
 from kdbench.storage.claims import Claim
 from kdbench.data.batches import DeviceData
 from kdbench import Interrupted
-from kdbench.train.engine import Diverged, collapse_reason, fit
+from kdbench.train.engine import Diverged, Hooks, Provided, collapse_reason, fit
 from kdbench.plan import STORED_ROLES, Job, Plan
+from kdbench.method import Method
 from kdbench.registry import get_method
 from kdbench.storage.files import CorruptFile, load_checkpoint, save_checkpoint
 from kdbench.storage.store import ModelStore
@@ -250,7 +251,6 @@ def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
     teacher = build_teacher(plan, job, data, store, opts)
     method_cls = get_method(job.method.method)
     method = method_cls(job.config["method_params"], model, teacher, data.info.input_shape).to(opts.device)
-    needs = method_cls.needs(method.params)
 
     checkpoint_path = store.checkpoint_path(job.key)
     resume, route = _resume_state(job, checkpoint_path, ctx)
@@ -272,26 +272,29 @@ def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
     def checkpoint(state: dict) -> None:
         save_checkpoint({**state, "route": route}, checkpoint_path)
 
-    keep_route = None
-    if job.role in ("teacher", "reference"):
-        keep_route = lambda e: e % job.route_every == 0 or e == job.train.epochs  # noqa: E731
-    cache = None
-    if teacher is not None and (ctx.teacher_cache or plan.suite.teacher_cache) and method_cls.teacher_logits_only:
-        cache = _shared_teacher_outputs(job, teacher, data, ctx)
+    hooks = Hooks(on_epoch=on_epoch, keep_route=job.keeps_route, on_route=on_route, checkpoint=checkpoint,
+                  should_stop=ctx.local.should_stop or _never)
     result = fit(model, method, teacher, data, job.train, job.augment, job.seed, opts,
-                 eval_batch_size=plan.suite.eval_batch_size, on_epoch=on_epoch, keep_route=keep_route,
-                 on_route=on_route, route=teacher_route(plan, job, store) if needs.route and job.teacher else None,
-                 teacher_cache=cache,
-                 guides=build_guides(plan, job, teacher, data, store, opts) if needs.dense and teacher is not None
-                 else None,
-                 checkpoint=checkpoint, resume=resume, should_stop=ctx.local.should_stop or _never,
-                 combine=job.method.combine)
+                 eval_batch_size=plan.suite.eval_batch_size, hooks=hooks,
+                 provided=_provided(plan, job, ctx, teacher, method), resume=resume)
     if method.record:  # procedure details the method chose while training (RCO's anchors, FitNets' layers)
         tracker.log_params(run_id, {f"procedure.{k}": v for k, v in method.record.items()})
     if job.role in STORED_ROLES:
         store.save_final(job.key, model.state_dict(), {"config": job.config, "metrics": result.metrics,
                                                        "history": result.history}, route)
     return run_id, result
+
+
+def _provided(plan: Plan, job: Job, ctx: JobContext, teacher: torch.nn.Module | None, method: Method) -> Provided:
+    """What the job's method needs besides its models (a route, guides), shared teacher outputs, the update rule."""
+    data, store, needs = ctx.data(plan), ctx.store, method.needs(method.params)
+    cache = None
+    if teacher is not None and (ctx.teacher_cache or plan.suite.teacher_cache) and method.teacher_logits_only:
+        cache = _shared_teacher_outputs(job, teacher, data, ctx)
+    return Provided(route=teacher_route(plan, job, store) if needs.route and job.teacher else None,
+                    guides=build_guides(plan, job, teacher, data, store, ctx.opts)
+                    if needs.dense and teacher is not None else [],
+                    teacher_cache=cache, combine=job.method.combine)
 
 
 def _shared_teacher_outputs(job: Job, teacher: torch.nn.Module, data: DeviceData, ctx: JobContext) -> TeacherCache:

@@ -43,7 +43,7 @@ from kdbench import KdbenchError
 from kdbench.data.spec import DataSpec, DatasetInfo, dataset_info
 from kdbench.data.batches import DeviceData, Split, normalize, num_views
 from kdbench.data.load import load_data
-from kdbench.train.engine import Compiled, EngineOptions, fit, make_optimizer
+from kdbench.train.engine import Compiled, EngineOptions, Provided, fit, make_optimizer
 from kdbench.losses import cross_entropy, kd_loss
 from kdbench.registry import get_method, methods
 from kdbench.config.schema import AugmentConfig, TrainConfig
@@ -553,7 +553,7 @@ def cache_cell(s: BenchSettings, opts: EngineOptions, data: DeviceData, progress
                 synchronize(opts.device)
                 start = time.perf_counter()
                 result = fit(student, method, teacher, cell_data, train, AUGMENT, seed, opts,
-                             teacher_cache=cache if use_cache else None)
+                             provided=Provided(teacher_cache=cache if use_cache else None))
                 synchronize(opts.device)
                 run = runs[use_cache]
                 run["wall_s"] += time.perf_counter() - start

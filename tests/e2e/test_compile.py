@@ -11,7 +11,7 @@ import torch
 from kdbench.data.spec import DataSpec
 from kdbench.data.load import load_data
 from kdbench import Interrupted
-from kdbench.train.engine import COMPILED_PREFIX, Compiled, EngineOptions, fit, plain_state_dict
+from kdbench.train.engine import COMPILED_PREFIX, Compiled, EngineOptions, Hooks, fit, plain_state_dict
 from kdbench.method import run_model
 from kdbench.registry import get_method
 from kdbench.config.schema import AugmentConfig, TrainConfig
@@ -93,7 +93,7 @@ def test_compiled_training_follows_the_eager_curve_and_resumes(data):
         return steps[0] == 6
 
     with pytest.raises(Interrupted):
-        run(data, compile=True, checkpoint=lambda s: saved.update(state=s), should_stop=should_stop)
+        run(data, compile=True, hooks=Hooks(checkpoint=lambda s: saved.update(state=s), should_stop=should_stop))
     state = saved["state"]
     state["models"] = {k: {COMPILED_PREFIX + n: v for n, v in sd.items()} for k, sd in state["models"].items()}
     resumed, resumed_model = run(data, compile=True, resume=state)

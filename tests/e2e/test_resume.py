@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from kdbench.data.spec import DataSpec
 from kdbench.data.load import load_data
 from kdbench import Interrupted
-from kdbench.train.engine import EngineOptions, fit
+from kdbench.train.engine import EngineOptions, Hooks, Provided, fit
 from kdbench.method import TeacherRoute
 from kdbench.registry import get_method, methods
 from kdbench.config.schema import AugmentConfig, TrainConfig
@@ -77,7 +77,8 @@ def fresh_fit(variant: str, data, **kw):
         teacher.load_state_dict(route_states[needs.teacher_epoch or ROUTE[-1]])
     student = model(1)
     method = cls(params, student, teacher, (3, SIZE, SIZE))
-    result = fit(student, method, teacher, data, TRAIN, AUG, 0, EngineOptions.for_device("cpu"), route=route, **kw)
+    result = fit(student, method, teacher, data, TRAIN, AUG, 0, EngineOptions.for_device("cpu"),
+                 provided=Provided(route=route), **kw)
     return result, student, teacher, method
 
 
@@ -105,8 +106,8 @@ def test_every_method_stopped_mid_epoch_and_across_stages_resumes_bit_identical(
     for epoch, calls in STOPS:
         saved = {}
         with pytest.raises(Interrupted):
-            fresh_fit(variant, data, resume=state, checkpoint=lambda s: saved.update(state=s),
-                      should_stop=stop_at(epoch, calls, state))
+            fresh_fit(variant, data, resume=state, hooks=Hooks(checkpoint=lambda s: saved.update(state=s),
+                                                                should_stop=stop_at(epoch, calls, state)))
         state = saved["state"]
         assert (state["epoch"], state["batch"]) == ((epoch + 1, 0) if calls > STEPS else (epoch, calls))
     resumed, student, teacher, method = fresh_fit(variant, data, resume=state)
