@@ -61,7 +61,7 @@ def run_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None = None) -
     ctx.local.claim = claim
     ctx.local.should_stop = lambda: outer() or claim.lost  # taken over (we stalled past the lease): stop, unfinished
     try:
-        return _claimed(plan, job, ctx, blocked)
+        return _run_claimed(plan, job, ctx, blocked)
     except Interrupted:
         if claim.lost:
             ctx.reporter.print(f"[yellow]lost the claim[/] on {job.title} to another worker; leaving it to them")
@@ -73,7 +73,7 @@ def run_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None = None) -
         claim.release()
 
 
-def _claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobResult:
+def _run_claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobResult:
     tracker, store, say = ctx.tracker, ctx.store, ctx.reporter.print
     parent = ctx.parent_run
     existing = tracker.job_run(parent, job.key)

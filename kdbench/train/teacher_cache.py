@@ -81,10 +81,10 @@ class TeacherCache:
             chunk = missing[start : start + batch_size]
             images = self.split.images.index_select(0, chunk // self.num_views)
             views = views_from_ids(chunk % self.num_views, self.padding, self.flip)
-            x = normalize(apply_views(images, views if self.num_views > 1 else None, self.padding), self.info,
-                          channels_last=self.opts.channels_last)
+            images = normalize(apply_views(images, views if self.num_views > 1 else None, self.padding), self.info,
+                               channels_last=self.opts.channels_last)
             with self.opts.autocast():  # as the engine's own teacher forward: same precision, same numbers
-                logits = self.teacher(x)
+                logits = self.teacher(images)
             if self.values is None:
                 self.values = logits.new_empty((self._capacity, logits.shape[1]))
             self.values[self.size + start : self.size + start + len(chunk)] = logits

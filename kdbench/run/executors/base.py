@@ -22,7 +22,7 @@ from kdbench import Interrupted
 from kdbench.train.engine import EngineOptions
 from kdbench.run.executors.options import ExecutorOptions
 from kdbench.run.job import COLLAPSED, FAILED, FINISHED, HELD, SKIPPED, JobResult, stored_accuracy
-from kdbench.run.context import JobContext, Local, Reporter
+from kdbench.run.context import JobContext, ProcessCache, Reporter
 from kdbench.plan import STORED_ROLES, Job, Plan
 from kdbench.storage.store import ModelStore
 from kdbench.tracking import TAG, Tracker, code_version, environment, flatten
@@ -102,7 +102,7 @@ class Executor:
                          data_root=self.data_root.resolve() if self.data_root else None,
                          device=self.device, compile=self.compile, download=self.download,
                          teacher_cache=self.teacher_cache,
-                         local=Local(opts=self.opts, store=self.store, reporter=Reporter(self.console)))
+                         local=ProcessCache(opts=self.opts, store=self.store, reporter=Reporter(self.console)))
         # A missing dataset stops the suite before anything is written to MLflow; teachers are keyed by the data
         # they learn from (its fingerprint, known once it is read).
         self.plan = plan = plan.for_data(ctx.data(plan).fingerprint)
