@@ -24,7 +24,9 @@ from kdbench.run.executors import get_executor, load_options
 from kdbench.storage.files import check_writable, folder_size
 from kdbench.tracking import check_tracking, referenced_keys, tracking_uri
 from kdbench.report.write import write_report
-from kdbench.tools.bench import BenchSettings, print_result, run_bench, write_result
+from kdbench.tools.bench_setup import BenchSettings
+from kdbench.tools.bench_output import print_result, write_result
+from kdbench.tools.bench import run_bench
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kdbench: knowledge distillation benchmarks on timm models, logged to MLflow.")

@@ -128,7 +128,9 @@ def test_cuda_graphs_follow_the_eager_curve_in_bf16():
 
 @pytest.mark.slow
 def test_bench_reports_the_compile_cost_of_each_model(tmp_path):
-    from kdbench.tools.bench import BenchSettings, markdown, run_bench
+    from kdbench.tools.bench_setup import BenchSettings
+    from kdbench.tools.bench_output import markdown
+    from kdbench.tools.bench import run_bench
 
     result = run_bench(BenchSettings(device="cpu", pairs=(("cifar_resnet8", "cifar_resnet8"),), batch_sizes=(4,),
                                      rounds=1, steps=1, workers=0, loops=("kdbench", "ceiling"), compile=True))
