@@ -10,6 +10,7 @@ import pandas as pd
 from kdbench.report.stats import ALPHA, NO_TEST, Paired, holm, mean_ci
 from kdbench.report.runs import PASSES
 from kdbench.data.spec import dataset_info
+from kdbench.tracking import RunStatus
 from kdbench.zoo import model_stats
 
 
@@ -145,11 +146,11 @@ def pick(runs: pd.DataFrame, seeds: Iterable[int]) -> Cell:
     values, missing = {}, {}
     if "method_hash" not in runs:
         runs = runs.assign(method_hash="")
-    finished = runs[(runs.status == "FINISHED") & runs.test_acc.notna()]
+    finished = runs[(runs.status == RunStatus.FINISHED) & runs.test_acc.notna()]
     code = finished.sort_values("start_time", kind="stable").iloc[-1].method_hash if len(finished) else None
     for seed in sorted(set(seeds) | set(runs.seed)):
         mine = runs[runs.seed == seed]
-        done = mine[(mine.status == "FINISHED") & mine.test_acc.notna()]
+        done = mine[(mine.status == RunStatus.FINISHED) & mine.test_acc.notna()]
         if len(done) and not len(done[done.method_hash == code]):
             missing[seed] = "other method code"
             continue
@@ -254,7 +255,7 @@ def cost_frame(runs: pd.DataFrame, layout: Layout) -> pd.DataFrame:
             pair = f"{teacher}->{student}" if teacher else ""
             mine = runs[(runs.role == "student") & (runs.method == label) & (runs.student == student)
                         & (runs.pair == pair)]
-        done = mine[mine.status == "FINISHED"]
+        done = mine[mine.status == RunStatus.FINISHED]
         timed = done[done.wall_time.notna()]
         status = "ok" if len(done) else (", ".join(dict.fromkeys(mine.reason)) if len(mine) else "not run")
         if len(done) and not len(timed):

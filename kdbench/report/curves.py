@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from kdbench.tracking import RunStatus
+
 CURVE_METRICS = {"val_acc": "validation accuracy (%)", "test_acc": "test accuracy (%)",
                  "train_loss": "training loss (log scale)"}
 CURVE_COLUMNS = ["role", "model", "seed", "run_id", "metric", "epoch", "value"]
@@ -17,7 +19,7 @@ CURVE_COLUMNS = ["role", "model", "seed", "run_id", "metric", "epoch", "value"]
 def curves_frame(client, runs: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
     """Per-epoch history of every finished teacher run and every run of the student alone (all seeds)."""
     alone = (runs.role == "student") & (runs.method == baseline)  # not the reference run: it is their seed 0
-    chosen = runs[runs.status.isin(["FINISHED", "COLLAPSED"]) & ((runs.role == "teacher") | alone)]
+    chosen = runs[runs.status.isin([RunStatus.FINISHED, RunStatus.COLLAPSED]) & ((runs.role == "teacher") | alone)]
     rows = []
     for _, run in chosen.iterrows():
         model = run.teacher if run.role == "teacher" else run.student

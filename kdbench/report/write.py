@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 from kdbench import KdbenchError
 from kdbench.report.figures import X_AXES, accuracy_figure, save_figure
-from kdbench.tracking import TAG
+from kdbench.tracking import RunStatus, SuiteTags
 from kdbench.report.cells import comparison_frame, cost_frame, layout_for
 from kdbench.report.format import write_csv, write_text
 from kdbench.report.runs import find_parent, load_runs, open_client
@@ -29,19 +29,18 @@ from kdbench.config.load import load_suite
 def describe_parent(parent, runs: pd.DataFrame) -> str:
     import datetime
 
-    tags = parent.data.tags
+    env = SuiteTags.from_tags(parent.data.tags).env
     start = datetime.datetime.fromtimestamp(parent.info.start_time / 1000, datetime.timezone.utc)
-    code = tags.get(f"{TAG}git_commit", "")[:12] + (" (uncommitted changes)" if tags.get(f"{TAG}git_dirty") == "true"
-                                                    else "")
+    code = env.get("git_commit", "")[:12] + (" (uncommitted changes)" if env.get("git_dirty") == "true" else "")
     counts = runs.status.value_counts().sort_index()
     return (f"Parent run `{parent.info.run_id}` ({parent.info.status}, started {start:%Y-%m-%d %H:%M} UTC) on "
-            f"{tags.get(f'{TAG}device', '?')}, kdbench {tags.get(f'{TAG}kdbench_version', '?')}"
+            f"{env.get('device', '?')}, kdbench {env.get('kdbench_version', '?')}"
             f"{', commit ' + code if code else ''}; {len(runs)} child runs: "
             + ", ".join(f"{k} {v.lower()}" for v, k in counts.items()) + ".\n")
 
 
 def failures_markdown(runs: pd.DataFrame) -> str:
-    bad = runs[runs.status != "FINISHED"]
+    bad = runs[runs.status != RunStatus.FINISHED]
     if not len(bad):
         return ""
     lines = ["| job | seed | status | reason |", "|:---|---:|:---|:---|"]
@@ -54,7 +53,7 @@ def failures_markdown(runs: pd.DataFrame) -> str:
 def stale_methods(runs: pd.DataFrame) -> list[str]:
     """Methods whose finished runs were trained by other code than the registered method's now."""
     known = methods()
-    done = runs[(runs.status == "FINISHED") & (runs.method_hash != "") & runs.method_name.isin(list(known))]
+    done = runs[(runs.status == RunStatus.FINISHED) & (runs.method_hash != "") & runs.method_name.isin(list(known))]
     return sorted({name for name, code in zip(done.method_name, done.method_hash) if code != method_hash(name)})
 
 
