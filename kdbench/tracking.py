@@ -22,7 +22,8 @@ from typing import Any, Mapping
 from kdbench import KdbenchError, __version__
 from kdbench.storage.files import check_writable
 
-DEFAULT_URI = "sqlite:///mlflow.db"
+SQLITE = "sqlite:///"  # the start of a SQLite tracking URI; the file's path follows
+DEFAULT_URI = f"{SQLITE}mlflow.db"
 PROBE_TIMEOUT_S = 5.0  # a tracking server that has not answered in this time is reported as down
 
 
@@ -149,7 +150,18 @@ def tracking_uri() -> str:
 
 
 def sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    """The database file of a SQLite tracking URI; None for any other store (a server)."""
+    return Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
+
+
+def sqlite_uri(path: Path) -> str:
+    return f"{SQLITE}{path}"
+
+
+def absolute_uri(uri: str) -> str:
+    """A relative SQLite tracking URI made absolute, so it names the same file from a worker's folder."""
+    path = sqlite_path(uri)
+    return sqlite_uri(path.resolve()) if path is not None and not path.is_absolute() else uri
 
 
 def check_tracking(uri: str | None = None) -> None:
@@ -187,6 +199,16 @@ def check_tracking(uri: str | None = None) -> None:
                                f"another store")
 
 
+def check_store_exists(uri: str, hint: str) -> None:
+    """For a reader: fail in one line, ending with `hint`, on a SQLite store that does not exist (reading would
+    create an empty one) or a server that does not answer. Creates nothing."""
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise KdbenchError(f"no MLflow store at {path} (MLFLOW_TRACKING_URI={uri}): {hint}")
+    if path is None:
+        check_tracking(uri)  # a server that does not answer: one line now, not minutes of retries
+
+
 def create_sqlite_store(path: Path) -> None:
     """Create and migrate a new MLflow SQLite database under a temporary name, then rename it into place: a kill
     at any moment leaves no database or a complete one, never a half-migrated one on which every run fails."""
@@ -194,7 +216,7 @@ def create_sqlite_store(path: Path) -> None:
 
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
     try:
-        client = MlflowClient(f"sqlite:///{tmp}")
+        client = MlflowClient(sqlite_uri(tmp))
         client.search_experiments(max_results=1)  # creates the schema
         engine = getattr(client._tracking_client.store, "engine", None)
         if engine is not None:
@@ -363,12 +385,8 @@ def referenced_keys(uri: str | None = None) -> set[str]:
     from mlflow.tracking import MlflowClient
 
     uri = uri or tracking_uri()
-    path = sqlite_path(uri)
-    if path is not None and not path.is_file():
-        raise KdbenchError(f"no MLflow store at {path} (MLFLOW_TRACKING_URI={uri}): without it no run can be checked, "
-                           f"so nothing is removed; point MLFLOW_TRACKING_URI at the store your runs are in")
-    if path is None:
-        check_tracking(uri)
+    check_store_exists(uri, "without it no run can be checked, so nothing is removed; point MLFLOW_TRACKING_URI at "
+                            "the store your runs are in")
     client = MlflowClient(uri)
     experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
     keys: set[str] = set()

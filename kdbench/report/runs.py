@@ -4,11 +4,10 @@ of kdbench.tracking.
 
 from __future__ import annotations
 import math
-from pathlib import Path
 import pandas as pd
 from kdbench import KdbenchError
 from kdbench.tracking import (DIVERGED, SUITE_ROLE, TEACHER_FAILED, JobTags, RunEnd, RunStatus, SuiteTags,
-                              check_tracking, tag, tracking_uri)
+                              check_store_exists, tag, tracking_uri)
 
 
 PASSES = ("teacher_forward", "teacher_backward", "student_forward", "student_backward")
@@ -24,11 +23,7 @@ def open_client(uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
     uri = uri or tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise KdbenchError(f"no MLflow store at {uri[len('sqlite:///'):]} (MLFLOW_TRACKING_URI={uri}): "
-                           f"run the suite first, or point MLFLOW_TRACKING_URI at the store that has it")
-    if not uri.startswith("sqlite:///"):
-        check_tracking(uri)  # a server that does not answer: one line now, not minutes of retries
+    check_store_exists(uri, "run the suite first, or point MLFLOW_TRACKING_URI at the store that has it")
     return MlflowClient(uri)
 
 

@@ -25,7 +25,8 @@ from kdbench.run.job import COLLAPSED, FAILED, FINISHED, HELD, SKIPPED, JobResul
 from kdbench.run.context import JobContext, Local, Reporter
 from kdbench.plan import STORED_ROLES, Job, Plan
 from kdbench.storage.store import ModelStore
-from kdbench.tracking import TEACHER_FAILED, RunStatus, SuiteTags, Tracker, code_version, environment, flatten
+from kdbench.tracking import (TEACHER_FAILED, RunStatus, SuiteTags, Tracker, absolute_uri, code_version, environment,
+                              flatten)
 
 
 @dataclass
@@ -46,14 +47,6 @@ class Outcome:
             self.collapsed[result.key] = result.reason
         elif result.status != HELD:
             raise ValueError(f"unknown job status {result.status!r}")
-
-
-def absolute_uri(uri: str) -> str:
-    """A relative SQLite tracking URI made absolute, so it names the same file from a worker's folder."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
 
 
 def dependency_levels(jobs: list[Job]) -> list[list[Job]]:

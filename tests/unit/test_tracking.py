@@ -1,12 +1,18 @@
-"""The run schema (kdbench.tracking): the tag names and values a run writes are a file format, read back from
-committed stores, so they are pinned here as literal strings, and what is written reads back as it was."""
+"""kdbench.tracking without a training run: the run schema (the tag names and values a run writes are a file
+format, read back from committed stores, so they are pinned here as literal strings, and what is written reads
+back as it was) and tracking URIs."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
+from kdbench import KdbenchError
 from kdbench.report.runs import failure_reason
-from kdbench.tracking import DIVERGED, TEACHER_FAILED, JobTags, RunEnd, RunStatus, SuiteTags
+from kdbench.tracking import (DIVERGED, TEACHER_FAILED, JobTags, RunEnd, RunStatus, SuiteTags, absolute_uri,
+                              check_store_exists, sqlite_path)
 
 STUDENT = JobTags(suite="s", role="student", student="mlp_small", teacher="mlp_big", method="kd T4",
                   method_name="kd", seed=0, job="k" * 16, pair="mlp_big->mlp_small", identity="i" * 16)
@@ -52,3 +58,18 @@ def test_how_a_run_ended_reads_back_from_its_status_and_tags():
     assert failure_reason(diverged.report_status, diverged.why) == "diverged"
     assert failure_reason("FAILED", f"{TEACHER_FAILED}{DIVERGED}x") == "teacher failed"
     assert (DIVERGED, TEACHER_FAILED) == ("diverged: ", "its teacher failed: ")
+
+
+def test_a_relative_sqlite_uri_is_made_absolute_and_any_other_is_left_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert sqlite_path("sqlite:///runs/mlflow.db") == Path("runs/mlflow.db") and sqlite_path("http://h:5000") is None
+    assert absolute_uri("sqlite:///runs/mlflow.db") == f"sqlite:///{tmp_path.resolve() / 'runs' / 'mlflow.db'}"
+    for uri in ("sqlite:////abs/mlflow.db", "http://h:5000", "file:///tmp/mlruns"):
+        assert absolute_uri(uri) == uri
+
+
+def test_a_reader_refuses_a_store_that_is_not_there_and_creates_none(tmp_path):
+    missing = tmp_path / "none.db"
+    with pytest.raises(KdbenchError, match=f"^no MLflow store at {missing} .*: run it first$"):
+        check_store_exists(f"sqlite:///{missing}", "run it first")
+    assert not missing.exists()
