@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 import pandas as pd
-from kdbench.report.stats import ALPHA, NO_TEST, Paired, holm, mean_ci
+from kdbench.report.stats import ALPHA, NO_TEST, Paired, holm, mean_ci, sample_std
 from kdbench.report.runs import PASSES
 from kdbench.data.spec import dataset_info
 from kdbench.tracking import RunStatus
@@ -126,15 +126,6 @@ class Cell:
 
     def map(self, fn) -> "Cell":
         return Cell({s: fn(v) for s, v in self.values.items()}, self.missing, self.protocol)
-
-
-def sample_std(values: list[float]) -> float:
-    """Standard deviation over seeds with Bessel's correction (n - 1); undefined for one seed."""
-    n = len(values)
-    if n < 2:
-        return math.nan
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
 def pick(runs: pd.DataFrame, seeds: Iterable[int]) -> Cell:
