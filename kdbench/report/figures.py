@@ -21,15 +21,15 @@ X_AXES = {"gap": "capacity gap: teacher / student parameters (log scale)\nT: the
 DODGE = 0.3  # the methods at one x spread over this fraction of the distance to the nearest other x
 
 
-def shown_methods(layout, methods: list[str] | None) -> list[str]:
+def shown_methods(scope, methods: list[str] | None) -> list[str]:
     """The methods to plot: the suite's order, or the ones asked for (--methods), never the student alone."""
     if methods:
-        unknown = [m for m in methods if m not in layout.methods]
+        unknown = [m for m in methods if m not in scope.methods]
         if unknown:
             raise KdbenchError(f"--methods: no method labelled '{unknown[0]}' in this suite "
-                               f"(labels: {', '.join(layout.methods)})")
-        return [m for m in methods if m != layout.baseline]
-    return [m for m in layout.methods if m != layout.baseline]
+                               f"(labels: {', '.join(scope.methods)})")
+        return [m for m in methods if m != scope.baseline]
+    return [m for m in scope.methods if m != scope.baseline]
 
 
 def dodge_offsets(xs: list[float], count: int, log: bool) -> list[float]:
@@ -48,7 +48,7 @@ def _errors(points: pd.DataFrame, mean: str, low: str, high: str):
     return [lower, upper]
 
 
-def accuracy_figure(table: pd.DataFrame, layout, x: str = "gap", methods: list[str] | None = None,
+def accuracy_figure(table: pd.DataFrame, scope, x: str = "gap", methods: list[str] | None = None,
                     title: str | None = None):
     import matplotlib
     from matplotlib.figure import Figure
@@ -56,14 +56,14 @@ def accuracy_figure(table: pd.DataFrame, layout, x: str = "gap", methods: list[s
 
     if x not in X_AXES:
         raise KdbenchError(f"--x: expected one of {', '.join(X_AXES)}, got '{x}'")
-    shown = shown_methods(layout, methods)
-    students = layout.students
+    shown = shown_methods(scope, methods)
+    students = scope.students
     fig = Figure(figsize=(11, 4.3 * len(students) + 0.9), layout="constrained")
     grid = fig.subplots(len(students), 2, squeeze=False)
     # Ten methods or fewer: matplotlib's default cycle; more: tab20, so no two methods share a colour.
-    palette = [f"C{i}" for i in range(10)] if len(layout.methods) <= 10 else \
+    palette = [f"C{i}" for i in range(10)] if len(scope.methods) <= 10 else \
         [matplotlib.colormaps["tab20"](i / 20) for i in range(20)]
-    colors = {label: palette[layout.methods.index(label) % len(palette)] for label in shown}
+    colors = {label: palette[scope.methods.index(label) % len(palette)] for label in shown}
     log = x == "gap"
     xs = list(table.loc[(table.role == "student") & (table.n > 0), x].dropna())
     offsets = dict(zip(shown, dodge_offsets(xs or [1.0], len(shown), log)))
@@ -83,7 +83,7 @@ def accuracy_figure(table: pd.DataFrame, layout, x: str = "gap", methods: list[s
             xv = place(points[x].to_numpy(), label)
             handles[label] = acc_ax.errorbar(xv, points["mean"].to_numpy(),
                                              yerr=_errors(points, "mean", "ci_low", "ci_high"),
-                                             label=layout.name(label), color=colors[label], marker="o", markersize=5,
+                                             label=scope.name(label), color=colors[label], marker="o", markersize=5,
                                              capsize=3, linewidth=1.4)
             drawn.append((acc_ax, xv, points["mean"].to_numpy(), colors[label]))
             paired = points[points.delta_n > 0]
@@ -96,14 +96,14 @@ def accuracy_figure(table: pd.DataFrame, layout, x: str = "gap", methods: list[s
                 significant = paired.delta_significant.to_numpy(dtype=bool)
                 gain_ax.scatter(px, paired.delta_mean.to_numpy(), s=30, zorder=3, color=colors[label],
                                 facecolors=[colors[label] if sig else "white" for sig in significant])
-        base = mine[(mine.row == layout.baseline) & (mine.n > 0)] if layout.baseline else mine.iloc[:0]
+        base = mine[(mine.row == scope.baseline) & (mine.n > 0)] if scope.baseline else mine.iloc[:0]
         if len(base):  # one student: the same runs in every pair, so one band
             b = base.iloc[0]
             low, high = (b.ci_low, b.ci_high) if not math.isnan(b.ci_low) else (b["mean"], b["mean"])
             handles["band"] = acc_ax.axhspan(low, high, color="0.5", alpha=0.2, linewidth=0,
-                                             label=f"{layout.name(layout.baseline)} (student alone): 95 % CI")
+                                             label=f"{scope.name(scope.baseline)} (student alone): 95 % CI")
             handles["alone"] = acc_ax.axhline(b["mean"], color="0.35", linestyle="--", linewidth=1,
-                                              label=f"{layout.name(layout.baseline)} (student alone): mean")
+                                              label=f"{scope.name(scope.baseline)} (student alone): mean")
         gain_ax.axhline(0, color="0.35", linestyle="--", linewidth=1)
         # Axes fit the means (and the student-alone band), and the intervals' ends within NEAR of the student
         # alone (or of no gain): one cell's huge interval (two seeds far apart) would flatten every other method
@@ -120,10 +120,10 @@ def accuracy_figure(table: pd.DataFrame, layout, x: str = "gap", methods: list[s
         pairs = cells.drop_duplicates("teacher")  # the pairs with points
         for ax in (acc_ax, gain_ax):
             ax.set_xscale("log" if log else "linear")
-            _pair_ticks(ax, pairs, x, layout, NullFormatter, list(offsets.values()))
+            _pair_ticks(ax, pairs, x, scope, NullFormatter, list(offsets.values()))
             ax.set_xlabel(X_AXES[x])
             ax.grid(True, which="major", alpha=0.3)
-        name = layout.name(student)
+        name = scope.name(student)
         acc_ax.set_ylabel("student test accuracy (%), last epoch")
         acc_ax.set_title(f"(a) student {name}: test accuracy", loc="left", fontsize="medium")
         gain_ax.set_ylabel("improvement over the student alone (pp)")
@@ -142,8 +142,8 @@ def accuracy_figure(table: pd.DataFrame, layout, x: str = "gap", methods: list[s
         fig.legend(handles=ordered, loc="outside lower center", ncol=min(len(ordered), 4), fontsize="small",
                    frameon=False)
     what = "capacity gap" if log else "teacher accuracy"
-    fig.suptitle(title or layout.title
-                 or f"{layout.dataset}: student accuracy vs {what} (mean and 95 % CI over seeds, last epoch)")
+    fig.suptitle(title or scope.title
+                 or f"{scope.dataset}: student accuracy vs {what} (mean and 95 % CI over seeds, last epoch)")
     return fig
 
 
@@ -172,7 +172,7 @@ def _mark_off_scale(ax, xs, ys, colour) -> None:
                         bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
 
 
-def _pair_ticks(ax, pairs: pd.DataFrame, x: str, layout, null_formatter, offsets: list[float]) -> None:
+def _pair_ticks(ax, pairs: pd.DataFrame, x: str, scope, null_formatter, offsets: list[float]) -> None:
     """One tick per pair, naming the gap and the teacher's accuracy (or, on a teacher-accuracy axis, the gap);
     the x range leaves room for the outermost dodged points (`offsets`, as `dodge_offsets` gives them)."""
     pairs = pairs[pairs[x].notna()].sort_values(x)
