@@ -17,7 +17,7 @@ from kdbench import KdbenchError
 from kdbench.storage.store import ModelStore
 from kdbench.plan import STORED_ROLES, make_plan
 from kdbench.config.load import load_suite
-from kdbench.registry import methods as registry
+from kdbench.registry import methods as registry, modifiers as modifier_registry
 from kdbench.data.spec import DataError
 from kdbench.data.load import cached_fingerprint, resolve_data_root
 from kdbench.run.executors import get_executor, load_options
@@ -114,7 +114,7 @@ def validate(
 
 @app.command()
 def methods() -> None:
-    """List the registered methods with their defaults."""
+    """List the registered methods and modifiers with their defaults."""
     table = Table(title="methods", box=box.SIMPLE_HEAD,
                   caption="any method's loss terms can be combined by PCGrad: {method: NAME, combine: pcgrad}")
     for col in ("name", "defaults", "needs", "what it does"):
@@ -128,6 +128,13 @@ def methods() -> None:
         needs = needs or "-"
         defaults = ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "-"
         table.add_row(name, defaults, needs, cls.summary)
+    out.print(table)
+    table = Table(title="modifiers", box=box.SIMPLE_HEAD,
+                  caption="with any method that declares logit losses: {method: kd, modify: logit_std} (label kd+logit_std)")
+    for col in ("name", "defaults", "what it does"):
+        table.add_column(col)
+    for name, cls in modifier_registry().items():
+        table.add_row(name, ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "-", cls.summary)
     out.print(table)
 
 
