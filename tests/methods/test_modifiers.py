@@ -5,6 +5,7 @@ are refused, and how they enter a job's key."""
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ from kdbench.method import Batch, Outputs
 from kdbench.modifier import modify
 from kdbench.plan import make_plan
 from kdbench.registry import get_method, get_modifier, method_hash, modifier_hash, modifiers
+from kdbench.report.cells import layout_for
 
 from test_dkd import dkd64
 from test_method_losses import ce64, kl64, randn, softmax64
@@ -169,3 +171,9 @@ def test_a_modifier_is_refused_in_one_line_where_it_cannot_work(write_suite, ent
         load_suite(write_suite({**GAP, "methods": [entry]}))
     message = str(info.value)
     assert "field 'methods.0.modify'" in message and expected in message and "\n" not in message
+
+
+def test_the_reports_plain_kd_reference_is_never_a_modified_kd(write_suite):
+    path = write_suite({**GAP, "methods": [{"method": "kd", "modify": "ctkd"}, "kd"]})
+    runs = pd.DataFrame(columns=["role", "pair", "method", "method_name", "seed"])
+    assert layout_for(make_plan(load_suite(path), Path(path)), runs).kd == "kd"
