@@ -6,6 +6,7 @@ A modifier is a `Modifier` subclass in a methods folder (the registry finds it b
   and the teacher's alike; the method's other terms, its cross-entropy on the labels, still see the raw ones);
 - replace the method's temperature parameter with a value of its own, a tensor that may carry gradients
   (`changes_temperature`, `temperature()`);
+- rewrite the method's logit terms once computed (`changes_terms`, `terms()`: a reduction, a weight);
 - hold trainable parameters (optimised with the student) and buffers (checkpointed with the method).
 
 A method can be modified when it declares logit losses: `logit_terms = ("kd",)` names the terms a modifier
@@ -39,6 +40,7 @@ class Modifier(nn.Module):
     param_types: ClassVar[dict[str, tuple[type, ...]]] = {}  # types a param may take beyond its default's
     changes_logits: ClassVar[bool] = False  # True: logits() transforms what the method's logit losses see
     changes_temperature: ClassVar[bool] = False  # True: temperature() replaces the method's temperature
+    changes_terms: ClassVar[bool] = False  # True: terms() rewrites the method's logit terms after losses()
     # Params that count epochs of the job's schedule: scaled by `kdbench run --epochs` as a method's are.
     epoch_params: ClassVar[tuple[str, ...]] = ()
     teacher_epoch_params: ClassVar[tuple[str, ...]] = ()  # (none: a modifier never names a teacher's epoch)
@@ -69,6 +71,10 @@ class Modifier(nn.Module):
     def temperature(self, base: Any, batch: Batch) -> Any:
         """The temperature the method uses this step instead of its parameter's value `base`."""
         return base
+
+    def terms(self, terms: dict[str, torch.Tensor], student: Outputs, batch: Batch) -> dict[str, torch.Tensor]:
+        """The method's logit terms (only those a modifier changes) as the update uses them."""
+        return terms
 
     def epoch_metrics(self) -> dict[str, float]:
         """Numbers logged at the end of each epoch beside the method's (read parameters here, not every step)."""
@@ -139,11 +145,13 @@ def modified_losses(method: Method, modifier: Modifier, losses: Callable[..., di
         key = temperature_param(type(method))
         method.params = {**params, key: modifier.temperature(params[key], batch)}
     try:
-        if not modifier.changes_logits:
-            return losses(batch, student, teacher)
-        raw = losses(batch, student, teacher)
-        seen = losses(batch, replace(student, logits=modifier.logits(student.logits, batch)),
-                      replace(teacher, logits=modifier.logits(teacher.logits, batch)))
-        return {k: seen[k] if changed_term(type(method), k) else v for k, v in raw.items()}
+        terms = losses(batch, student, teacher)
+        if modifier.changes_logits:
+            seen = losses(batch, replace(student, logits=modifier.logits(student.logits, batch)),
+                          replace(teacher, logits=modifier.logits(teacher.logits, batch)))
+            terms = {k: seen[k] if changed_term(type(method), k) else v for k, v in terms.items()}
     finally:
         method.params = params
+    if modifier.changes_terms:
+        terms.update(modifier.terms({k: v for k, v in terms.items() if changed_term(type(method), k)}, student, batch))
+    return terms

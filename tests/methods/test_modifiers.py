@@ -160,7 +160,7 @@ def test_a_suite_entry_names_a_modifier_its_label_and_key_say_so(write_suite):
 @pytest.mark.parametrize("entry,expected", [
     ({"method": "fitnets", "modify": "logit_std"}, "modifier 'logit_std' cannot modify method 'fitnets': it declares "
                                                    "no logit losses"),
-    ({"method": "kd", "modify": "logit_stdd"}, "unknown modifier 'logit_stdd' (known: ctkd, logit_std"),
+    ({"method": "kd", "modify": "logit_stdd"}, "unknown modifier 'logit_stdd' (known: ctkd, kl_mean, logit_std"),
     ({"method": "kd", "modify": {"ctkd": {"curriculum": 3}}}, "modifier 'ctkd' has no parameter 'curriculum'"),
     ({"method": "kd", "modify": {"ctkd": {"t_start": "one"}}}, "modifier 'ctkd': t_start: expected float"),
     ({"method": "kd", "modify": {"ctkd": {"lambda_max": -1.0}}}, "need 0 <= lambda_min <= lambda_max"),
@@ -177,3 +177,19 @@ def test_the_reports_plain_kd_reference_is_never_a_modified_kd(write_suite):
     path = write_suite({**GAP, "methods": [{"method": "kd", "modify": "ctkd"}, "kd"]})
     runs = pd.DataFrame(columns=["role", "pair", "method", "method_name", "seed"])
     assert layout_for(make_plan(load_suite(path), Path(path)), runs).kd == "kd"
+
+
+# ------------------------------------------------------------------------ the authors' reduction (TAKD, DGKD)
+
+def test_kl_mean_is_nn_kldivloss_default_mean_over_every_element():
+    """TAKD's and DGKD's code: lambda T^2 nn.KLDivLoss()(log p_s^T, p_t^T), the mean over batch AND classes."""
+    zs, zt, y = randn(82, 5, 10), randn(83, 5, 10), torch.tensor([0, 9, 3, 3, 1])
+    method = modified("takd", "kl_mean", {"assistants": "cifar_resnet20", "T": 3.0})
+    terms = method.losses(Batch(None, y, 0, 1), Outputs(zs), Outputs(zt))
+    s, t = zs.double().tolist(), zt.double().tolist()
+    elements = [pc * (math.log(pc) - math.log(qc)) for a, b in zip(t, s)
+                for pc, qc in zip(softmax64(a, 3.0), softmax64(b, 3.0))]
+    assert math.isclose(terms["kd"].item(), 0.9 * 9.0 * sum(elements) / len(elements), rel_tol=1e-5)
+    assert math.isclose(terms["kd"].item(), 0.9 * kd64(s, t, 3.0) / 10, rel_tol=1e-5)  # lambda / C
+    ce = sum(ce64(r, c) for r, c in zip(s, y.tolist())) / 5
+    assert math.isclose(terms["ce"].item(), 0.1 * ce, rel_tol=1e-5)  # the label term is not divided
