@@ -13,8 +13,8 @@ from kdbench.config.load import load_suite
 from kdbench.config.schema import SuiteError
 from kdbench.method import Batch, Outputs
 from kdbench.modifier import modify
-from kdbench.plan import make_plan
-from kdbench.registry import get_method, get_modifier, method_hash, modifier_hash, modifiers
+from kdbench.plan import _without_method_code, content_hash, make_plan
+from kdbench.registry import get_method, get_modifier, method_hash, methods, modifier_hash, modifiers
 from kdbench.report.cells import layout_for
 
 from test_dkd import dkd64
@@ -40,7 +40,7 @@ def kd64(zs, zt, T):
 
 def test_both_modifiers_are_registered_beside_the_methods():
     assert {"logit_std", "ctkd"} <= set(modifiers())
-    assert "logit_std" not in __import__("kdbench.registry").registry.methods()
+    assert "logit_std" not in methods()
 
 
 # ------------------------------------------------------------------------------------ logit standardization
@@ -153,7 +153,6 @@ def test_a_suite_entry_names_a_modifier_its_label_and_key_say_so(write_suite):
     # the modifier's code is method code: a job differing only in it has the same identity
     ids = plan.identities()
     config = {**jobs["dkd+ctkd"].config, "modify": {**spec, "method_hash": "edited"}}
-    from kdbench.plan import _without_method_code, content_hash
     assert content_hash(_without_method_code(config, ids)) == ids[jobs["dkd+ctkd"].key]
 
 

@@ -9,6 +9,8 @@ import pytest
 from kdbench import KdbenchError
 from kdbench import registry
 from kdbench.cli import main
+from kdbench.config.load import load_suite
+from kdbench.plan import make_plan
 
 PLUGIN = '''
 from kdbench.losses import cross_entropy
@@ -137,9 +139,6 @@ class ClipTeacher(Modifier):
 
 def test_a_modifier_is_one_file_found_where_methods_are(fresh_registry, tmp_path, monkeypatch, write_suite):
     """docs/methods.md's "Adding a modifier" example: one file in a KDBENCH_METHODS folder, nothing else."""
-    from kdbench.config.load import load_suite
-    from kdbench.plan import make_plan
-
     folder = tmp_path / "my_modifiers"
     folder.mkdir()
     (folder / "clip_teacher.py").write_text(MODIFIER_PLUGIN)
