@@ -15,7 +15,7 @@ from kdbench.method import Batch, Outputs
 from kdbench.modifier import modify
 from kdbench.plan import _without_method_code, content_hash, make_plan
 from kdbench.registry import get_method, get_modifier, method_hash, methods, modifier_hash, modifiers
-from kdbench.report.cells import layout_for
+from kdbench.report.cells import report_scope
 
 from test_dkd import dkd64
 from test_method_losses import ce64, kl64, randn, softmax64
@@ -175,7 +175,7 @@ def test_a_modifier_is_refused_in_one_line_where_it_cannot_work(write_suite, ent
 def test_the_reports_plain_kd_reference_is_never_a_modified_kd(write_suite):
     path = write_suite({**GAP, "methods": [{"method": "kd", "modify": "ctkd"}, "kd"]})
     runs = pd.DataFrame(columns=["role", "pair", "method", "method_name", "seed"])
-    assert layout_for(make_plan(load_suite(path), Path(path)), runs).kd == "kd"
+    assert report_scope(make_plan(load_suite(path), Path(path)), runs).kd == "kd"
 
 
 # ------------------------------------------------------------------------ the authors' reduction (TAKD, DGKD)
