@@ -204,13 +204,17 @@ def report(
                                           help="method labels to plot, comma-separated (default: every method)"),
     title: Optional[str] = typer.Option(None, "--title", help="the figure's title (default: the suite's display "
                                         "title, else the dataset and what is plotted)"),
+    mlflow_artifacts: bool = typer.Option(True, "--mlflow-artifacts/--no-mlflow-artifacts", help="also log the "
+                                          "report's files as artifacts of the suite's parent run (report/)"),
 ) -> None:
-    """Tables (Markdown, LaTeX, CSV) with confidence intervals and paired tests, and the accuracy-vs-gap figure
-    (PNG, SVG, PDF) of a suite's run, read from MLflow."""
+    """Tables (Markdown, LaTeX, CSV) with confidence intervals and paired tests, agreement with the teacher and
+    calibration, and the accuracy-vs-gap figure (PNG, SVG, PDF) of a suite's run, read from MLflow; logged back to
+    the suite's parent run as artifacts."""
 
     try:
         folder = write_report(suite, out_dir, run_id, x, methods=_csv(methods), title=title,
-                              notice=lambda line: err.print(f"kdbench: {line}", markup=False, highlight=False))
+                              notice=lambda line: err.print(f"kdbench: {line}", markup=False, highlight=False),
+                              log_artifacts=mlflow_artifacts)
     except PermissionError as exc:  # a results folder that cannot be written: one line naming it
         raise KdbenchError(f"{exc.filename or out_dir}: cannot be written ({exc.strerror}); choose another --out") from None
     err.print(f"report written to {folder}/ (report.md, comparison, cost, figure"

@@ -2,8 +2,6 @@
 each checked against a float64 computation written here, batch by batch sums included, and through fit: a student's
 last-epoch numbers are those of its final weights against the teacher it was given."""
 
-import math
-
 import pytest
 import torch
 
@@ -12,34 +10,13 @@ from kdbench.data.load import load_data
 from kdbench.data.spec import DataSpec
 from kdbench.registry import get_method
 from kdbench.train.engine import EngineOptions, Provided, evaluate, fit
-from kdbench.train.measures import ECE_BINS, EvalTotals
+from kdbench.train.measures import EvalTotals
 from kdbench.train.teacher_cache import TeacherCache
 from kdbench.zoo import create_model
 
+from conftest import float64_measures
+
 CPU = EngineOptions.for_device("cpu")
-
-
-def reference(logits, labels, teacher=None) -> dict[str, float]:
-    """Every measure from its textbook definition, in float64, one image at a time where that is plainest."""
-    logits = logits.double()
-    n, classes = logits.shape
-    p = torch.softmax(logits, 1)
-    confidence, predicted = p.max(1)
-    correct = (predicted == labels).double()
-    ece = 0.0
-    for k in range(1, ECE_BINS + 1):  # bin k holds (k-1)/15 < confidence <= k/15
-        inside = (confidence > (k - 1) / ECE_BINS) & (confidence <= k / ECE_BINS)
-        if inside.any():
-            ece += inside.sum().item() / n * abs(correct[inside].mean().item() - confidence[inside].mean().item())
-    onehot = torch.nn.functional.one_hot(labels, classes).double()
-    out = {"acc": correct.mean().item() * 100, "ece": ece * 100,
-           "nll": -sum(math.log(p[i, labels[i]].item()) for i in range(n)) / n,
-           "brier": ((p - onehot) ** 2).sum(1).mean().item()}
-    if teacher is not None:
-        q = torch.softmax(teacher.double(), 1)
-        out["agreement"] = (q.argmax(1) == predicted).double().mean().item() * 100
-        out["kl"] = sum((q[i] * (q[i].log() - p[i].log())).sum().item() for i in range(n)) / n
-    return out
 
 
 def test_each_measure_matches_its_float64_definition_over_batches():
@@ -51,7 +28,7 @@ def test_each_measure_matches_its_float64_definition_over_batches():
     totals = EvalTotals(torch.device("cpu"), with_teacher=True)
     for start in range(0, n, 64):  # the engine's sums, batch by batch
         totals.add(logits[start:start + 64], labels[start:start + 64], teacher[start:start + 64])
-    got, want = totals.results(n), reference(logits, labels, teacher)
+    got, want = totals.results(n), float64_measures(logits, labels, teacher)
     for name, value in want.items():
         assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
     assert got["loss"] == got["nll"]  # the loss every run has always logged is the NLL
@@ -98,7 +75,7 @@ def test_fit_logs_every_measure_of_the_final_student_against_its_teacher():
                  AugmentConfig(crop_padding=4, flip=True), 0, CPU, eval_batch_size=16,
                  provided=Provided(teacher_cache=cache))
     for split, name in ((data.test, "test"), (data.val, "val")):
-        want = reference(_logits(student, split, data), split.labels, _logits(teacher, split, data))
+        want = float64_measures(_logits(student, split, data), split.labels, _logits(teacher, split, data))
         for measure, value in want.items():
             assert result.metrics[f"{name}_{measure}"] == pytest.approx(value, rel=1e-4, abs=1e-5), (name, measure)
         assert f"{name}_agreement" in result.history[0]  # every epoch, not only the last
