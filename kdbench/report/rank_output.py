@@ -78,9 +78,14 @@ def ranking_figure(ranking: Ranking):
     ax = axes["cd"]
     ranks = pd.Series(t.average_rank.to_numpy(), index=t.method)
     if ranking.nemenyi is not None:
-        scikit_posthocs.critical_difference_diagram(ranks, ranking.nemenyi, ax=ax, cd=ranking.critical_difference,
-                                                    alpha=0.05, label_fmt_left="{label} ({rank:.2f})",
-                                                    label_fmt_right="({rank:.2f}) {label}")
+        drawn = scikit_posthocs.critical_difference_diagram(ranks, ranking.nemenyi, ax=ax, alpha=0.05,
+                                                            cd=ranking.critical_difference,
+                                                            label_fmt_left="{label} ({rank:.2f})",
+                                                            label_fmt_right="({rank:.2f}) {label}")
+        for lines in drawn["crossbars"]:  # drawn through a set's members, in hash order: left to right instead,
+            for line in lines:  # so the same ranking gives the same bytes in every process
+                xs, ys = line.get_data()
+                line.set_data(sorted(xs), ys)
         ax.set_title(f"(a) average rank over {len(ranking.tasks)} tasks (1: most accurate); a bar joins methods "
                      f"Nemenyi's test does not tell apart (α = 0.05)", loc="left", fontsize="medium", pad=28)
     else:
