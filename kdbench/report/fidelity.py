@@ -14,7 +14,7 @@ import math
 
 import pandas as pd
 
-from kdbench.report.cells import TEACHER, Layout, student_cell, teacher_cell
+from kdbench.report.cells import TEACHER, ReportScope, student_cell, teacher_cell
 from kdbench.report.figures import _errors, dodge_offsets, shown_methods
 from kdbench.report.format import DASH, interval, markdown_table, spread
 from kdbench.report.runs import MEASURES
@@ -34,19 +34,19 @@ def measure_columns() -> list[str]:
     return [f"{m}_{part}" for m in MEASURES for part in ("n", "mean", "std", "ci_low", "ci_high", "status")]
 
 
-def add_measures(table: pd.DataFrame, runs: pd.DataFrame, layout: Layout) -> pd.DataFrame:
+def add_measures(table: pd.DataFrame, runs: pd.DataFrame, scope: ReportScope) -> pd.DataFrame:
     """The comparison table with, per row, each measure's seeds, mean, spread, 95 % t interval and status."""
     records = []
     for _, r in table.iterrows():
         record = {}
         for m in MEASURES:
-            alone = r.role == "teacher" or r.row == layout.baseline
+            alone = r.role == "teacher" or r.row == scope.baseline
             if m in AGAINST_TEACHER and alone:
                 record.update({f"{m}_n": 0, f"{m}_mean": math.nan, f"{m}_std": math.nan, f"{m}_ci_low": math.nan,
                                f"{m}_ci_high": math.nan, f"{m}_status": NO_TEACHER})
                 continue
             cell = (teacher_cell(runs, r.teacher, f"test_{m}") if r.row == TEACHER else
-                    student_cell(runs, r.row, r.teacher, r.student, layout.seeds, f"test_{m}"))
+                    student_cell(runs, r.row, r.teacher, r.student, scope.seeds, f"test_{m}"))
             low, high = cell.ci
             record.update({f"{m}_n": cell.n, f"{m}_mean": cell.mean, f"{m}_std": cell.std, f"{m}_ci_low": low,
                            f"{m}_ci_high": high, f"{m}_status": "ok" if cell.n else cell.reason})
@@ -62,7 +62,7 @@ def measure_text(r, m: str) -> str:
     return spread(r[f"{m}_mean"], r[f"{m}_std"], digits) + (f" {ci}" if ci else "") + f" (n={r[f'{m}_n']})"
 
 
-def measure_markdown(table: pd.DataFrame, layout: Layout, m: str) -> str:
+def measure_markdown(table: pd.DataFrame, scope: ReportScope, m: str) -> str:
     """One measure: a method per row, a pair per column; one line when no run of the report logged it."""
     what = DESCRIBED[m][0]
     title = f"**{what[0].upper()}{what[1:]}**"
@@ -70,18 +70,18 @@ def measure_markdown(table: pd.DataFrame, layout: Layout, m: str) -> str:
         return f"{title}: {DASH} (not logged by these runs: they were made before kdbench measured it)\n"
     pairs = list(dict.fromkeys(zip(table.teacher, table.student)))
     gaps = table.drop_duplicates(["teacher", "student"]).gap
-    header = ["method"] + [pair_header(layout.name(t), layout.name(s)) for t, s in pairs]
+    header = ["method"] + [pair_header(scope.name(t), scope.name(s)) for t, s in pairs]
     rows = [["capacity gap (params)"] + [f"{g:.1f}×" for g in gaps]]
     for row in dict.fromkeys(table.row):
-        if m in AGAINST_TEACHER and row in (TEACHER, layout.baseline):
+        if m in AGAINST_TEACHER and row in (TEACHER, scope.baseline):
             continue  # nothing to agree with: the rows would be all dashes
         cells = table[table.row == row]
-        rows.append([row_title(row, layout.baseline)] + [measure_text(r, m) for _, r in cells.iterrows()])
+        rows.append([row_title(row, scope.baseline)] + [measure_text(r, m) for _, r in cells.iterrows()])
     return f"{title}\n\n" + markdown_table(header, rows, "l" + "r" * len(pairs))
 
 
-def fidelity_markdown(table: pd.DataFrame, layout: Layout) -> str:
-    parts = [measure_markdown(table, layout, m) for m in MEASURES]
+def fidelity_markdown(table: pd.DataFrame, scope: ReportScope) -> str:
+    parts = [measure_markdown(table, scope, m) for m in MEASURES]
     note = ("\nLast epoch, test split; mean ± standard deviation over seeds [95 % t interval of the mean] (n seeds), "
             "from the runs of the accuracy table. Agreement and KL are measured against the model that taught the "
             "student, as the job was given it (the pair's teacher; TAKD's assistant; a teacher trained with the "
@@ -95,16 +95,16 @@ def has_agreement(table: pd.DataFrame) -> bool:
     return bool((table.agreement_n > 0).any())
 
 
-def agreement_figure(table: pd.DataFrame, layout: Layout, methods: list[str] | None = None):
+def agreement_figure(table: pd.DataFrame, scope: ReportScope, methods: list[str] | None = None):
     """Per student: (a) agreement with the teacher, (b) KL(teacher || student), each against the capacity gap,
     mean and 95 % interval over seeds, methods dodged and coloured as in the accuracy figure."""
     from matplotlib.figure import Figure
 
-    shown = shown_methods(layout, methods)
-    students = layout.students
+    shown = shown_methods(scope, methods)
+    students = scope.students
     fig = Figure(figsize=(11, 4.3 * len(students) + 0.9), layout="constrained")
     grid = fig.subplots(len(students), 2, squeeze=False)
-    colors = {label: f"C{layout.methods.index(label) % 10}" for label in shown}
+    colors = {label: f"C{scope.methods.index(label) % 10}" for label in shown}
     points_all = table[(table.role == "student") & (table.agreement_n > 0) & table.row.isin(shown)]
     offsets = dict(zip(shown, dodge_offsets(list(points_all.gap) or [1.0], len(shown), True)))
     handles = {}
@@ -117,24 +117,24 @@ def agreement_figure(table: pd.DataFrame, layout: Layout, methods: list[str] | N
                     handles[label] = ax.errorbar(points.gap.to_numpy() * offsets[label], points[f"{m}_mean"].to_numpy(),
                                                  yerr=_errors(points, f"{m}_mean", f"{m}_ci_low", f"{m}_ci_high"),
                                                  color=colors[label], marker="o", markersize=5, capsize=3,
-                                                 linewidth=1.4, label=layout.name(label))
+                                                 linewidth=1.4, label=scope.name(label))
             ticks = mine.drop_duplicates("teacher").sort_values("gap")
             ax.set_xscale("log")
             if len(ticks):
-                ax.set_xticks(ticks.gap.to_numpy(), [f"{g:.1f}×\n{layout.name(t)}" for g, t in
+                ax.set_xticks(ticks.gap.to_numpy(), [f"{g:.1f}×\n{scope.name(t)}" for g, t in
                                                      zip(ticks.gap, ticks.teacher)], fontsize="small")
                 ax.set_xlim(ticks.gap.min() / 10 ** 0.3, ticks.gap.max() * 10 ** 0.3)
             ax.minorticks_off()
             ax.set_xlabel("capacity gap: teacher / student parameters (log scale)")
             ax.set_ylabel(DESCRIBED[m][0])
             ax.grid(True, alpha=0.3)
-        name = layout.name(student)
+        name = scope.name(student)
         axes[0].set_title(f"(a) student {name}: agreement with its teacher", loc="left", fontsize="medium")
         axes[1].set_title(f"(b) student {name}: KL(teacher ‖ student)", loc="left", fontsize="medium")
     ordered = [handles[k] for k in shown if k in handles]
     if ordered:
         fig.legend(handles=ordered, loc="outside lower center", ncol=min(len(ordered), 5), fontsize="small",
                    frameon=False)
-    fig.suptitle(f"{layout.dataset}: how closely the student matches its teacher (mean and 95 % CI over seeds, "
+    fig.suptitle(f"{scope.dataset}: how closely the student matches its teacher (mean and 95 % CI over seeds, "
                  f"last epoch, test split)")
     return fig

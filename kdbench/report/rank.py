@@ -27,11 +27,11 @@ import pandas as pd
 from kdbench import KdbenchError
 from kdbench.config.load import load_suite
 from kdbench.plan import make_plan
-from kdbench.report.cells import Layout, layout_for, student_cell
+from kdbench.report.cells import ReportScope, report_scope, student_cell
 from kdbench.report.robust import REPS, SEED, improvement_interval, iqm_interval
 from kdbench.report.runs import find_parent, load_runs, open_client
 from kdbench.report.stats import ALPHA
-from kdbench.tracking import TAG, tracking_uri
+from kdbench.tracking import SUITE_ROLE, SuiteTags, tag, tracking_uri
 
 SCORE_COLUMNS = ["suite", "task", "method", "label", "seed", "test_acc"]
 RANK_COLUMNS = ["method", "average_rank", "tasks", "iqm_gain", "iqm_gain_low", "iqm_gain_high", "paired_runs",
@@ -47,7 +47,7 @@ class Study:
     suite: object  # config.schema.Suite
     parent: object  # the MLflow parent run
     runs: pd.DataFrame
-    layout: Layout
+    scope: ReportScope
 
 
 def suite_and_store(source: Path) -> tuple[Path, str]:
@@ -64,11 +64,11 @@ def suite_and_store(source: Path) -> tuple[Path, str]:
     uri = f"sqlite:///{db}"
     client = open_client(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
-    latest = client.search_runs(experiments, filter_string=f"tags.`{TAG}role` = 'suite'",
+    latest = client.search_runs(experiments, filter_string=f"tags.`{tag('role')}` = '{SUITE_ROLE}'",
                                 order_by=["attributes.start_time DESC"], max_results=1)
     if not latest:
         raise KdbenchError(f"{source}: its store has no suite run")
-    named = Path(latest[0].data.tags.get(f"{TAG}suite_file", ""))
+    named = Path(SuiteTags.from_tags(latest[0].data.tags).suite_file)
     if not named.is_file():
         raise KdbenchError(f"{source}: its runs name the suite file '{named}', not found from {Path.cwd()}: run "
                            f"kdbench rank where the suite was run, or pass the suite file with MLFLOW_TRACKING_URI")
@@ -82,7 +82,7 @@ def load_study(source: Path, notice=None) -> Study:
     client = open_client(uri)
     parent = find_parent(client, suite.name, None, plan.data_free_hash, notice)
     runs = load_runs(client, parent)
-    return Study(source.as_posix(), suite_path, uri, suite, parent, runs, layout_for(plan, runs))
+    return Study(source.as_posix(), suite_path, uri, suite, parent, runs, report_scope(plan, runs))
 
 
 def method_names(studies: list[Study]) -> dict[tuple[str, str], str]:
@@ -91,7 +91,7 @@ def method_names(studies: list[Study]) -> dict[tuple[str, str], str]:
     settings = {}
     for study in studies:
         specs = {m.label: m for m in study.suite.methods}
-        for label in study.layout.methods:
+        for label in study.scope.methods:
             spec = specs.get(label)
             done = study.runs[(study.runs.role == "student") & (study.runs.method == label)
                               & (study.runs.status == "FINISHED")]
@@ -113,11 +113,11 @@ def score_frame(studies: list[Study], names: dict[tuple[str, str], str]) -> pd.D
     """One row per (task, method, seed) with a number: last-epoch test accuracy."""
     rows = []
     for study in studies:
-        layout = study.layout
-        for pair in layout.pairs:
+        scope = study.scope
+        for pair in scope.pairs:
             task = f"{study.suite.name}: {pair.name}"
-            for label in layout.methods:
-                cell = student_cell(study.runs, label, pair.teacher, pair.student, layout.seeds)
+            for label in scope.methods:
+                cell = student_cell(study.runs, label, pair.teacher, pair.student, scope.seeds)
                 rows += [(study.suite.name, task, names[(study.suite.name, label)], label, seed, acc)
                          for seed, acc in sorted(cell.values.items())]
     return pd.DataFrame(rows, columns=SCORE_COLUMNS)
@@ -138,9 +138,9 @@ class Ranking:
 def rank(studies: list[Study], methods: list[str] | None = None) -> Ranking:
     names = method_names(studies)
     scores = score_frame(studies, names)
-    tasks = list(dict.fromkeys(f"{s.suite.name}: {p.name}" for s in studies for p in s.layout.pairs))
+    tasks = list(dict.fromkeys(f"{s.suite.name}: {p.name}" for s in studies for p in s.scope.pairs))
     means = scores.groupby(["task", "method"], sort=False).test_acc.mean().unstack().reindex(tasks)
-    order = list(dict.fromkeys(names[(s.suite.name, label)] for s in studies for label in s.layout.methods))
+    order = list(dict.fromkeys(names[(s.suite.name, label)] for s in studies for label in s.scope.methods))
     means = means.reindex(columns=order)
     left_out = {m: f"no number in {int(means[m].isna().sum())} of {len(tasks)} tasks" for m in order
                 if means[m].isna().any()}
@@ -186,7 +186,7 @@ def gains(scores: pd.DataFrame, studies: list[Study], names: dict, method: str, 
     """A method against its suite's vanilla KD on every task: IQM of the paired gain, probability of improvement."""
     diffs, mine, theirs = [], [], []
     for study in studies:
-        kd = study.layout.kd
+        kd = study.scope.kd
         if kd is None:
             continue
         kd_name = names[(study.suite.name, kd)]

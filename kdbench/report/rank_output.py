@@ -15,7 +15,7 @@ from kdbench.report.figures import save_figure
 from kdbench.report.format import DASH, interval, markdown_table, number, p_value, write_csv, write_text
 from kdbench.report.rank import Ranking
 from kdbench.report.robust import REPS, SEED
-from kdbench.tracking import TAG
+from kdbench.tracking import SuiteTags
 
 FIGURE = "critical_difference"
 
@@ -24,18 +24,17 @@ def runs_markdown(ranking: Ranking) -> str:
     """Which run of each suite the ranking took, as a report says it."""
     rows = []
     for study in ranking.studies:
-        tags, info = study.parent.data.tags, study.parent.info
+        env, info = SuiteTags.from_tags(study.parent.data.tags).env, study.parent.info
         start = datetime.datetime.fromtimestamp(info.start_time / 1000, datetime.timezone.utc)
-        code = tags.get(f"{TAG}git_commit", "")[:12] + (" (uncommitted changes)"
-                                                        if tags.get(f"{TAG}git_dirty") == "true" else "")
+        code = env.get("git_commit", "")[:12] + (" (uncommitted changes)" if env.get("git_dirty") == "true" else "")
         rows.append([study.suite.name, study.source, f"`{info.run_id}`", f"{start:%Y-%m-%d %H:%M} UTC",
-                     code or DASH, str(len(study.layout.pairs))])
+                     code or DASH, str(len(study.scope.pairs))])
     return markdown_table(["suite", "from", "parent run", "started", "commit", "tasks"], rows, "lllllr")
 
 
 def ranking_markdown(ranking: Ranking, command: str) -> str:
     t = ranking.table
-    alone = {s.layout.baseline for s in ranking.studies}
+    alone = {s.scope.baseline for s in ranking.studies}
     rows = [[r.method + (" (student alone)" if r.method in alone else ""), f"{r.average_rank:.2f}",
              (number(r.iqm_gain, sign=True) + f" {interval(r.iqm_gain_low, r.iqm_gain_high, sign=True)}"
               + f" (n={r.paired_runs})") if not math.isnan(r.iqm_gain) else f"{DASH} (vanilla KD itself)",

@@ -29,11 +29,9 @@ from kdbench.registry import get_method
 from kdbench.storage.files import CorruptFile, load_checkpoint, save_checkpoint
 from kdbench.storage.store import ModelStore
 from kdbench.train.teacher_cache import TeacherCache
-from kdbench.tracking import TAG, Tracker, flatten
+from kdbench.tracking import DIVERGED, JobTags, RunEnd, RunStatus, Tracker, flatten
 from kdbench.run.context import JobContext
 
-
-DIVERGED = "diverged: "  # prefix of the failure reason of a diverged job: deterministic, so never retried
 
 # JobResult.status
 FINISHED = "finished"  # trained now, or taken from the store
@@ -77,16 +75,15 @@ def _run_claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> 
     tracker, store, say = ctx.tracker, ctx.store, ctx.reporter.print
     parent = ctx.parent_run
     existing = tracker.job_run(parent, job.key)
-    if existing is not None and existing.info.status == "FINISHED":
-        collapsed = existing.data.tags.get(f"{TAG}collapsed")
-        return JobResult(job.key, COLLAPSED, collapsed) if collapsed else JobResult(job.key, SKIPPED)
-    reason = existing.data.tags.get(f"{TAG}failure", "") if existing is not None else ""
-    if existing is not None and existing.info.status == "FAILED" and reason.startswith(DIVERGED):
-        return JobResult(job.key, FAILED, reason)
+    ended = RunEnd.of(existing) if existing is not None else None
+    if ended is not None and ended.status == RunStatus.FINISHED:
+        return JobResult(job.key, COLLAPSED, ended.collapsed) if ended.collapsed else JobResult(job.key, SKIPPED)
+    if ended is not None and ended.diverged:  # deterministic: never retried
+        return JobResult(job.key, FAILED, ended.failure)
     run_id = existing.info.run_id if existing is not None else None
     if blocked:
         run_id = run_id or tracker.start_job(parent, job.title, job_tags(plan, job), job_params(plan, job, ctx))
-        tracker.end(run_id, "FAILED", blocked)
+        tracker.end(run_id, RunStatus.FAILED, blocked)
         return JobResult(job.key, FAILED, blocked)
     if job.role in STORED_ROLES and store.has(job.key) and _usable(job, ctx):
         return _log_stored(plan, job, ctx, run_id)
@@ -100,20 +97,20 @@ def _run_claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> 
         run_id, result = _train(plan, job, ctx, run_id)
     except Diverged as exc:
         why = f"{DIVERGED}{exc}"
-        tracker.end(run_id, "FAILED", why)
+        tracker.end(run_id, RunStatus.FAILED, why)
         store.checkpoint_path(job.key).unlink(missing_ok=True)
         say(f"[red]diverged[/] {job.title}: {exc}")
         return JobResult(job.key, FAILED, why)
     except (Interrupted, KeyboardInterrupt):
         if ctx.local.claim is None or not ctx.local.claim.lost:  # a lost claim's run is its new owner's now
-            tracker.end(run_id, "KILLED", "interrupted: run the same command again to resume")
+            tracker.end(run_id, RunStatus.KILLED, "interrupted: run the same command again to resume")
         raise
     except KdbenchError as exc:
-        tracker.end(run_id, "FAILED", str(exc))
+        tracker.end(run_id, RunStatus.FAILED, str(exc))
         say(f"[red]failed[/] {job.title}: {exc}")
         return JobResult(job.key, FAILED, str(exc))
     except Exception as exc:  # a bug: record it with its traceback, go on with the other jobs
-        tracker.end(run_id, "FAILED", traceback.format_exc())
+        tracker.end(run_id, RunStatus.FAILED, traceback.format_exc())
         say(f"[red]failed[/] {job.title}:\n{traceback.format_exc()}")
         return JobResult(job.key, FAILED, f"{type(exc).__name__}: {exc}")
     finally:
@@ -132,28 +129,22 @@ def _finish(plan: Plan, job: Job, ctx: JobContext, run_id: str, history: list[di
     data = ctx.data(plan)
     why = collapse_reason(history, data.info.num_classes, len(data.test))
     if why:
-        ctx.tracker.set_tags(run_id, {f"{TAG}status": "collapsed", f"{TAG}collapsed": why})
+        ctx.tracker.collapsed(run_id, why)
         ctx.reporter.print(f"[yellow]collapsed[/] {job.title}: {why}")
-    ctx.tracker.end(run_id, "FINISHED")
+    ctx.tracker.end(run_id, RunStatus.FINISHED)
     return (COLLAPSED, why) if why else (FINISHED, "")
 
 
 # ---------------------------------------------------------------------------------------------- tracking
 
-def job_tags(plan: Plan, job: Job) -> dict[str, str]:
-    method = get_method(job.method.method)
-    tags = {f"{TAG}suite": plan.suite.name, f"{TAG}role": job.role, f"{TAG}student": job.model,
-            f"{TAG}teacher": job.teacher_model or "", f"{TAG}method": job.method.label,
-            f"{TAG}method_name": job.method.method, f"{TAG}seed": str(job.seed), f"{TAG}job": job.key,
-            f"{TAG}pair": job.pair or "", f"{TAG}identity": plan.identities()[job.key]}
-    if job.role in ("teacher", "reference"):
-        tags[f"{TAG}teacher"] = job.model
-        tags[f"{TAG}student"] = ""
-    if job.assistants:
-        tags[f"{TAG}assistant"] = " > ".join(job.assistants)
-    if method.protocol_note:
-        tags[f"{TAG}protocol"] = method.protocol_note
-    return tags
+def job_tags(plan: Plan, job: Job, reused: bool = False) -> JobTags:
+    """What the job's run is tagged with; `reused`: a stored model, reported without training it again."""
+    alone = job.role in ("teacher", "reference")  # its model is the teacher of others: tagged as the teacher
+    return JobTags(suite=plan.suite.name, role=job.role, student="" if alone else job.model,
+                   teacher=job.model if alone else job.teacher_model or "", method=job.method.label,
+                   method_name=job.method.method, seed=job.seed, job=job.key, pair=job.pair or "",
+                   identity=plan.identities()[job.key], assistant=" > ".join(job.assistants),
+                   protocol=get_method(job.method.method).protocol_note or "", reused=reused)
 
 
 def stored_accuracy(store: ModelStore, key: str, metric: str = "test_acc") -> float | None:
@@ -199,7 +190,7 @@ def _log_stored(plan: Plan, job: Job, ctx: JobContext, run_id: str | None) -> Jo
     """A teacher from the store still gets its child run, so every suite run reports its teachers."""
     meta = ctx.store.meta(job.key)
     if run_id is None:
-        run_id = ctx.tracker.start_job(ctx.parent_run, job.title, {**job_tags(plan, job), f"{TAG}reused": "true"},
+        run_id = ctx.tracker.start_job(ctx.parent_run, job.title, job_tags(plan, job, reused=True),
                                        job_params(plan, job, ctx))
     _log_history(ctx.tracker, run_id, meta["history"])
     status, why = _finish(plan, job, ctx, run_id, meta["history"])
@@ -256,7 +247,7 @@ def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
     resume, route = _resume_state(job, checkpoint_path, ctx)
     if resume is None and tracker.last_step(run_id) > 0:
         # Epochs were logged but no usable checkpoint is left: start over in a new run, keep the old one failed.
-        tracker.end(run_id, "FAILED", "no usable checkpoint to resume from; restarted in a new run")
+        tracker.end(run_id, RunStatus.FAILED, "no usable checkpoint to resume from; restarted in a new run")
         run_id = tracker.start_job(ctx.parent_run, job.title, job_tags(plan, job), job_params(plan, job, ctx))
     if resume is not None:
         _log_history(tracker, run_id, resume["history"])

@@ -15,7 +15,7 @@ from kdbench import Interrupted
 from kdbench.train.engine import EngineOptions, Hooks, Provided, fit
 from kdbench.plan import make_plan
 from kdbench.registry import get_method
-from kdbench.report.cells import layout_for
+from kdbench.report.cells import report_scope
 from kdbench.config.schema import AugmentConfig, TrainConfig
 from kdbench.config.load import load_suite
 from kdbench.zoo import create_model
@@ -166,4 +166,4 @@ def test_suite_entry_combine_is_in_the_label_and_the_job_key(write_suite):
     # the report's vanilla-KD reference is the summed entry, even when kd+pcgrad comes first
     first = write_suite({"methods": [{"method": "kd", "combine": "pcgrad"}, "kd"]}, name="order.yaml")
     runs = pd.DataFrame(columns=["role", "pair", "method", "method_name", "seed"])
-    assert layout_for(make_plan(load_suite(first), Path(first)), runs).kd == "kd"
+    assert report_scope(make_plan(load_suite(first), Path(first)), runs).kd == "kd"

@@ -15,7 +15,7 @@ from scipy import stats
 from kdbench import KdbenchError
 from kdbench.config.load import load_suite
 from kdbench.plan import make_plan
-from kdbench.report.cells import layout_for
+from kdbench.report.cells import report_scope
 from kdbench.report.rank import Study, method_names, rank
 from kdbench.report.robust import improvement_interval, iqm, iqm_interval
 from kdbench.report.runs import RUN_COLUMNS
@@ -63,7 +63,7 @@ def _study(tmp_path: Path, name: str, methods: list, accs: dict) -> Study:
                         "start_time": len(rows)})
             rows.append(row)
     runs = pd.DataFrame(rows, columns=RUN_COLUMNS)
-    return Study(name, path, "", suite, None, runs, layout_for(make_plan(suite, path), runs))
+    return Study(name, path, "", suite, None, runs, report_scope(make_plan(suite, path), runs))
 
 
 def _accs(shift: dict[str, float], teachers=TEACHERS, seeds=(0, 1, 2)) -> dict:

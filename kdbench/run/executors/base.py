@@ -25,7 +25,8 @@ from kdbench.run.job import COLLAPSED, FAILED, FINISHED, HELD, SKIPPED, JobResul
 from kdbench.run.context import JobContext, ProcessCache, Reporter
 from kdbench.plan import STORED_ROLES, Job, Plan
 from kdbench.storage.store import ModelStore
-from kdbench.tracking import TAG, Tracker, code_version, environment, flatten
+from kdbench.tracking import (TEACHER_FAILED, RunStatus, SuiteTags, Tracker, absolute_uri, code_version, environment,
+                              flatten)
 
 
 @dataclass
@@ -46,14 +47,6 @@ class Outcome:
             self.collapsed[result.key] = result.reason
         elif result.status != HELD:
             raise ValueError(f"unknown job status {result.status!r}")
-
-
-def absolute_uri(uri: str) -> str:
-    """A relative SQLite tracking URI made absolute, so it names the same file from a worker's folder."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
 
 
 def dependency_levels(jobs: list[Job]) -> list[list[Job]]:
@@ -128,10 +121,10 @@ class Executor:
                 raise
             except BaseException:  # a bug outside any job: the parent must not stay RUNNING
                 if self.workers.leave():
-                    self.tracker.end(outcome.parent_run, "FAILED", traceback.format_exc())
+                    self.tracker.end(outcome.parent_run, RunStatus.FAILED, traceback.format_exc())
                 raise
             if self.workers.leave():
-                self.tracker.end(outcome.parent_run, "FAILED" if outcome.failed else "FINISHED")
+                self.tracker.end(outcome.parent_run, RunStatus.FAILED if outcome.failed else RunStatus.FINISHED)
         return outcome
 
     def session(self, outcome: Outcome):
@@ -150,7 +143,7 @@ class Executor:
             self.run_jobs([j for j in self.plan.jobs if j not in first_wave], outcome)
         except (Interrupted, KeyboardInterrupt):
             if self.workers.leave():  # never while another process still works on the shared parent
-                self.tracker.end(outcome.parent_run, "KILLED")
+                self.tracker.end(outcome.parent_run, RunStatus.KILLED)
             raise
 
     def blocked(self, job: Job, outcome: Outcome) -> str | None:
@@ -158,7 +151,7 @@ class Executor:
         if job.pending:
             return self.unresolved.get(job.key, "assistant not chosen")
         if job.teacher and job.teacher in outcome.failed:
-            return f"its teacher failed: {outcome.failed[job.teacher]}"
+            return f"{TEACHER_FAILED}{outcome.failed[job.teacher]}"
         return None
 
     def parent_run(self, env: dict[str, str]) -> str:
@@ -167,16 +160,13 @@ class Executor:
         with FileLock(str(self.store.lock_path(f"suite-{plan.plan_hash}"))):
             found = None if self.fresh else self.tracker.find_suite_run(plan.suite.name, plan.plan_hash)
             if found is not None:
-                if found.info.status != "RUNNING":
+                if found.info.status != RunStatus.RUNNING:
                     self.tracker.reopen(found.info.run_id)
                 self.console.print(f"continuing run {found.info.run_id} of {plan.suite.name} "
                                    f"(finished jobs are skipped; use --fresh to start over)")
                 return found.info.run_id
-            tags = {f"{TAG}{k}": v for k, v in env.items()}
-            tags[f"{TAG}plan"] = plan.plan_hash
-            tags[f"{TAG}suite_plan"] = plan.data_free_hash  # what `kdbench report` matches the suite file with
-            return self.tracker.start_suite(plan.suite.name, str(plan.suite_path), tags,
-                                            flatten("", plan.suite.model_dump(mode="json"), {}))
+            tags = SuiteTags(plan.suite.name, str(plan.suite_path), plan.plan_hash, plan.data_free_hash, env)
+            return self.tracker.start_suite(tags, flatten("", plan.suite.model_dump(mode="json"), {}))
 
     def build_teacher(self, job: Job):
         """The model that teaches `job` (as a worker builds it), for inspection after a run."""
