@@ -24,6 +24,8 @@ from kdbench.run.executors import get_executor, load_options
 from kdbench.storage.files import check_writable, folder_size
 from kdbench.tracking import check_tracking, referenced_keys, tracking_uri
 from kdbench.report.write import write_report
+from kdbench.report.rank import load_study, rank as make_ranking
+from kdbench.report.rank_output import write_ranking
 from kdbench.tools.bench_setup import BenchSettings
 from kdbench.tools.bench_output import print_result, write_result
 from kdbench.tools.bench import run_bench
@@ -211,17 +213,42 @@ def report(
                                           help="method labels to plot, comma-separated (default: every method)"),
     title: Optional[str] = typer.Option(None, "--title", help="the figure's title (default: the suite's display "
                                         "title, else the dataset and what is plotted)"),
+    mlflow_artifacts: bool = typer.Option(True, "--mlflow-artifacts/--no-mlflow-artifacts", help="also log the "
+                                          "report's files as artifacts of the suite's parent run (report/)"),
 ) -> None:
-    """Tables (Markdown, LaTeX, CSV) with confidence intervals and paired tests, and the accuracy-vs-gap figure
-    (PNG, SVG, PDF) of a suite's run, read from MLflow."""
+    """Tables (Markdown, LaTeX, CSV) with confidence intervals and paired tests, agreement with the teacher and
+    calibration, and the accuracy-vs-gap figure (PNG, SVG, PDF) of a suite's run, read from MLflow; logged back to
+    the suite's parent run as artifacts."""
 
     try:
         folder = write_report(suite, out_dir, run_id, x, methods=_csv(methods), title=title,
-                              notice=lambda line: err.print(f"kdbench: {line}", markup=False, highlight=False))
+                              notice=lambda line: err.print(f"kdbench: {line}", markup=False, highlight=False),
+                              log_artifacts=mlflow_artifacts)
     except PermissionError as exc:  # a results folder that cannot be written: one line naming it
         raise KdbenchError(f"{exc.filename or out_dir}: cannot be written ({exc.strerror}); choose another --out") from None
     err.print(f"report written to {folder}/ (report.md, comparison, cost, figure"
               f"{', paper_table' if (folder / 'paper_table.md').exists() else ''})")
+
+
+@app.command()
+def rank(
+    sources: list[Path] = typer.Argument(..., help="suite files (their runs in MLFLOW_TRACKING_URI's store) or "
+                                         "results folders holding their mlflow.db", show_default=False),
+    out_dir: Path = typer.Option(Path("results/ranking"), "--out", help="write the ranking into this folder"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="rank only these methods, comma-separated "
+                                          "(default: every method with a number in every task)"),
+) -> None:
+    """Rank methods over every pair of one suite or of several: average rank, Friedman and Nemenyi tests with a
+    critical-difference diagram, IQM gain over vanilla KD and probability of improving on it, with intervals."""
+    note = lambda line: err.print(f"kdbench: {line}", markup=False, highlight=False)  # noqa: E731
+    studies = [load_study(source, note) for source in sources]
+    names = [s.suite.name for s in studies]
+    if len(set(names)) < len(names):
+        raise KdbenchError(f"suite '{next(n for n in names if names.count(n) > 1)}' is given twice")
+    command = "kdbench rank " + " ".join(s.as_posix() for s in sources) + f" --out {out_dir.as_posix()}" + \
+        (f" --methods {methods}" if methods else "")
+    folder = write_ranking(make_ranking(studies, _csv(methods)), out_dir, command)
+    err.print(f"ranking written to {folder}/ (ranking.md, ranking.csv, scores.csv, critical_difference)")
 
 
 @app.command()
