@@ -124,6 +124,8 @@ def agreement_figure(table: pd.DataFrame, scope: ReportScope, methods: list[str]
                 ax.set_xticks(ticks.gap.to_numpy(), [f"{g:.1f}×\n{scope.name(t)}" for g, t in
                                                      zip(ticks.gap, ticks.teacher)], fontsize="small")
                 ax.set_xlim(ticks.gap.min() / 10 ** 0.3, ticks.gap.max() * 10 ** 0.3)
+            low, high = ax.get_ylim()  # agreement lies in [0, 100] and KL above 0: a t interval past them runs off
+            ax.set_ylim(max(low, 0.0), min(high, 100.0) if m == "agreement" else high)
             ax.minorticks_off()
             ax.set_xlabel("capacity gap: teacher / student parameters (log scale)")
             ax.set_ylabel(DESCRIBED[m][0])
