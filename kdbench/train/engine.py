@@ -410,7 +410,7 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
                    "epoch_time": time.perf_counter() - start, "images_per_sec": totals.images / train_time}
         metrics.update(method.epoch_metrics())  # a method's own per-epoch numbers (attention weights...)
         metrics.update(training.epoch_metrics())
-        if method.trains_teacher:
+        if method.trains_teacher and data.test is not None:  # no test split: a tuning trial (never reads it)
             metrics["teacher_test_acc"] = evaluate(teacher, data.test, data, opts, eval_batch_size)["acc"]
         training.history.append(metrics)
         if hooks.keep_route is not None and hooks.on_route is not None and hooks.keep_route(epoch + 1):
