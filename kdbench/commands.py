@@ -26,6 +26,7 @@ from kdbench.tracking import Tracker
 from kdbench.storage.files import check_writable, folder_size
 from kdbench.tracking import check_tracking, referenced_keys, tracking_uri
 from kdbench.report.write import write_report
+from kdbench.report.tuned import write_tuned_report
 from kdbench.tools.bench_setup import BenchSettings
 from kdbench.tools.bench_output import print_result, write_result
 from kdbench.tools.bench import run_bench
@@ -235,6 +236,17 @@ def tune(
               f"{outcome.parent_run}")
     if outcome.failed:
         raise typer.Exit(1)
+
+
+@app.command(name="report-tuned")
+def report_tuned(
+    suite: Path = SuiteArg,
+    out: Path = typer.Option(Path("results"), help="output folder: the report goes to OUT/<suite>.tuned/"),
+) -> None:
+    """Write the tuned report of a suite run by `kdbench tune`: default and tuned side by side, the chosen
+    settings, the sensitivity of each method (tuned.md, CSVs, a figure)."""
+    folder = write_tuned_report(suite, out)
+    err.print(f"wrote {folder}")
 
 
 @app.command()

@@ -85,6 +85,13 @@ class SuiteTags:
         return self.suite_plan or self.plan
 
 
+# Tuning (kdbench.run.tune): where a search and its tuned runs live, and how a tuned entry is labelled.
+SEARCH_SUFFIX = ".tune"  # the tuning parent's experiment, <suite>.tune: the trials' runs are its children
+TUNED_SUFFIX = ".tuned"  # the experiment of the tuned settings' reporting runs, <suite>.tuned
+TUNED_LABEL = " tuned"  # a method's label at its tuned setting: "kd tuned" beside "kd"
+TUNING_TAG = tag("tuning")  # on the tuning parent: "search"
+
+
 WRITTEN_WHEN_SET = ("assistant", "protocol", "reused", "trial")  # the job tags a run without them does not have
 
 

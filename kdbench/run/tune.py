@@ -28,12 +28,9 @@ from kdbench.data.load import data_fingerprint
 from kdbench.plan import Job, Plan, content_hash, in_waves, make_plan
 from kdbench.run.executors.base import Executor, Outcome
 from kdbench.storage.store import ModelStore
-from kdbench.tracking import RunEnd, RunStatus, SuiteTags, Tracker, code_version, sqlite_path, tag
+from kdbench.tracking import (SEARCH_SUFFIX, TUNED_LABEL, TUNED_SUFFIX, TUNING_TAG, RunEnd, RunStatus, SuiteTags,
+                              Tracker, code_version, sqlite_path)
 
-SEARCH_SUFFIX = ".tune"  # the tuning parent's experiment: <suite>.tune
-TUNED_SUFFIX = ".tuned"  # the reporting run of the tuned settings: <suite>.tuned
-TUNED_LABEL = " tuned"  # a method's label at its tuned setting: "kd tuned" beside "kd"
-TUNING_TAG = tag("tuning")  # on the tuning parent: "search"
 OBJECTIVE = "val_acc"  # last-epoch validation accuracy, the mean over the tuning seeds
 
 

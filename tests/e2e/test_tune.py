@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 import yaml
 from conftest import REPO, finished_jobs
@@ -25,6 +26,7 @@ from kdbench.config.load import load_suite
 from kdbench.config.schema import SuiteError
 from kdbench.data.batches import Split
 from kdbench.plan import make_plan
+from kdbench.report.tuned import write_tuned_report
 from kdbench.run.executors import get_executor, load_options
 from kdbench.run.tune import SEARCH_SUFFIX, TUNED_SUFFIX, Search, data_plan, storage_path, tune_suite, tuned_plan
 from kdbench.storage.store import ModelStore
@@ -91,6 +93,20 @@ def test_a_search_keeps_its_budget_tags_its_trials_and_reports_default_and_tuned
     tuned = next(r for r in reported if r.data.tags["kdbench.method"] == "kd tuned")
     assert float(tuned.data.params["method.T"]) == kd.params["T"] and tuned.data.tags["kdbench.seed"] == "0"
     assert "test_acc" in tuned.data.metrics and "kdbench.trial" not in tuned.data.tags  # an ordinary job
+
+    folder = write_tuned_report(tmp_path / "tt.yaml", tmp_path / "results", uri)
+    table = pd.read_csv(folder / "tuned.csv").set_index("method")
+    assert table.loc["kd", "tuned_mean"] == pytest.approx(tuned.data.metrics["test_acc"])  # read back independently
+    alone = next(r for r in reported if r.data.tags["kdbench.method"] == "baseline" and r.data.tags["kdbench.role"]
+                 == "student")
+    assert table.loc["baseline", "tuned_mean"] == table.loc["baseline", "default_mean"] == pytest.approx(
+        alone.data.metrics["test_acc"])  # nothing to tune: the tuned student alone is its default job
+    assert table.loc["kd", "vs_alone_mean"] == pytest.approx(tuned.data.metrics["test_acc"]
+                                                             - alone.data.metrics["test_acc"])
+    spread = pd.read_csv(folder / "sensitivity.csv").set_index("method")
+    assert spread.loc["kd", "settings"] == 3 and spread.loc["baseline", "settings"] == 1
+    assert spread.loc["kd", "val_max"] == pytest.approx(kd.value)
+    assert (folder / "sensitivity.png").stat().st_size > 0 and "kd tuned" in (folder / "tuned.md").read_text()
 
 
 def poisoned(load):
