@@ -17,7 +17,7 @@ from kdbench import KdbenchError
 from kdbench.storage.store import ModelStore
 from kdbench.plan import STORED_ROLES, make_plan
 from kdbench.config.load import load_suite
-from kdbench.registry import methods as registry
+from kdbench.registry import methods as registry, modifiers as modifier_registry
 from kdbench.data.spec import DataError
 from kdbench.data.load import cached_fingerprint, resolve_data_root
 from kdbench.run.executors import get_executor, load_options
@@ -27,6 +27,8 @@ from kdbench.storage.files import check_writable, folder_size
 from kdbench.tracking import check_tracking, referenced_keys, tracking_uri
 from kdbench.report.write import write_report
 from kdbench.report.tuned import write_tuned_report
+from kdbench.report.rank import load_study, rank as make_ranking
+from kdbench.report.rank_output import write_ranking
 from kdbench.tools.bench_setup import BenchSettings
 from kdbench.tools.bench_output import print_result, write_result
 from kdbench.tools.bench import run_bench
@@ -117,7 +119,7 @@ def validate(
 
 @app.command()
 def methods() -> None:
-    """List the registered methods with their defaults."""
+    """List the registered methods and modifiers with their defaults."""
     table = Table(title="methods", box=box.SIMPLE_HEAD,
                   caption="any method's loss terms can be combined by PCGrad: {method: NAME, combine: pcgrad}")
     for col in ("name", "defaults", "needs", "what it does"):
@@ -131,6 +133,13 @@ def methods() -> None:
         needs = needs or "-"
         defaults = ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "-"
         table.add_row(name, defaults, needs, cls.summary)
+    out.print(table)
+    table = Table(title="modifiers", box=box.SIMPLE_HEAD,
+                  caption="with any method that declares logit losses: {method: kd, modify: logit_std} (label kd+logit_std)")
+    for col in ("name", "defaults", "what it does"):
+        table.add_column(col)
+    for name, cls in modifier_registry().items():
+        table.add_row(name, ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "-", cls.summary)
     out.print(table)
 
 
@@ -260,17 +269,42 @@ def report(
                                           help="method labels to plot, comma-separated (default: every method)"),
     title: Optional[str] = typer.Option(None, "--title", help="the figure's title (default: the suite's display "
                                         "title, else the dataset and what is plotted)"),
+    mlflow_artifacts: bool = typer.Option(True, "--mlflow-artifacts/--no-mlflow-artifacts", help="also log the "
+                                          "report's files as artifacts of the suite's parent run (report/)"),
 ) -> None:
-    """Tables (Markdown, LaTeX, CSV) with confidence intervals and paired tests, and the accuracy-vs-gap figure
-    (PNG, SVG, PDF) of a suite's run, read from MLflow."""
+    """Tables (Markdown, LaTeX, CSV) with confidence intervals and paired tests, agreement with the teacher and
+    calibration, and the accuracy-vs-gap figure (PNG, SVG, PDF) of a suite's run, read from MLflow; logged back to
+    the suite's parent run as artifacts."""
 
     try:
         folder = write_report(suite, out_dir, run_id, x, methods=_csv(methods), title=title,
-                              notice=lambda line: err.print(f"kdbench: {line}", markup=False, highlight=False))
+                              notice=lambda line: err.print(f"kdbench: {line}", markup=False, highlight=False),
+                              log_artifacts=mlflow_artifacts)
     except PermissionError as exc:  # a results folder that cannot be written: one line naming it
         raise KdbenchError(f"{exc.filename or out_dir}: cannot be written ({exc.strerror}); choose another --out") from None
     err.print(f"report written to {folder}/ (report.md, comparison, cost, figure"
               f"{', paper_table' if (folder / 'paper_table.md').exists() else ''})")
+
+
+@app.command()
+def rank(
+    sources: list[Path] = typer.Argument(..., help="suite files (their runs in MLFLOW_TRACKING_URI's store) or "
+                                         "results folders holding their mlflow.db", show_default=False),
+    out_dir: Path = typer.Option(Path("results/ranking"), "--out", help="write the ranking into this folder"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="rank only these methods, comma-separated "
+                                          "(default: every method with a number in every task)"),
+) -> None:
+    """Rank methods over every pair of one suite or of several: average rank, Friedman and Nemenyi tests with a
+    critical-difference diagram, IQM gain over vanilla KD and probability of improving on it, with intervals."""
+    note = lambda line: err.print(f"kdbench: {line}", markup=False, highlight=False)  # noqa: E731
+    studies = [load_study(source, note) for source in sources]
+    names = [s.suite.name for s in studies]
+    if len(set(names)) < len(names):
+        raise KdbenchError(f"suite '{next(n for n in names if names.count(n) > 1)}' is given twice")
+    command = "kdbench rank " + " ".join(s.as_posix() for s in sources) + f" --out {out_dir.as_posix()}" + \
+        (f" --methods {methods}" if methods else "")
+    folder = write_ranking(make_ranking(studies, _csv(methods)), out_dir, command)
+    err.print(f"ranking written to {folder}/ (ranking.md, ranking.csv, scores.csv, critical_difference)")
 
 
 @app.command()

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from kdbench import KdbenchError
 from kdbench.data.spec import dataset_info
 from kdbench.method import AUTO, BETWEEN
-from kdbench.registry import get_method, method_hash
+from kdbench.registry import get_method, get_modifier, method_hash, modifier_hash
 from kdbench.storage.files import sha256
 from kdbench.config.schema import AugmentConfig, MethodEntry, Suite, TrainConfig
 from kdbench.zoo import ModelStats, known_models, meta_model, model_kwargs_problem, model_stats
@@ -284,7 +284,8 @@ def assistant_jobs(suite: Suite, student_train: TrainConfig, teacher_key: str, t
                   "model_kwargs": suite.model_kwargs.get(name, {}), "seed": suite.teacher.seed,
                   "method": entry.method, "method_hash": method_hash(entry.method), "method_params": loss_params,
                   "train": train.model_dump(),
-                  "teacher": prev_key, **combine_config(entry)}
+                  "teacher": prev_key, **combine_config(entry),
+                  **modify_config(entry, suite.train.epochs, student_train.epochs)}
         job = Job(content_hash(config), "assistant", name, suite.teacher.seed, entry, train, suite.augment, config,
                   teacher=prev_key, teacher_model=prev_model, pair=f"{prev_model}->{name}")
         jobs.append(job)
@@ -295,6 +296,17 @@ def assistant_jobs(suite: Suite, student_train: TrainConfig, teacher_key: str, t
 def combine_config(entry: MethodEntry) -> dict[str, str]:
     """How the entry combines its loss terms, for a job's hash: absent when summed, so existing keys stay valid."""
     return {"combine": entry.combine} if entry.combine != "sum" else {}
+
+
+def modify_config(entry: MethodEntry, suite_epochs: int, epochs: int) -> dict[str, Any]:
+    """The entry's modifier for a job's hash: its name, every param (defaults filled in; its epoch counts scaled
+    from the suite's schedule to the job's, as a method's) and its code's hash (a `method_hash`: left out of the
+    job's identity, like the method's). Absent without a modifier, so existing keys stay valid."""
+    if entry.modify is None:
+        return {}
+    modifier = get_modifier(entry.modify)
+    params = scale_epoch_params(modifier, {**modifier.defaults, **entry.modify_params}, suite_epochs, epochs, 0, 0, [])
+    return {"modify": {"name": entry.modify, "params": params, "method_hash": modifier_hash(entry.modify)}}
 
 
 CHAIN_PARAMS = ("assistants", "max_assistants")  # choose the chain (its keys say which): not an assistant's loss
@@ -471,7 +483,8 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
                 config = {**base, "model": s, "model_kwargs": suite.model_kwargs.get(s, {}), "seed": seed,
                           "method": entry.method, "method_hash": method_hash(entry.method),
                           "method_params": params, "train": train.model_dump(),
-                          "teacher": chain[-1].key if chain else teacher_key, **extra, **combine_config(entry)}
+                          "teacher": chain[-1].key if chain else teacher_key, **extra, **combine_config(entry),
+                          **modify_config(entry, suite.train.epochs, student_train.epochs)}
                 key = content_hash(config)
                 if key not in jobs:
                     has_teacher = needs.teacher != "none"

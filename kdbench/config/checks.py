@@ -9,7 +9,7 @@ from pathlib import Path
 from kdbench.config.schema import SPLIT_SIZES, Suite, SuiteError
 from kdbench.data.spec import DataError, dataset_info, training_pool
 from kdbench.zoo import known_models
-from kdbench.registry import methods, unknown_method
+from kdbench.registry import methods, modifier_problem, unknown_method
 from kdbench.config.reference import check_reference
 
 
@@ -96,6 +96,10 @@ def _check_names(path: Path, suite: Suite) -> None:
         problem = method.check_params({**defaults, **entry.params})
         if problem:
             raise SuiteError(f"{path}: field 'methods.{i}': method '{entry.method}': {problem}")
+        problem = entry.modify and modifier_problem(entry.modify, entry.modify_params, method,
+                                                    {**defaults, **entry.params})
+        if problem:  # a modifier only for methods whose logit losses it can change (kdbench.modifier)
+            raise SuiteError(f"{path}: field 'methods.{i}.modify': {problem}")
         choice = method.needs({**defaults, **entry.params}).choice
         if choice and not suite.data.val_size:
             raise SuiteError(f"{path}: field 'methods.{i}': {entry.method} {choice} chooses on a validation split: "

@@ -99,6 +99,9 @@ class MethodEntry(Strict):
     params: dict[str, Any] = {}
     # How the method's named loss terms make the student's update: summed, or PCGrad (kdbench.combine).
     combine: Literal["sum", "pcgrad"] = "sum"
+    # A modifier of the method's logit losses (kdbench.modifier: logit_std, ctkd), and its params.
+    modify: str | None = None
+    modify_params: dict[str, Any] = {}
 
     @field_validator("method", "label")
     @classmethod
@@ -195,9 +198,11 @@ class Suite(Strict):
     @field_validator("methods", mode="before")
     @classmethod
     def _method_forms(cls, value):
-        """Accept `kd`, `{kd: {T: 8}}` or `{method: kd, label: kd_T8, params: {T: 8}, combine: pcgrad}`.
+        """Accept `kd`, `{kd: {T: 8}}` or `{method: kd, label: kd_T8, params: {T: 8}, combine: pcgrad}`, and
+        `modify: logit_std` or `modify: {ctkd: {curriculum_epochs: 20}}` in the last form.
 
-        Without a label, an entry is labelled by its method, plus `+pcgrad` when it combines its terms so.
+        Without a label, an entry is labelled by its method, plus `+<modifier>` when it has one and `+pcgrad` when
+        it combines its terms so (`kd+logit_std`, `dkd+ctkd+pcgrad`).
         """
         if not isinstance(value, list):
             return value
@@ -209,8 +214,13 @@ class Suite(Strict):
                 (name, params), = item.items()
                 out.append({"method": name, "label": name, "params": params if params is not None else {}})
             elif isinstance(item, dict) and "method" in item:
-                combine = item.get("combine", "sum")
-                out.append({"label": f"{item['method']}+{combine}" if combine != "sum" else item["method"], **item})
+                item = dict(item)
+                modify = item.get("modify")
+                if isinstance(modify, dict) and len(modify) == 1:  # `modify: {ctkd: {curriculum_epochs: 20}}`
+                    (item["modify"], params), = modify.items()
+                    item["modify_params"] = params if params is not None else {}
+                parts = [item["method"], item.get("modify"), item.get("combine", "sum")]
+                out.append({"label": "+".join(str(p) for p in parts if p not in (None, "sum")), **item})
             else:
                 out.append(item)
         return out

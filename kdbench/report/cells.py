@@ -76,7 +76,8 @@ def report_scope(plan, runs: pd.DataFrame) -> ReportScope:
     baselines = [m.label for m in suite.methods if m.method == "baseline"]
     baselines += sorted(set(students[students.method_name == "baseline"].method) - set(baselines))
     seeds = sorted(set(suite.seeds) | set(students.seed))
-    kd = [m.label for m in suite.methods if m.method == "kd" and m.combine == "sum"]  # not kd+pcgrad: plain KD
+    # plain KD: not kd+pcgrad, not kd+logit_std
+    kd = [m.label for m in suite.methods if m.method == "kd" and m.combine == "sum" and m.modify is None]
     kd.sort(key=lambda label: bool(next(m for m in suite.methods if m.label == label).params))  # defaults first
     display = suite.display
     names = {**display.models, **display.methods}
@@ -132,11 +133,12 @@ class SeedValues:
         return SeedValues({s: fn(v) for s, v in self.values.items()}, self.missing, self.protocol)
 
 
-def pick(runs: pd.DataFrame, seeds: Iterable[int]) -> SeedValues:
+def pick(runs: pd.DataFrame, seeds: Iterable[int], metric: str = "test_acc") -> SeedValues:
     """Per seed, the latest finished run; a seed without one says why (its latest run's status, or not run).
 
     A cell never mixes method code: only runs with the method_hash of its latest finished run count; a seed
-    finished only by other code shows as "other method code" (rerun the suite to retrain it).
+    finished only by other code shows as "other method code" (rerun the suite to retrain it). `metric`: the
+    run column to take from the runs so chosen (another measure than accuracy: "not logged" where it is nan).
     """
     values, missing = {}, {}
     if "method_hash" not in runs:
@@ -150,8 +152,10 @@ def pick(runs: pd.DataFrame, seeds: Iterable[int]) -> SeedValues:
             missing[seed] = "other method code"
             continue
         done = done[done.method_hash == code]
-        if len(done):
-            values[seed] = float(done.iloc[-1].test_acc)
+        if len(done) and math.isnan(done.iloc[-1][metric]):
+            missing[seed] = "not logged"
+        elif len(done):
+            values[seed] = float(done.iloc[-1][metric])
         elif len(mine):
             missing[seed] = mine.sort_values("start_time", kind="stable").iloc[-1].reason or "no test_acc"
         else:
@@ -160,16 +164,17 @@ def pick(runs: pd.DataFrame, seeds: Iterable[int]) -> SeedValues:
     return SeedValues(values, missing, protocol)
 
 
-def teacher_cell(runs: pd.DataFrame, teacher: str) -> SeedValues:
+def teacher_cell(runs: pd.DataFrame, teacher: str, metric: str = "test_acc") -> SeedValues:
     mine = runs[(runs.role == "teacher") & (runs.teacher == teacher)].sort_values("start_time", kind="stable")
-    return pick(mine, [])
+    return pick(mine, [], metric)
 
 
-def student_cell(runs: pd.DataFrame, label: str, teacher: str, student: str, seeds: Iterable[int]) -> SeedValues:
+def student_cell(runs: pd.DataFrame, label: str, teacher: str, student: str, seeds: Iterable[int],
+                 metric: str = "test_acc") -> SeedValues:
     """A method's cell for a pair: its distilled runs, or the student-alone runs shared by every pair."""
     mine = runs[(runs.role == "student") & (runs.method == label) & (runs.student == student)
                 & runs.pair.isin([f"{teacher}->{student}", ""])].sort_values("start_time", kind="stable")
-    return pick(mine, seeds)
+    return pick(mine, seeds, metric)
 
 
 COMPARISON_COLUMNS = ["row", "method", "role", "teacher", "student", "gap", "n", "mean", "std", "ci_low", "ci_high",

@@ -11,9 +11,11 @@ from kdbench.tracking import (DIVERGED, SUITE_ROLE, TEACHER_FAILED, JobTags, Run
 
 
 PASSES = ("teacher_forward", "teacher_backward", "student_forward", "student_backward")
+# The measures beyond accuracy (kdbench.train.measures), test split, last epoch; nan where a run did not log one.
+MEASURES = ("agreement", "kl", "ece", "nll", "brier")
 RUN_COLUMNS = ["run_id", "role", "method", "method_name", "teacher", "student", "pair", "seed", "status", "reason",
                "failure", "protocol", "reused", "method_hash", "epochs", "test_acc", "wall_time", "images_per_sec",
-               *PASSES, "start_time"]
+               *PASSES, *(f"test_{m}" for m in MEASURES), "start_time"]
 
 
 # ---------------------------------------------------------------------------------------------- MLflow
@@ -114,6 +116,9 @@ def run_record(client, run) -> dict:
         "wall_time": metrics.get("wall_time", math.nan),
         "images_per_sec": sum(rates) / len(rates) if rates else math.nan,
         **{p: metrics.get(p, math.nan) for p in PASSES},
+        # test_loss has always been the NLL: runs logged before test_nll existed keep that number.
+        **{f"test_{m}": metrics.get(f"test_{m}", metrics.get("test_loss", math.nan) if m == "nll" else math.nan)
+           for m in MEASURES},
         "start_time": run.info.start_time,
     }
 

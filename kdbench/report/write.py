@@ -7,6 +7,7 @@ for and has no number shows as a dash with its reason, never as a silent hole.
 """
 
 from __future__ import annotations
+import time
 from pathlib import Path
 import pandas as pd
 from kdbench import KdbenchError
@@ -19,6 +20,8 @@ from kdbench.report.tables import (by_gap_markdown, comparison_latex, comparison
                                    differences_latex, differences_markdown)
 from kdbench.registry import method_hash, methods
 from kdbench.report.curves import curves_figure, curves_frame
+from kdbench.report.fidelity import add_measures, agreement_figure, fidelity_markdown, has_agreement
+from kdbench.report.artifacts import log_report
 from kdbench.report.paper import paper_frame, paper_latex, paper_markdown
 from kdbench.plan import make_plan
 from kdbench.config.load import load_suite
@@ -59,8 +62,10 @@ def stale_methods(runs: pd.DataFrame) -> list[str]:
 
 def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | None = None, x: str = "gap",
                  uri: str | None = None, methods: list[str] | None = None, title: str | None = None,
-                 notice=None) -> Path:
-    """Read the suite's runs from MLflow and write its tables and figure into out/<suite>/; returns that folder."""
+                 notice=None, log_artifacts: bool = False) -> Path:
+    """Read the suite's runs from MLflow and write its tables and figure into out/<suite>/; returns that folder.
+    log_artifacts: also log what it wrote as artifacts of the suite's parent run (report/ in the MLflow UI)."""
+    started = time.time_ns()
     if x not in X_AXES:
         raise KdbenchError(f"--x: expected one of {', '.join(X_AXES)}, got '{x}'")
     suite = load_suite(suite_path)
@@ -73,7 +78,7 @@ def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | No
     if stale and notice is not None:
         notice(f"runs of {', '.join(stale)} in this report were trained by other method code than today's "
              f"(param method_hash): run the suite again to retrain them")
-    table = comparison_frame(runs, scope)
+    table = add_measures(comparison_frame(runs, scope), runs, scope)
     cost = cost_frame(runs, scope)
 
     folder = out / suite.name
@@ -91,6 +96,9 @@ def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | No
     write_text(folder / "cost.tex", cost_latex(cost, suite.name))
     figure = f"accuracy_vs_{x}"
     save_figure(accuracy_figure(table, scope, x, methods, title), folder / figure)
+    write_text(folder / "fidelity.md", fidelity_markdown(table, scope))
+    if has_agreement(table):
+        save_figure(agreement_figure(table, scope, methods), folder / "agreement_vs_gap")
     curves = curves_frame(client, runs, scope.baseline)
     write_csv(curves, folder / "learning_curves.csv")
     if len(curves):
@@ -100,7 +108,7 @@ def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | No
                 describe_parent(parent, runs), "\n## Accuracy\n\n", comparison_markdown(table, scope),
                 "\n## Differences by gap\n\n", by_gap_markdown(table, scope),
                 "\n## Differences\n\n", differences_markdown(table, scope),
-                f"\n![student accuracy vs {x}]({figure}.png)\n"]
+                f"\n![student accuracy vs {x}]({figure}.png)\n", beyond_accuracy(table, scope)]
     if len(curves):
         sections.append("\n## Learning curves\n\nThe teachers and the student alone, per epoch "
                         "(`learning_curves.csv`):\n\n![learning curves](learning_curves.png)\n")
@@ -116,4 +124,14 @@ def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | No
         sections += ["\n## Runs without a number\n\n", failures]
     sections.append(f"\nRegenerate: `kdbench report {suite_path.as_posix()} --run {parent.info.run_id}`\n")
     write_text(folder / "report.md", "".join(sections))
+    if log_artifacts:
+        log_report(client, parent.info.run_id, folder, started, notice)
     return folder
+
+
+def beyond_accuracy(table: pd.DataFrame, scope) -> str:
+    """report.md's section on agreement with the teacher and calibration (fidelity.md), its figure when drawn."""
+    figure = ("\n![agreement with the teacher vs capacity gap](agreement_vs_gap.png)\n" if has_agreement(table)
+              else "\nNo run of this report measured agreement with its teacher (runs from before kdbench did).\n")
+    return "\n## Beyond accuracy: agreement with the teacher, calibration\n" + figure + "\n" + \
+        fidelity_markdown(table, scope)

@@ -25,7 +25,8 @@ from kdbench import Interrupted
 from kdbench.train.engine import Diverged, Hooks, Provided, collapse_reason, fit
 from kdbench.plan import STORED_ROLES, Job, Plan
 from kdbench.method import Method
-from kdbench.registry import get_method
+from kdbench.modifier import modify
+from kdbench.registry import get_method, get_modifier
 from kdbench.storage.files import CorruptFile, load_checkpoint, save_checkpoint
 from kdbench.storage.store import ModelStore
 from kdbench.train.teacher_cache import TeacherCache
@@ -254,6 +255,9 @@ def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
     teacher = build_teacher(plan, job, data, store, opts)
     method_cls = get_method(job.method.method)
     method = method_cls(job.config["method_params"], model, teacher, data.info.input_shape).to(opts.device)
+    if "modify" in job.config:  # a modifier of the method's logit losses (kdbench.modifier), with its own params
+        spec = job.config["modify"]
+        method = modify(method, get_modifier(spec["name"])(spec["params"]).to(opts.device))
 
     checkpoint_path = store.checkpoint_path(job.key)
     resume, route = _resume_state(job, checkpoint_path, ctx)

@@ -22,7 +22,8 @@ from kdbench.data.batches import DeviceData, Split, epoch_batches, epoch_views, 
 from kdbench.method import Batch, Method, PassCounts, StepContext, TeacherRoute
 from kdbench.seeding import stream_seed
 from kdbench.config.schema import AugmentConfig, TrainConfig
-from kdbench.train.teacher_cache import TeacherCache
+from kdbench.train.measures import EvalTotals
+from kdbench.train.teacher_cache import TeacherCache, split_logits
 
 EXPLODED = 1e4  # an epoch's mean training loss above this ends the job as diverged
 
@@ -145,20 +146,23 @@ def make_optimizer(params: list[nn.Parameter], train: TrainConfig) -> torch.opti
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, data: DeviceData, opts: EngineOptions, batch_size: int) -> dict[str, float]:
+def evaluate(model: nn.Module, split: Split, data: DeviceData, opts: EngineOptions, batch_size: int,
+             teacher_logits: torch.Tensor | None = None) -> dict[str, float]:
+    """Accuracy and loss (the NLL), ECE and Brier score on `split`; agreement and KL against the teacher's logits
+    on the same images when given (kdbench.train.measures). Summed on the device, one host sync at the end."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=opts.device)
-    loss = torch.zeros((), dtype=torch.float64, device=opts.device)
+    totals = EvalTotals(opts.device, with_teacher=teacher_logits is not None)
+    start = 0
     for images, labels in eval_batches(split, batch_size):
         images = normalize(images, data.info, channels_last=opts.channels_last)
         with torch.autocast(opts.device.type, dtype=torch.bfloat16, enabled=opts.bf16):
             logits = model(images).float()
-        correct += (logits.argmax(1) == labels).sum()
-        loss += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+        end = start + labels.shape[0]
+        totals.add(logits, labels, None if teacher_logits is None else teacher_logits[start:end])
+        start = end
     model.train(was_training)
-    n = len(split)
-    return {"acc": correct.item() / n * 100, "loss": loss.item() / n}
+    return totals.results(len(split))
 
 
 @dataclass
@@ -307,14 +311,41 @@ def probe_validation(data: DeviceData, opts: EngineOptions, method_name: str,
     return normalize(images, data.info, channels_last=opts.channels_last), labels
 
 
-def evaluate_splits(model: nn.Module, data: DeviceData, opts: EngineOptions, batch_size: int) -> dict[str, float]:
-    """Test accuracy and loss (reported only), and validation's where there is a split (what choices use)."""
+def evaluate_splits(model: nn.Module, data: DeviceData, opts: EngineOptions, batch_size: int,
+                    references: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Test numbers (reported only), and validation's where there is a split (what choices use); measured against
+    the teacher's logits on a split where `references` has them (teacher_references)."""
     out = {}
     for name, split in (("test", data.test), ("val", data.val)):
         if split is not None:
-            result = evaluate(model, split, data, opts, batch_size)
-            out.update({f"{name}_acc": result["acc"], f"{name}_loss": result["loss"]})
+            result = evaluate(model, split, data, opts, batch_size, (references or {}).get(name))
+            out.update({f"{name}_{k}": v for k, v in result.items()})
     return out
+
+
+def teacher_references(teacher: nn.Module | None, data: DeviceData, opts: EngineOptions, batch_size: int,
+                       cache: TeacherCache | None) -> dict[str, torch.Tensor]:
+    """The teacher's logits on the test and validation splits, which the student's agreement and KL are measured
+    against: kept in the shared teacher outputs where the job has them, else computed here."""
+    if teacher is None:
+        return {}
+    return {name: cache.eval_outputs(split, batch_size) if cache is not None
+            else split_logits(teacher, split, data.info, opts, batch_size)
+            for name, split in (("test", data.test), ("val", data.val)) if split is not None}
+
+
+def evaluation(student: nn.Module, teacher: nn.Module | None, method: Method, data: DeviceData, opts: EngineOptions,
+               batch_size: int, references: dict[str, torch.Tensor]) -> dict[str, float]:
+    """An epoch's evaluation of the student: against the teacher it was given (its logits computed once, before
+    any training), or, for a method that trains its teacher, against that teacher as it is now."""
+    if not method.trains_teacher:
+        return evaluate_splits(student, data, opts, batch_size, references)
+    references = teacher_references(teacher, data, opts, batch_size, None)
+    if data.test is None:  # a tuning trial (kdbench.run.tune): no test split, nothing measured on it
+        return evaluate_splits(student, data, opts, batch_size, references)
+    correct = (references["test"].argmax(1) == data.test.labels).sum()
+    return {**evaluate_splits(student, data, opts, batch_size, references),
+            "teacher_test_acc": correct.item() / len(data.test) * 100}
 
 
 def usable_teacher_cache(provided: Provided, teacher: nn.Module | None, method: Method, data: DeviceData,
@@ -362,6 +393,8 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         frozen.eval().requires_grad_(False)  # a fixed teacher, guides: running statistics, no dropout, no gradient
     training = Training(student, teacher, method, train, seed, provided.combine, opts.device)
     cache = usable_teacher_cache(provided, teacher, method, data, augment)
+    # The teacher as given, before a method loads another of its checkpoints into it or a resume restores one.
+    references = {} if method.trains_teacher else teacher_references(teacher, data, opts, eval_batch_size, cache)
     graphs = opts.compile and opts.device.type == "cuda"
     first_epoch, skip_batches = (resume["epoch"], resume["batch"]) if resume is not None else (0, 0)
     # ctx.update knows the step it serves (PCGrad draws by it): bound here to the first step to run, then to each.
@@ -370,7 +403,7 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
                       autocast=opts.autocast, probe=partial(probe_validation, data, opts, method.name), seed=seed,
                       route=provided.route, guides=list(provided.guides))
     if train.epochs == 0:  # a model used as loaded (checkpoint, pretrained): evaluate only
-        metrics = evaluate_splits(student, data, opts, eval_batch_size)
+        metrics = evaluate_splits(student, data, opts, eval_batch_size, references)
         return FitResult(metrics, [metrics], training.passes)
     if resume is not None:
         training.load_state_dict(resume)
@@ -406,12 +439,11 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         skip_batches = 0
         losses = training_loss(totals, epoch)
         train_time = time.perf_counter() - start
-        metrics = {**losses, **evaluate_splits(student, data, opts, eval_batch_size), "lr": training.lr,
+        metrics = {**losses, **evaluation(student, teacher, method, data, opts, eval_batch_size, references),
+                   "lr": training.lr,
                    "epoch_time": time.perf_counter() - start, "images_per_sec": totals.images / train_time}
         metrics.update(method.epoch_metrics())  # a method's own per-epoch numbers (attention weights...)
         metrics.update(training.epoch_metrics())
-        if method.trains_teacher and data.test is not None:  # no test split: a tuning trial (never reads it)
-            metrics["teacher_test_acc"] = evaluate(teacher, data.test, data, opts, eval_batch_size)["acc"]
         training.history.append(metrics)
         if hooks.keep_route is not None and hooks.on_route is not None and hooks.keep_route(epoch + 1):
             hooks.on_route(epoch + 1, {k: v.detach().clone() for k, v in student.state_dict().items()})
