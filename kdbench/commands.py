@@ -21,9 +21,12 @@ from kdbench.registry import methods as registry, modifiers as modifier_registry
 from kdbench.data.spec import DataError
 from kdbench.data.load import cached_fingerprint, resolve_data_root
 from kdbench.run.executors import get_executor, load_options
+from kdbench.run.tune import tune_suite
+from kdbench.tracking import Tracker
 from kdbench.storage.files import check_writable, folder_size
 from kdbench.tracking import check_tracking, referenced_keys, tracking_uri
 from kdbench.report.write import write_report
+from kdbench.report.tuned import write_tuned_report
 from kdbench.report.rank import load_study, rank as make_ranking
 from kdbench.report.rank_output import write_ranking
 from kdbench.tools.bench_setup import BenchSettings
@@ -200,6 +203,59 @@ def run(
               f"{len(outcome.collapsed)} collapsed; MLflow {tracking_uri()}, parent run {outcome.parent_run}")
     if outcome.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def tune(
+    suite: Path = SuiteArg,
+    methods: Optional[str] = typer.Option(None, help="only these method labels, comma-separated"),
+    epochs: Optional[int] = typer.Option(None, help="shrink every schedule to this many epochs (milestones scale)"),
+    device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder [default: $KDBENCH_DATA]"),
+    executor: str = typer.Option("inprocess", "--executor", help="where the trials run: inprocess, ray, slurm"),
+    cpus_per_job: Optional[float] = typer.Option(None, "--cpus-per-job", help="ray, slurm: CPUs per job"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="ray: an existing cluster"),
+    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP, show_default=False),
+) -> None:
+    """Tune every method on validation with the suite's `tune:` budget, then run each at its default and its
+    tuned setting on the reporting seeds (MLflow experiments <suite>.tune and <suite>.tuned). Resumes."""
+    plan = load_plan(suite, methods, None, epochs)
+    if plan.suite.tune is None:
+        raise KdbenchError(f"{suite}: field 'tune': required by `kdbench tune` (trials, seeds, pairs, sampler)")
+    model_store = _store(store)
+    backend = get_executor(executor)
+    options = load_options(executor, None, cpus_per_job=cpus_per_job, gpus_per_job=None, address=ray_address,
+                           partition=None, mem_gb=None, time_min=None, logs=None)
+    root = resolve_data_root(str(data_root) if data_root else None)
+    check_tracking()
+    check_writable(model_store.root, "model store")
+    tracker = Tracker()
+
+    def make_executor(cls, batch_plan):
+        return cls(batch_plan, root, device, tracker=tracker, console=err, store=model_store, options=options)
+
+    try:
+        choices, outcome = tune_suite(plan, backend, make_executor, tracker, model_store, root, ray_address)
+    except DataError as exc:
+        raise _data_error(suite, exc) from None
+    for name, chosen in choices.items():
+        setting = ", ".join(f"{k} {v:.4g}" for k, v in chosen.params.items()) or "nothing to tune"
+        err.print(f"{name}: trial {chosen.trial}, validation {chosen.value:.2f}%: {setting}")
+    err.print(f"{len(outcome.finished)} reporting jobs finished, {len(outcome.failed)} failed; parent run "
+              f"{outcome.parent_run}")
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+@app.command(name="report-tuned")
+def report_tuned(
+    suite: Path = SuiteArg,
+    out: Path = typer.Option(Path("results"), help="output folder: the report goes to OUT/<suite>.tuned/"),
+) -> None:
+    """Write the tuned report of a suite run by `kdbench tune`: default and tuned side by side, the chosen
+    settings, the sensitivity of each method (tuned.md, CSVs, a figure)."""
+    folder = write_tuned_report(suite, out)
+    err.print(f"wrote {folder}")
 
 
 @app.command()

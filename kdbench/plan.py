@@ -67,6 +67,7 @@ class Job:
     teacher_epoch: int = 0  # "checkpoint": the route epoch, 0 = the final teacher
     assistants: tuple[str, ...] = ()  # models between the pair's teacher and this one; ("auto",) until chosen
     assistant_choice: str = ""  # how an "auto" assistant was chosen (filled in at run time)
+    trial: bool = False  # a tuning trial (kdbench.run.tune): evaluated on validation only, the test split never read
 
     @property
     def pending(self) -> bool:

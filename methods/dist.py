@@ -41,6 +41,8 @@ class DIST(Method):
     name = "dist"
     summary = "DIST: Pearson-correlation relations of softened predictions, inter-class (rows) and intra-class (columns)"
     defaults = {"tau": 4.0, "beta": 2.0, "gamma": 2.0, "ce_weight": 1.0}
+    search_space = {"tau": {"low": 1.0, "high": 8.0, "log": True}, "beta": {"low": 0.5, "high": 4.0, "log": True},
+                    "gamma": {"low": 0.5, "high": 4.0, "log": True}}  # what `kdbench tune` searches
     teacher_logits_only = True  # reads only the (frozen) teacher's logits: shared teacher outputs apply
 
     @classmethod

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 from kdbench.config.checks import _check_names
+from kdbench.config.tuning import check_tune
 from kdbench.config.schema import Suite, SuiteError, TrainConfig
 
 
@@ -194,6 +195,7 @@ def load_suite(path: str | Path) -> Suite:
         raise SuiteError(f"{path}: field 'teacher.train.epochs': expected at least 1 with teacher.source 'train' "
                          f"(0 epochs is a random teacher; 0 is for source checkpoint or pretrained)")
     _check_names(path, suite)
+    check_tune(path, suite)
     return suite
 
 

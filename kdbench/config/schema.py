@@ -138,6 +138,41 @@ class DisplayConfig(Strict):
     methods: dict[str, str] = {}  # method label -> display name (e.g. kd: "KD (Hinton et al.)")
 
 
+class SearchRange(Strict):
+    """One hyper-parameter's range in a method's `search_space` (kdbench.run.tune draws from it)."""
+    low: float
+    high: float
+    log: bool = False  # drawn uniformly in log space (a temperature, a loss weight spanning decades)
+    integer: bool = False  # drawn as an integer (an epoch count, a layer index)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high:
+            raise ValueError(f"expected low < high, got low {self.low} and high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+
+class TuneConfig(Strict):
+    """An equal-budget search of every method's `search_space` on validation (kdbench.run.tune)."""
+    trials: PositiveInt  # per method and tuned pair: the same for every method, the student alone included
+    seeds: list[NonNegativeInt] = Field(min_length=1)  # the tuning seeds: never reporting seeds
+    # "each": every pair tuned on its own; [teacher, student]: tuned on that pair, its setting frozen for the rest
+    pairs: Literal["each"] | tuple[str, str] = "each"
+    sampler: Literal["tpe", "random"] = "tpe"
+    sampler_seed: NonNegativeInt = 0
+    batch: PositiveInt = 4  # trials asked at once and run in parallel (then told): part of what is drawn
+    search_space: dict[str, dict[str, SearchRange]] = {}  # by method label: replaces the method's own ranges
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, value):
+        if len(set(value)) != len(value):
+            raise ValueError("tuning seeds must be distinct")
+        return value
+
+
 class Suite(Strict):
     name: str
     description: str = ""
@@ -158,6 +193,7 @@ class Suite(Strict):
     # Speed only, numbers unchanged (so in no job's hash): methods that read only the teacher's logits get
     # them from one cache per teacher, data and augmentation, shared across epochs, methods and seeds.
     teacher_cache: bool = False
+    tune: TuneConfig | None = None  # `kdbench tune`: search each method's setting on validation first
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -215,6 +251,18 @@ class Suite(Strict):
     def _students_train(self):
         if self.train.epochs < 1:
             raise ValueError("train.epochs: expected at least 1 for students (0 is for teachers used as loaded)")
+        return self
+
+    @model_validator(mode="after")
+    def _tuning_apart(self):
+        if self.tune is None:
+            return self
+        shared = sorted(set(self.tune.seeds) & set(self.seeds))
+        if shared:
+            raise ValueError(f"tune.seeds: expected seeds apart from the reporting seeds, {shared[0]} is both "
+                             f"(a setting chosen on a seed would be reported on it)")
+        if not self.data.val_size:
+            raise ValueError("tune: the search chooses on validation accuracy: set data.val_size")
         return self
 
     def teacher_train(self) -> TrainConfig:
