@@ -6,8 +6,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from pathlib import Path
-from kdbench.config.schema import SPLIT_SIZES, Suite, SuiteError
-from kdbench.data.spec import DataError, dataset_info, training_pool
+from kdbench.config.schema import Suite, SuiteError
+from kdbench.data.spec import DataError, dataset_info, split_sizes, training_pool
 from kdbench.zoo import known_models
 from kdbench.registry import methods, unknown_method
 from kdbench.config.reference import check_reference
@@ -24,7 +24,7 @@ def _check_names(path: Path, suite: Suite) -> None:
         dataset_info(suite.data.spec())  # what models are built for: classes and input shape, known without data
     except DataError as exc:
         raise SuiteError(f"{path}: field 'data': {exc}") from None
-    sizes = SPLIT_SIZES.get(suite.data.dataset)
+    sizes = split_sizes(suite.data.dataset)
     for i, split in enumerate(("train", "test")):
         asked = getattr(suite.data, f"{split}_size")
         if sizes and asked is not None and asked > sizes[i]:

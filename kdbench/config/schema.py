@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator,
                       model_validator)
 from kdbench import KdbenchError
-from kdbench.data.spec import DataSpec
+from kdbench.data.spec import DATASETS, DataSpec
 
 
 class SuiteError(KdbenchError):
@@ -27,13 +27,10 @@ class Strict(BaseModel):
 # refused rather than sanitised (two names sanitised alike would share a report folder).
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
 SAFE_NAME_TEXT = "1 to 100 letters, digits and _ . + -, starting with a letter or digit"
-# Published split sizes of the fixed datasets: train_size/test_size above them are refused at validation.
-SPLIT_SIZES = {"cifar100": (50000, 10000), "cifar10": (50000, 10000), "mnist": (60000, 10000),
-               "fashion_mnist": (60000, 10000)}
 
 
 class DataConfig(Strict):
-    dataset: Literal["cifar100", "cifar10", "mnist", "fashion_mnist", "imagefolder", "synthetic"]
+    dataset: Literal[DATASETS]  # the names of data/spec.py's table
     path: str | None = None
     train_size: PositiveInt | None = None
     test_size: PositiveInt | None = None
