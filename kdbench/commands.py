@@ -17,6 +17,8 @@ from kdbench import KdbenchError
 from kdbench.storage.store import ModelStore
 from kdbench.plan import STORED_ROLES, make_plan
 from kdbench.config.load import load_suite
+from kdbench.config.schema import MAX_EPOCHS, MAX_SEEDS
+from kdbench.seeding import MAX_SEED
 from kdbench.registry import methods as registry
 from kdbench.data.spec import DataError
 from kdbench.data.load import cached_fingerprint, resolve_data_root
@@ -39,6 +41,10 @@ def _store(path: Optional[Path]):
     return ModelStore(path)
 
 
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _csv(value: Optional[str]) -> Optional[list[str]]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -57,10 +63,12 @@ def load_plan(suite_path: Path, methods: Optional[str] = None, seeds: Optional[s
             seed_list = [int(s) for s in _csv(seeds) or []]
         except ValueError:
             seed_list = []
-        if not seed_list or any(s < 0 for s in seed_list) or len(set(seed_list)) != len(seed_list):
-            raise KdbenchError(f"--seeds: expected comma-separated non-negative integers, each once, got '{seeds}'")
-    if epochs is not None and epochs < 1:
-        raise KdbenchError(f"--epochs: expected a positive integer, got {epochs}")
+        if (not seed_list or any(not 0 <= s <= MAX_SEED for s in seed_list) or len(set(seed_list)) != len(seed_list)
+                or len(seed_list) > MAX_SEEDS):
+            raise KdbenchError(f"--seeds: expected comma-separated non-negative integers, each once, at most "
+                               f"{MAX_SEED} and {MAX_SEEDS} of them, got '{_short(seeds)}'")
+    if epochs is not None and not 1 <= epochs <= MAX_EPOCHS:
+        raise KdbenchError(f"--epochs: expected a positive integer of at most {MAX_EPOCHS}, got {epochs}")
     return make_plan(suite, suite_path, methods=_csv(methods), seeds=seed_list, epochs=epochs)
 
 

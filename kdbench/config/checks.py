@@ -15,6 +15,10 @@ from kdbench.registry import get_method, methods, unknown_method
 from kdbench.config.reference import check_reference
 
 
+# A method's integer params count things (epochs, anchors, assistants, images, channels): none can run above this.
+MAX_PARAM_INT = 1_000_000
+
+
 def did_you_mean(word: str, choices: Iterable[str], otherwise: str = "") -> str:
     """` (did you mean 'x'?)` for the closest of `choices` to a misspelt `word`; `otherwise` when none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1)
@@ -39,12 +43,17 @@ def check_suite(path: Path, suite: Suite) -> None:
 
 
 def check_data(path: Path, suite: Suite) -> None:
-    """The dataset is known (what models are built for: classes and input shape, known without data) and the
-    asked split sizes fit in its published splits."""
+    """The dataset is known (what models are built for: classes and input shape, known without data), the
+    asked split sizes fit in its published splits, crops are padded by at most the image side."""
     try:
-        dataset_info(suite.data.spec())
+        info = dataset_info(suite.data.spec())
     except DataError as exc:
         raise SuiteError(f"{path}: field 'data': {exc}") from None
+    side = info.input_shape[1]  # a crop's zero padding wider than the image pads with nothing but zeros
+    for field, augment in (("augment", suite.augment), ("teacher.augment", suite.teacher.augment)):
+        if augment is not None and augment.crop_padding > side:
+            raise SuiteError(f"{path}: field '{field}.crop_padding': expected at most {side} (the image side), "
+                             f"got {augment.crop_padding}")
     sizes = split_sizes(suite.data.dataset)
     for split, size in zip(("train", "test"), sizes or ()):
         asked = getattr(suite.data, f"{split}_size")
@@ -127,17 +136,23 @@ def _check_method_entry(path: Path, suite: Suite, i: int, entry) -> None:
 
 
 def _check_param(path: Path, i: int, name: str, method, key: str, value) -> None:
-    """A param the method has, of its default's type (or its declared `param_types`); an int where a float is
-    expected is a float, a bool is never a number."""
+    """A param the method has, of its default's type (or its declared `param_types`): an int where a float is
+    expected is a float, a bool is never a number; an integer is at most MAX_PARAM_INT in size."""
     defaults = method.defaults
     if key not in defaults:
         hint = did_you_mean(key, defaults, f" (known: {', '.join(defaults) or 'none'})")
         raise SuiteError(f"{path}: field 'methods.{i}.{key}': method '{name}' has no parameter '{key}'{hint}")
     expected = method.param_types.get(key, (type(defaults[key]),))
-    ok = isinstance(value, expected) or (float in expected and isinstance(value, int) and not isinstance(value, bool))
+    if isinstance(value, bool):
+        ok = bool in expected
+    else:
+        ok = isinstance(value, expected) or (float in expected and isinstance(value, int))
     if (defaults[key] is not None or key in method.param_types) and not ok and value is not defaults[key]:
         raise SuiteError(f"{path}: field 'methods.{i}.{key}': expected {' or '.join(t.__name__ for t in expected)}, "
                          f"got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_PARAM_INT:
+        raise SuiteError(f"{path}: field 'methods.{i}.{key}': expected at most {MAX_PARAM_INT:,} in size (a count, "
+                         f"an epoch or a width), got {value}")
 
 
 def check_teacher_source(path: Path, suite: Suite, names: list[str]) -> None:

@@ -23,6 +23,14 @@ class DataError(KdbenchError):
 # ----------------------------------------------------------------------------------------------------
 # Static knowledge
 
+# Bounds on what a suite may ask for (the suite schema refuses more): a split of up to ten million images
+# (ImageNet-21k's size), classes up to 100,000, square images up to 4096 pixels a side. Generated data is
+# made in memory: at most 4 GiB of it (a million CIFAR-sized images).
+MAX_IMAGES = 10_000_000
+MAX_CLASSES = 100_000
+MAX_IMAGE_SIDE = 4096
+MAX_SYNTHETIC_BYTES = 4 << 30
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -59,6 +67,8 @@ class DataSpec:
                 raise DataError(f"{self.dataset}: {field} must be a positive integer, got {value!r}")
         if isinstance(self.val_size, bool) or not isinstance(self.val_size, int) or self.val_size < 0:
             raise DataError(f"{self.dataset}: val_size must be a non-negative integer, got {self.val_size!r}")
+        if self.dataset == "synthetic":
+            _check_synthetic_size(self)
         pool = training_pool(self)
         if pool is not None and self.val_size >= pool:
             raise DataError(f"{self.dataset}: val_size {self.val_size} leaves no training images: it must be smaller "
@@ -87,6 +97,16 @@ _SYNTHETIC_SEED = 20240611  # fixed: the synthetic dataset is the same everywher
 
 DATASETS = (*_FIXED, "imagefolder", "synthetic")
 VAL_SEED = 0  # the cell seed of the validation stream: the held-out images depend only on the dataset
+
+
+def _check_synthetic_size(spec: DataSpec) -> None:
+    side = spec.image_size or _SYNTHETIC_DEFAULTS["image_size"]
+    images = (spec.train_size or _SYNTHETIC_DEFAULTS["train_size"]) + (spec.test_size or _SYNTHETIC_DEFAULTS["test_size"])
+    size = images * 3 * side * side
+    if size > MAX_SYNTHETIC_BYTES:
+        raise DataError(f"synthetic: {images} images of 3x{side}x{side} would take {size / (1 << 30):.1f} GiB of memory; "
+                        f"at most {MAX_SYNTHETIC_BYTES >> 30} GiB of data is generated (lower train_size, test_size or "
+                        f"image_size)")
 
 
 def fixed_info(name: str) -> DatasetInfo:
