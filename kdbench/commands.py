@@ -34,6 +34,8 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)  # log lines stay whole: paths must stay copyable
 
 SuiteArg = typer.Argument(..., help="suite file (YAML)", show_default=False)
+DRY_RUN_LISTED = 200  # a dry run lists plans of up to this many jobs; larger ones get a summary (--all lists them)
+SUMMARY_PAIRS = 50  # pairs shown in a summary's per-pair table
 STORE_HELP = "the model store: trained teachers, route checkpoints, assistants [default: $KDBENCH_STORE, else ./kdbench-store]"
 
 
@@ -146,6 +148,8 @@ def run(
     device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder [default: $KDBENCH_DATA]"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and exit; touches no data and no MLflow"),
+    every_job: bool = typer.Option(False, "--all", help=f"with --dry-run: list every job, also for plans of more "
+                                   f"than {DRY_RUN_LISTED} (otherwise summarised)"),
     fresh: bool = typer.Option(False, "--fresh", help="start a new parent run instead of continuing this plan's last one"),
     download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
     teacher_cache: bool = typer.Option(False, "--teacher-cache", help="compute each teacher's logits once per image "
@@ -181,7 +185,7 @@ def run(
                            logs=slurm_logs)
     root = resolve_data_root(str(data_root) if data_root else None)
     if dry_run:  # keys as the run will make them where the data's fingerprint is known without reading the data
-        _print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)), model_store)
+        _print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)), model_store, every_job)
         return
 
     check_tracking()  # before any data is read: a dead server or a read-only database is one line, at once
@@ -342,8 +346,15 @@ def store_gc(
               + (f"; {len(busy)} in use by a running process, kept" if busy else ""), markup=False, highlight=False)
 
 
-def _print_plan(plan, store) -> None:
-    out.print(_pairs_table(plan))
+def _print_plan(plan, store, every_job: bool = False) -> None:
+    if every_job or len(plan.jobs) <= DRY_RUN_LISTED:
+        out.print(_pairs_table(plan))
+        out.print(_jobs_table(plan, store))
+        return
+    _print_summary(plan, store)
+
+
+def _jobs_table(plan, store) -> Table:
     table = Table(title=f"{len(plan.jobs)} jobs, {len(plan.cells)} cells", box=box.SIMPLE_HEAD)
     for col in ("#", "role", "model", "method", "seed", "teacher", "epochs", "key", "store"):
         table.add_column(col, no_wrap=col in ("model", "teacher", "method"))
@@ -353,6 +364,38 @@ def _print_plan(plan, store) -> None:
         teacher += "".join(f" > {a}" for a in job.assistants)
         table.add_row(str(i), job.role, job.model, job.method.label, str(job.seed), teacher,
                       str(job.train.epochs), job.key, stored)
-    out.print(table)
+    return table
 
 
+def _count_table(title: str, columns: tuple[str, ...], rows: dict[str, tuple[int, ...]], more: int = 0) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, caption=f"and {more} more (--all lists them)" if more else None)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="right" if i else "left", no_wrap=not i)
+    for name, counts in rows.items():
+        table.add_row(name, *map(str, counts))
+    return table
+
+
+def _print_summary(plan, store) -> None:
+    """A large plan in counts (jobs per role and stored models reused; cells and student jobs per method and per
+    pair), not one line per job: thousands of lines help no one see what will run."""
+    roles: dict[str, list[int]] = {}
+    for job in plan.jobs:
+        counts = roles.setdefault(job.role, [0, 0])
+        counts[0] += 1
+        counts[1] += int(job.role in STORED_ROLES and store.has(job.key))
+    groups: dict[str, dict[str, tuple[list, set]]] = {"method": {}, "pair": {}}
+    for cell in plan.cells:
+        for kind, name in (("method", cell.method), ("pair", cell.pair.name)):
+            cells, jobs = groups[kind].setdefault(name, ([], set()))
+            cells.append(cell)
+            jobs.add(cell.job)
+    methods, pairs = ({name: (len(c), len(j)) for name, (c, j) in groups[k].items()} for k in ("method", "pair"))
+    seeds = len({c.seed for c in plan.cells})
+    out.print(f"{plan.suite.name}: {len(plan.pairs)} pairs x {len(methods)} methods x {seeds} seeds = "
+              f"{len(plan.cells)} cells, {len(plan.jobs)} jobs; a summary: `--dry-run --all` lists every job",
+              markup=False, highlight=False, soft_wrap=True)
+    out.print(_count_table("jobs by role", ("role", "jobs", "reuse"), {r: tuple(c) for r, c in roles.items()}))
+    out.print(_count_table("by method", ("method", "cells", "student jobs"), methods))
+    shown = dict(list(pairs.items())[:SUMMARY_PAIRS])
+    out.print(_count_table("by pair", ("pair", "cells", "student jobs"), shown, len(pairs) - len(shown)))
