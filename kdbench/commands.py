@@ -24,7 +24,8 @@ from kdbench.data.spec import DataError
 from kdbench.data.load import cached_fingerprint, resolve_data_root
 from kdbench.run.executors import get_executor, load_options
 from kdbench.storage.files import check_writable, folder_size
-from kdbench.tracking import check_tracking, referenced_keys, tracking_uri
+from kdbench.mlflow_db import check_mlflow_db
+from kdbench.tracking import check_tracking, referenced_keys, sqlite_path, tracking_uri
 from kdbench.report.write import write_report
 from kdbench.tools.bench import BenchSettings, print_result, run_bench, write_result
 
@@ -45,6 +46,18 @@ def _store(path: Optional[Path]):
 
 def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _say(line: str) -> None:
+    err.print(f"kdbench: {line}", markup=False, highlight=False)
+
+
+def _check_database() -> None:
+    """An MLflow SQLite database this MLflow cannot use (half-migrated, older, newer): refused in one line, or
+    moved aside when it holds no runs (kdbench.mlflow_db)."""
+    path = sqlite_path(tracking_uri())
+    if path is not None:
+        check_mlflow_db(path, notice=_say)
 
 
 def _csv(value: Optional[str]) -> Optional[list[str]]:
@@ -189,6 +202,7 @@ def run(
         return
 
     check_tracking()  # before any data is read: a dead server or a read-only database is one line, at once
+    _check_database()
     check_writable(model_store.root, "model store")
     try:
         outcome = executor_cls(plan, root, device, console=err, fresh=fresh, download=download,
@@ -218,9 +232,9 @@ def report(
     """Tables (Markdown, LaTeX, CSV) with confidence intervals and paired tests, and the accuracy-vs-gap figure
     (PNG, SVG, PDF) of a suite's run, read from MLflow."""
 
+    _check_database()
     try:
-        folder = write_report(suite, out_dir, run_id, x, methods=_csv(methods), title=title,
-                              notice=lambda line: err.print(f"kdbench: {line}", markup=False, highlight=False))
+        folder = write_report(suite, out_dir, run_id, x, methods=_csv(methods), title=title, notice=_say)
     except PermissionError as exc:  # a results folder that cannot be written: one line naming it
         raise KdbenchError(f"{exc.filename or out_dir}: cannot be written ({exc.strerror}); choose another --out") from None
     err.print(f"report written to {folder}/ (report.md, comparison, cost, figure"
@@ -325,6 +339,7 @@ def store_gc(
     param, and no --keep suite needs; corrupted entries always go. Lists them unless --yes."""
 
     model_store = _store(store)
+    _check_database()
     referenced = referenced_keys()
     for path in keep or []:
         plan = load_plan(path)
