@@ -17,6 +17,8 @@ from kdbench import KdbenchError
 from kdbench.storage.store import ModelStore
 from kdbench.plan import STORED_ROLES, make_plan
 from kdbench.config.load import load_suite
+from kdbench.config.schema import MAX_EPOCHS, MAX_SEEDS
+from kdbench.seeding import MAX_SEED
 from kdbench.registry import methods as registry, modifiers as modifier_registry
 from kdbench.data.spec import DataError
 from kdbench.data.load import cached_fingerprint, resolve_data_root
@@ -24,7 +26,8 @@ from kdbench.run.executors import get_executor, load_options
 from kdbench.run.tune import tune_suite
 from kdbench.tracking import Tracker
 from kdbench.storage.files import check_writable, folder_size
-from kdbench.tracking import check_tracking, referenced_keys, tracking_uri
+from kdbench.mlflow_db import check_mlflow_db
+from kdbench.tracking import check_tracking, referenced_keys, sqlite_path, tracking_uri
 from kdbench.report.write import write_report
 from kdbench.report.tuned import write_tuned_report
 from kdbench.report.rank import load_study, rank as make_ranking
@@ -39,11 +42,29 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)  # log lines stay whole: paths must stay copyable
 
 SuiteArg = typer.Argument(..., help="suite file (YAML)", show_default=False)
+DRY_RUN_LISTED = 200  # a dry run lists plans of up to this many jobs; larger ones get a summary (--all lists them)
+SUMMARY_PAIRS = 50  # pairs shown in a summary's per-pair table
 STORE_HELP = "the model store: trained teachers, route checkpoints, assistants [default: $KDBENCH_STORE, else ./kdbench-store]"
 
 
 def _store(path: Optional[Path]):
     return ModelStore(path)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _say(line: str) -> None:
+    err.print(f"kdbench: {line}", markup=False, highlight=False)
+
+
+def _check_database() -> None:
+    """An MLflow SQLite database this MLflow cannot use (half-migrated, older, newer): refused in one line, or
+    moved aside when it holds no runs (kdbench.mlflow_db)."""
+    path = sqlite_path(tracking_uri())
+    if path is not None:
+        check_mlflow_db(path, notice=_say)
 
 
 def _csv(value: Optional[str]) -> Optional[list[str]]:
@@ -64,10 +85,12 @@ def load_plan(suite_path: Path, methods: Optional[str] = None, seeds: Optional[s
             seed_list = [int(s) for s in _csv(seeds) or []]
         except ValueError:
             seed_list = []
-        if not seed_list or any(s < 0 for s in seed_list) or len(set(seed_list)) != len(seed_list):
-            raise KdbenchError(f"--seeds: expected comma-separated non-negative integers, each once, got '{seeds}'")
-    if epochs is not None and epochs < 1:
-        raise KdbenchError(f"--epochs: expected a positive integer, got {epochs}")
+        if (not seed_list or any(not 0 <= s <= MAX_SEED for s in seed_list) or len(set(seed_list)) != len(seed_list)
+                or len(seed_list) > MAX_SEEDS):
+            raise KdbenchError(f"--seeds: expected comma-separated non-negative integers, each once, at most "
+                               f"{MAX_SEED} and {MAX_SEEDS} of them, got '{_short(seeds)}'")
+    if epochs is not None and not 1 <= epochs <= MAX_EPOCHS:
+        raise KdbenchError(f"--epochs: expected a positive integer of at most {MAX_EPOCHS}, got {epochs}")
     return make_plan(suite, suite_path, methods=_csv(methods), seeds=seed_list, epochs=epochs)
 
 
@@ -152,6 +175,8 @@ def run(
     device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder [default: $KDBENCH_DATA]"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and exit; touches no data and no MLflow"),
+    every_job: bool = typer.Option(False, "--all", help=f"with --dry-run: list every job, also for plans of more "
+                                   f"than {DRY_RUN_LISTED} (otherwise summarised)"),
     fresh: bool = typer.Option(False, "--fresh", help="start a new parent run instead of continuing this plan's last one"),
     download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
     teacher_cache: bool = typer.Option(False, "--teacher-cache", help="compute each teacher's logits once per image "
@@ -187,10 +212,11 @@ def run(
                            logs=slurm_logs)
     root = resolve_data_root(str(data_root) if data_root else None)
     if dry_run:  # keys as the run will make them where the data's fingerprint is known without reading the data
-        _print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)), model_store)
+        _print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)), model_store, every_job)
         return
 
     check_tracking()  # before any data is read: a dead server or a read-only database is one line, at once
+    _check_database()
     check_writable(model_store.root, "model store")
     try:
         outcome = executor_cls(plan, root, device, console=err, fresh=fresh, download=download,
@@ -276,9 +302,9 @@ def report(
     calibration, and the accuracy-vs-gap figure (PNG, SVG, PDF) of a suite's run, read from MLflow; logged back to
     the suite's parent run as artifacts."""
 
+    _check_database()
     try:
-        folder = write_report(suite, out_dir, run_id, x, methods=_csv(methods), title=title,
-                              notice=lambda line: err.print(f"kdbench: {line}", markup=False, highlight=False),
+        folder = write_report(suite, out_dir, run_id, x, methods=_csv(methods), title=title, notice=_say,
                               log_artifacts=mlflow_artifacts)
     except PermissionError as exc:  # a results folder that cannot be written: one line naming it
         raise KdbenchError(f"{exc.filename or out_dir}: cannot be written ({exc.strerror}); choose another --out") from None
@@ -405,6 +431,7 @@ def store_gc(
     param, and no --keep suite needs; corrupted entries always go. Lists them unless --yes."""
 
     model_store = _store(store)
+    _check_database()
     referenced = referenced_keys()
     for path in keep or []:
         plan = load_plan(path)
@@ -426,8 +453,15 @@ def store_gc(
               + (f"; {len(busy)} in use by a running process, kept" if busy else ""), markup=False, highlight=False)
 
 
-def _print_plan(plan, store) -> None:
-    out.print(_pairs_table(plan))
+def _print_plan(plan, store, every_job: bool = False) -> None:
+    if every_job or len(plan.jobs) <= DRY_RUN_LISTED:
+        out.print(_pairs_table(plan))
+        out.print(_jobs_table(plan, store))
+        return
+    _print_summary(plan, store)
+
+
+def _jobs_table(plan, store) -> Table:
     table = Table(title=f"{len(plan.jobs)} jobs, {len(plan.cells)} cells", box=box.SIMPLE_HEAD)
     for col in ("#", "role", "model", "method", "seed", "teacher", "epochs", "key", "store"):
         table.add_column(col, no_wrap=col in ("model", "teacher", "method"))
@@ -437,6 +471,38 @@ def _print_plan(plan, store) -> None:
         teacher += "".join(f" > {a}" for a in job.assistants)
         table.add_row(str(i), job.role, job.model, job.method.label, str(job.seed), teacher,
                       str(job.train.epochs), job.key, stored)
-    out.print(table)
+    return table
 
 
+def _count_table(title: str, columns: tuple[str, ...], rows: dict[str, tuple[int, ...]], more: int = 0) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, caption=f"and {more} more (--all lists them)" if more else None)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="right" if i else "left", no_wrap=not i)
+    for name, counts in rows.items():
+        table.add_row(name, *map(str, counts))
+    return table
+
+
+def _print_summary(plan, store) -> None:
+    """A large plan in counts (jobs per role and stored models reused; cells and student jobs per method and per
+    pair), not one line per job: thousands of lines help no one see what will run."""
+    roles: dict[str, list[int]] = {}
+    for job in plan.jobs:
+        counts = roles.setdefault(job.role, [0, 0])
+        counts[0] += 1
+        counts[1] += int(job.role in STORED_ROLES and store.has(job.key))
+    groups: dict[str, dict[str, tuple[list, set]]] = {"method": {}, "pair": {}}
+    for cell in plan.cells:
+        for kind, name in (("method", cell.method), ("pair", cell.pair.name)):
+            cells, jobs = groups[kind].setdefault(name, ([], set()))
+            cells.append(cell)
+            jobs.add(cell.job)
+    methods, pairs = ({name: (len(c), len(j)) for name, (c, j) in groups[k].items()} for k in ("method", "pair"))
+    seeds = len({c.seed for c in plan.cells})
+    out.print(f"{plan.suite.name}: {len(plan.pairs)} pairs x {len(methods)} methods x {seeds} seeds = "
+              f"{len(plan.cells)} cells, {len(plan.jobs)} jobs; a summary: `--dry-run --all` lists every job",
+              markup=False, highlight=False, soft_wrap=True)
+    out.print(_count_table("jobs by role", ("role", "jobs", "reuse"), {r: tuple(c) for r, c in roles.items()}))
+    out.print(_count_table("by method", ("method", "cells", "student jobs"), methods))
+    shown = dict(list(pairs.items())[:SUMMARY_PAIRS])
+    out.print(_count_table("by pair", ("pair", "cells", "student jobs"), shown, len(pairs) - len(shown)))
