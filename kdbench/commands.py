@@ -15,7 +15,7 @@ from rich.table import Table
 
 from kdbench import KdbenchError
 from kdbench.storage.store import ModelStore
-from kdbench.plan import STORED_ROLES, make_plan
+from kdbench.plan import STORED_ROLES, make_plan, runtime_config
 from kdbench.config.load import load_suite
 from kdbench.registry import methods as registry
 from kdbench.data.spec import DataError
@@ -25,6 +25,7 @@ from kdbench.storage.files import check_writable, folder_size
 from kdbench.tracking import check_tracking, referenced_keys, tracking_uri
 from kdbench.report.write import write_report
 from kdbench.tools.bench import BenchSettings, print_result, run_bench, write_result
+from kdbench.train.engine import EngineOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kdbench: knowledge distillation benchmarks on timm models, logged to MLflow.")
@@ -146,8 +147,8 @@ def run(
     executor_config: Optional[Path] = typer.Option(
         None, "--executor-config", help="per-machine executor options (YAML, a section per executor) "
         "[default: $KDBENCH_EXECUTOR_CONFIG, else ~/.config/kdbench/executor.yaml if present]"),
-    cpus_per_job: Optional[float] = typer.Option(None, "--cpus-per-job", help="ray, slurm: CPUs (and torch "
-                                                 "threads) per job [default: 1]"),
+    cpus_per_job: Optional[float] = typer.Option(None, "--cpus-per-job", help="CPUs and torch threads per job, "
+                                                 "in every executor (part of each job's key) [default: 1]"),
     gpus_per_job: Optional[float] = typer.Option(None, "--gpus-per-job", help="ray: GPUs per job, fractions pack "
                                                  "jobs (0.25: four per GPU); slurm: whole GPUs [default: 1 on "
                                                  "a GPU device, else 0]"),
@@ -173,7 +174,8 @@ def run(
                            logs=slurm_logs)
     root = resolve_data_root(str(data_root) if data_root else None)
     if dry_run:  # keys as the run will make them where the data's fingerprint is known without reading the data
-        _print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)), model_store)
+        runtime = runtime_config(EngineOptions.for_device(device).device.type, options.threads)
+        _print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)).for_runtime(runtime), model_store)
         return
 
     check_tracking()  # before any data is read: a dead server or a read-only database is one line, at once

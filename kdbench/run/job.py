@@ -29,7 +29,7 @@ from kdbench.storage.files import CorruptFile, load_checkpoint, save_checkpoint
 from kdbench.storage.store import ModelStore
 from kdbench.train.teacher_cache import TeacherCache
 from kdbench.tracking import TAG, Tracker, flatten
-from kdbench.run.context import JobContext
+from kdbench.run.context import JobContext, job_runtime
 
 
 DIVERGED = "diverged: "  # prefix of the failure reason of a diverged job: deterministic, so never retried
@@ -60,7 +60,8 @@ def run_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None = None) -
     ctx.local.claim = claim
     ctx.local.should_stop = lambda: outer() or claim.lost  # taken over (we stalled past the lease): stop, unfinished
     try:
-        return _claimed(plan, job, ctx, blocked)
+        with job_runtime(job.config["runtime"], ctx.opts.device):
+            return _claimed(plan, job, ctx, blocked)
     except Interrupted:
         if claim.lost:
             ctx.reporter.print(f"[yellow]lost the claim[/] on {job.title} to another worker; leaving it to them")

@@ -23,7 +23,7 @@ from kdbench.train.engine import EngineOptions
 from kdbench.run.executors.options import ExecutorOptions
 from kdbench.run.job import COLLAPSED, FAILED, FINISHED, HELD, SKIPPED, JobResult, stored_accuracy
 from kdbench.run.context import JobContext, Local, Reporter
-from kdbench.plan import STORED_ROLES, Job, Plan
+from kdbench.plan import STORED_ROLES, Job, Plan, runtime_config
 from kdbench.storage.store import ModelStore
 from kdbench.tracking import TAG, Tracker, code_version, environment, flatten
 
@@ -92,6 +92,11 @@ class Executor:
         self.ctx: JobContext | None = None
         self.options = options or ExecutorOptions()
 
+    @property
+    def runtime(self) -> dict:
+        """The torch configuration every job runs under (and is keyed by): this device kind, the options' threads."""
+        return runtime_config(self.opts.device.type, self.options.threads)
+
     def run_jobs(self, jobs: list[Job], outcome: Outcome) -> None:
         raise NotImplementedError
 
@@ -105,7 +110,7 @@ class Executor:
                          local=Local(opts=self.opts, store=self.store, reporter=Reporter(self.console)))
         # A missing dataset stops the suite before anything is written to MLflow; teachers are keyed by the data
         # they learn from (its fingerprint, known once it is read).
-        self.plan = plan = plan.for_data(ctx.data(plan).fingerprint)
+        self.plan = plan = plan.for_data(ctx.data(plan).fingerprint).for_runtime(self.runtime)
         self.tracker = self.tracker or Tracker()
         ctx.local.tracker, ctx.tracking_uri = self.tracker, absolute_uri(self.tracker.uri)
         ctx.env = {**code_version(), **environment(str(ctx.opts.device)),

@@ -2,8 +2,9 @@
 
 `--executor ray` starts a local Ray (this machine's CPUs and GPUs) unless `--ray-address` names an existing
 cluster ("auto" on a cluster node, or "ray://head:10001"). Each task asks for `--cpus-per-job` CPUs (default 1;
-torch gets that many threads) and `--gpus-per-job` GPUs (0.25: four jobs share a GPU; default 0 on a CPU-only
-run, 1 otherwise). Every worker must see the store, the data and the MLflow tracking URI at the same paths.
+torch gets that many threads, as in every executor: part of the jobs' keys) and `--gpus-per-job` GPUs (0.25: four
+jobs share a GPU; default 0 on a CPU-only run, 1 otherwise). Every worker must see the store, the data and the
+MLflow tracking URI at the same paths.
 """
 
 from __future__ import annotations
@@ -19,11 +20,8 @@ from kdbench.run.context import JobContext, StopRequest
 from kdbench.plan import Job, Plan
 
 
-def _ray_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None, threads: int) -> JobResult:
-    import torch
-
-    torch.set_num_threads(threads)  # the task's CPUs, not the machine's: packed jobs do not fight for cores
-    return run_job(plan, job, ctx, blocked)
+def _ray_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobResult:
+    return run_job(plan, job, ctx, blocked)  # torch threads: the job's runtime (the task's CPUs), set by run_job
 
 
 class RayExecutor(Executor):
@@ -69,10 +67,9 @@ class RayExecutor(Executor):
         ray = self.ray
         task = ray.remote(_ray_job).options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)
         plan_ref, ctx_ref = ray.put(self.plan), ray.put(self.ctx)  # once per wave, not once per job
-        threads = max(1, int(self.cpus))
         for level in dependency_levels(jobs):
             while level:
-                running = {task.remote(plan_ref, job, ctx_ref, self.blocked(job, outcome), threads): job
+                running = {task.remote(plan_ref, job, ctx_ref, self.blocked(job, outcome)): job
                            for job in level}
                 held = self.collect(running, outcome)
                 if held:
