@@ -101,7 +101,7 @@ def _claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobR
     except Diverged as exc:
         why = f"{DIVERGED}{exc}"
         tracker.end(run_id, "FAILED", why)
-        store.checkpoint_path(job.key).unlink(missing_ok=True)
+        store.drop_checkpoint(job.key)
         say(f"[red]diverged[/] {job.title}: {exc}")
         return JobResult(job.key, FAILED, why)
     except (Interrupted, KeyboardInterrupt):
@@ -122,7 +122,7 @@ def _claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobR
     final = {"wall_time": wall, **{k: float(v) for k, v in asdict(result.passes).items()}}
     tracker.log_metrics(run_id, final, step=job.train.epochs)
     status, why = _finish(plan, job, ctx, run_id, result.history)
-    store.checkpoint_path(job.key).unlink(missing_ok=True)
+    store.drop_checkpoint(job.key)
     say(f"done {job.title}: test acc {result.metrics['test_acc']:.2f}% ({wall:.1f} s)")
     return JobResult(job.key, status, why, test_acc=result.metrics["test_acc"])
 
