@@ -74,6 +74,23 @@ def _data_error(suite_path: Path, exc: Exception) -> KdbenchError:
     return KdbenchError(f"{suite_path}: field '{field}': {text}")
 
 
+def _print_table(table: Table) -> None:
+    """A table on a terminal; into a file or a pipe, plain aligned text at full width: no cell cut to 80 columns,
+    no box lines, every column kept (model names, keys)."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    rows = [[str(c.header) for c in table.columns]] + [[str(cell) for cell in row]
+                                                        for row in zip(*(c.cells for c in table.columns))]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(table.columns))]
+    right = [c.justify == "right" for c in table.columns]
+    lines = [str(table.title)] if table.title else []
+    lines += ["  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip() for row in rows]
+    lines += [str(table.caption)] if table.caption else []
+    for line in lines:
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def _pairs_table(plan) -> Table:
     table = Table(title=f"{plan.suite.name}: {len(plan.pairs)} pairs", box=box.SIMPLE_HEAD)
     for col in ("teacher", "params M", "MACs M", "student", "params M", "MACs M", "gap"):
@@ -88,7 +105,7 @@ def _pairs_table(plan) -> Table:
 @app.command()
 def pairs(suite: Path = SuiteArg) -> None:
     """Print the suite's teacher-student pairs with parameters, MACs and capacity gap (needs no data)."""
-    out.print(_pairs_table(load_plan(suite)))
+    _print_table(_pairs_table(load_plan(suite)))
 
 
 @app.command()
@@ -127,7 +144,7 @@ def methods() -> None:
         needs = needs or "-"
         defaults = ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "-"
         table.add_row(name, defaults, needs, cls.summary)
-    out.print(table)
+    _print_table(table)
 
 
 @app.command()
@@ -186,9 +203,15 @@ def run(
                                options=options).run()
     except DataError as exc:  # the data is loaded before anything is written: name the suite and its field
         raise _data_error(suite, exc) from None
+    where = f"MLflow {tracking_uri()}, parent run {outcome.parent_run}"
+    if outcome.nothing_to_do:
+        collapsed = f" ({len(outcome.collapsed)} collapsed)" if outcome.collapsed else ""
+        err.print(f"nothing to do: {len(outcome.finished) + len(outcome.collapsed)} jobs already finished{collapsed}; "
+                  f"{where} (--fresh starts a new run)")
+        return
     already = f" ({outcome.skipped} already done before)" if outcome.skipped else ""
     err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed, "
-              f"{len(outcome.collapsed)} collapsed; MLflow {tracking_uri()}, parent run {outcome.parent_run}")
+              f"{len(outcome.collapsed)} collapsed; {where}")
     if outcome.failed:
         raise typer.Exit(1)
 
@@ -337,7 +360,7 @@ def store_gc(
 
 
 def _print_plan(plan, store) -> None:
-    out.print(_pairs_table(plan))
+    _print_table(_pairs_table(plan))
     table = Table(title=f"{len(plan.jobs)} jobs, {len(plan.cells)} cells", box=box.SIMPLE_HEAD)
     for col in ("#", "role", "model", "method", "seed", "teacher", "epochs", "key", "store"):
         table.add_column(col, no_wrap=col in ("model", "teacher", "method"))
@@ -347,6 +370,6 @@ def _print_plan(plan, store) -> None:
         teacher += "".join(f" > {a}" for a in job.assistants)
         table.add_row(str(i), job.role, job.model, job.method.label, str(job.seed), teacher,
                       str(job.train.epochs), job.key, stored)
-    out.print(table)
+    _print_table(table)
 
 

@@ -59,3 +59,30 @@ def test_pairs_and_dry_run_work_without_the_dataset(tmp_path, monkeypatch):
         assert proc.returncode == 0, proc.stderr
         assert "cifar_resnet32x4" in proc.stdout and "cifar_resnet8" in proc.stdout
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_piped_output_is_plain_full_width_text():
+    """Into a pipe or a file (no COLUMNS): every column and every character, no box lines, nothing cut to 80."""
+    import os
+    import re
+
+    from kdbench.registry import methods
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    suite = REPO / "suites" / "quickstart.yaml"
+    listed = subprocess.run([sys.executable, "-m", "kdbench.cli", "methods"], capture_output=True, text=True,
+                            timeout=300, env=env)
+    dry = subprocess.run([sys.executable, "-m", "kdbench.cli", "run", str(suite), "--dry-run", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert listed.returncode == 0 and dry.returncode == 0, listed.stderr + dry.stderr
+    for text in (listed.stdout, dry.stdout):
+        assert "…" not in text and "━" not in text and "─" not in text
+    for name, cls in methods().items():  # each method on one line, with all its defaults
+        assert any(line.startswith(name + " ") and ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) in line
+                   for line in listed.stdout.splitlines()), name
+    plan = plan_of(suite)
+    rows = [line.split() for line in dry.stdout.splitlines() if re.match(r"\d+ +[a-z]+ +mnist_", line)]
+    assert len(rows) == len(plan.jobs)
+    for row, job in zip(rows, plan.jobs):  # number, role, model, method, seed, ..., epochs, key (with the data's
+        assert row[1:5] == [job.role, job.model, job.method.label, str(job.seed)], row  # fingerprint when cached)
+        assert re.fullmatch(r"[0-9a-f]{16}", row[-1]), row

@@ -35,6 +35,7 @@ class Outcome:
     failed: dict[str, str] = field(default_factory=dict)  # job key -> reason
     collapsed: dict[str, str] = field(default_factory=dict)  # finished, but at chance or never learned: no number
     skipped: int = 0  # jobs already finished by an earlier or concurrent run
+    nothing_to_do: bool = False  # every job had finished before: no job ran and the parent run was left as it was
 
     def record(self, result: JobResult) -> None:
         if result.status in (FINISHED, SKIPPED):
@@ -89,6 +90,7 @@ class Executor:
         self.download = download
         self.teacher_cache = teacher_cache or plan.suite.teacher_cache
         self.unresolved: dict[str, str] = {}  # student job key -> why its "auto" assistant could not be chosen
+        self.done_before: dict[str, str] | None = None  # a finished parent run's jobs, when none is left to run
         self.ctx: JobContext | None = None
         self.options = options or ExecutorOptions()
 
@@ -124,6 +126,11 @@ class Executor:
         ctx.parent_run = self.parent_run(ctx.env)  # before any worker starts: workers only add child runs
         self.ctx = ctx
         outcome = Outcome(ctx.parent_run)
+        if self.done_before is not None:
+            outcome.finished = [k for k, why in self.done_before.items() if not why]
+            outcome.collapsed = {k: why for k, why in self.done_before.items() if why}
+            outcome.skipped, outcome.nothing_to_do = len(outcome.finished), True
+            return outcome
         # The parent run is shared by every process working on this plan: the last one to leave ends it.
         with self.store.workers(ctx.parent_run, f"suite-{plan.plan_hash}") as self.workers:
             try:
@@ -171,6 +178,11 @@ class Executor:
         plan = self.plan
         with FileLock(str(self.store.lock_path(f"suite-{plan.plan_hash}"))):
             found = None if self.fresh else self.tracker.find_suite_run(plan.suite.name, plan.plan_hash)
+            if found is not None and found.info.status == "FINISHED":
+                done = self.tracker.finished_jobs(found.info.run_id)
+                if all(job.key in done for job in plan.jobs):  # nothing to run: the parent keeps its duration
+                    self.done_before = done
+                    return found.info.run_id
             if found is not None:
                 if found.info.status != "RUNNING":
                     self.tracker.reopen(found.info.run_id)
