@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 # One thread per process: the tests run tiny models, where a second thread costs more than it gives, and
@@ -76,3 +77,14 @@ def finished_jobs(uri: str, parent: str, experiment: str = "tiny") -> dict[str, 
                               filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
     return {r.data.tags["kdbench.job"]: (r.data.tags["kdbench.role"], r.data.metrics["test_acc"],
                                          r.data.metrics["train_loss"]) for r in runs if r.info.status == "FINISHED"}
+
+
+def slurm_missing() -> str | None:
+    """Why SLURM cannot be used here (None when sinfo answers): the reason a SLURM test is skipped with."""
+    try:
+        answer = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"sinfo does not run ({exc}); start SLURM with scripts/slurm_setup.sh"
+    if answer.returncode != 0 or not answer.stdout.strip():
+        return f"sinfo does not answer ({answer.stderr.strip()[:200]}); start SLURM with scripts/slurm_setup.sh"
+    return None

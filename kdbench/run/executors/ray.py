@@ -9,6 +9,8 @@ MLflow tracking URI at the same paths.
 
 from __future__ import annotations
 
+import logging
+import os
 from contextlib import contextmanager
 
 from kdbench import KdbenchError
@@ -22,6 +24,14 @@ from kdbench.plan import Job, Plan
 
 def _ray_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobResult:
     return run_job(plan, job, ctx, blocked)  # torch threads: the job's runtime (the task's CPUs), set by run_job
+
+
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"  # a logger filter sees only its own records
+
+
+def _no_default_auth_notice(record: logging.LogRecord) -> bool:
+    """Ray's notice that a local Ray uses token authentication, its default: a line in every log, nothing to do."""
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 class RayExecutor(Executor):
@@ -44,6 +54,9 @@ class RayExecutor(Executor):
         if started:
             # A local Ray's workers inherit this process's environment (PYTHONPATH, KDBENCH_*), and Ray sets their
             # OMP_NUM_THREADS to the task's CPUs. No dashboard: nothing needs it, and it slows a loaded machine.
+            if not self.console.is_terminal:  # a log file or a pipe: worker lines without colour codes
+                os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+            logging.getLogger(AUTH_LOGGER).addFilter(_no_default_auth_notice)
             for attempt in range(3):  # a loaded machine can miss Ray's fixed 30 s start-up wait: try again
                 try:
                     ray.init(address=opts.address, include_dashboard=False, configure_logging=False)
@@ -91,9 +104,8 @@ class RayExecutor(Executor):
                         job, result = running.pop(ref), ray.get(ref)
                         if result.status == HELD:  # another kdbench process trains it: wait, then look again
                             held.append(job)
-                        else:
+                        else:  # the worker's own line ("done ...", "failed ...") says how it ended
                             outcome.record(result)
-                            self.console.print(f"[dim]ray:[/] {job.title}: {result.status}")
             except (Interrupted, KeyboardInterrupt):
                 for ref in running:
                     ray.cancel(ref)  # a KeyboardInterrupt in the task: its run is marked KILLED, its claim freed
