@@ -15,7 +15,7 @@ from rich.table import Table
 
 from kdbench import KdbenchError
 from kdbench.storage.store import ModelStore
-from kdbench.plan import STORED_ROLES, make_plan
+from kdbench.plan import STORED_ROLES, make_plan, runtime_config
 from kdbench.config.load import load_suite
 from kdbench.config.schema import MAX_EPOCHS, MAX_SEEDS
 from kdbench.seeding import MAX_SEED
@@ -35,6 +35,7 @@ from kdbench.report.rank_output import write_ranking
 from kdbench.tools.bench_setup import BenchSettings
 from kdbench.tools.bench_output import print_result, write_result
 from kdbench.tools.bench import run_bench
+from kdbench.train.engine import EngineOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kdbench: knowledge distillation benchmarks on timm models, logged to MLflow.")
@@ -103,6 +104,23 @@ def _data_error(suite_path: Path, exc: Exception) -> KdbenchError:
     return KdbenchError(f"{suite_path}: field '{field}': {text}")
 
 
+def _print_table(table: Table) -> None:
+    """A table on a terminal; into a file or a pipe, plain aligned text at full width: no cell cut to 80 columns,
+    no box lines, every column kept (model names, keys)."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    rows = [[str(c.header) for c in table.columns]] + [[str(cell) for cell in row]
+                                                        for row in zip(*(c.cells for c in table.columns))]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(table.columns))]
+    right = [c.justify == "right" for c in table.columns]
+    lines = [str(table.title)] if table.title else []
+    lines += ["  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip() for row in rows]
+    lines += [str(table.caption)] if table.caption else []
+    for line in lines:
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def _pairs_table(plan) -> Table:
     table = Table(title=f"{plan.suite.name}: {len(plan.pairs)} pairs", box=box.SIMPLE_HEAD)
     for col in ("teacher", "params M", "MACs M", "student", "params M", "MACs M", "gap"):
@@ -117,7 +135,7 @@ def _pairs_table(plan) -> Table:
 @app.command()
 def pairs(suite: Path = SuiteArg) -> None:
     """Print the suite's teacher-student pairs with parameters, MACs and capacity gap (needs no data)."""
-    out.print(_pairs_table(load_plan(suite)))
+    _print_table(_pairs_table(load_plan(suite)))
 
 
 @app.command()
@@ -156,14 +174,14 @@ def methods() -> None:
         needs = needs or "-"
         defaults = ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "-"
         table.add_row(name, defaults, needs, cls.summary)
-    out.print(table)
+    _print_table(table)
     table = Table(title="modifiers", box=box.SIMPLE_HEAD,
                   caption="with any method that declares logit losses: {method: kd, modify: logit_std} (label kd+logit_std)")
     for col in ("name", "defaults", "what it does"):
         table.add_column(col)
     for name, cls in modifier_registry().items():
         table.add_row(name, ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "-", cls.summary)
-    out.print(table)
+    _print_table(table)
 
 
 @app.command()
@@ -185,8 +203,8 @@ def run(
     executor_config: Optional[Path] = typer.Option(
         None, "--executor-config", help="per-machine executor options (YAML, a section per executor) "
         "[default: $KDBENCH_EXECUTOR_CONFIG, else ~/.config/kdbench/executor.yaml if present]"),
-    cpus_per_job: Optional[float] = typer.Option(None, "--cpus-per-job", help="ray, slurm: CPUs (and torch "
-                                                 "threads) per job [default: 1]"),
+    cpus_per_job: Optional[float] = typer.Option(None, "--cpus-per-job", help="CPUs and torch threads per job, "
+                                                 "in every executor (part of each job's key) [default: 1]"),
     gpus_per_job: Optional[float] = typer.Option(None, "--gpus-per-job", help="ray: GPUs per job, fractions pack "
                                                  "jobs (0.25: four per GPU); slurm: whole GPUs [default: 1 on "
                                                  "a GPU device, else 0]"),
@@ -212,7 +230,9 @@ def run(
                            logs=slurm_logs)
     root = resolve_data_root(str(data_root) if data_root else None)
     if dry_run:  # keys as the run will make them where the data's fingerprint is known without reading the data
-        _print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)), model_store, every_job)
+        runtime = runtime_config(EngineOptions.for_device(device).device.type, options.threads)
+        _print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)).for_runtime(runtime),
+                    model_store, every_job)
         return
 
     check_tracking()  # before any data is read: a dead server or a read-only database is one line, at once
@@ -224,9 +244,15 @@ def run(
                                options=options).run()
     except DataError as exc:  # the data is loaded before anything is written: name the suite and its field
         raise _data_error(suite, exc) from None
+    where = f"MLflow {tracking_uri()}, parent run {outcome.parent_run}"
+    if outcome.nothing_to_do:
+        collapsed = f" ({len(outcome.collapsed)} collapsed)" if outcome.collapsed else ""
+        err.print(f"nothing to do: {len(outcome.finished) + len(outcome.collapsed)} jobs already finished{collapsed}; "
+                  f"{where} (--fresh starts a new run)")
+        return
     already = f" ({outcome.skipped} already done before)" if outcome.skipped else ""
     err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed, "
-              f"{len(outcome.collapsed)} collapsed; MLflow {tracking_uri()}, parent run {outcome.parent_run}")
+              f"{len(outcome.collapsed)} collapsed; {where}")
     if outcome.failed:
         raise typer.Exit(1)
 
@@ -455,8 +481,8 @@ def store_gc(
 
 def _print_plan(plan, store, every_job: bool = False) -> None:
     if every_job or len(plan.jobs) <= DRY_RUN_LISTED:
-        out.print(_pairs_table(plan))
-        out.print(_jobs_table(plan, store))
+        _print_table(_pairs_table(plan))
+        _print_table(_jobs_table(plan, store))
         return
     _print_summary(plan, store)
 
@@ -502,7 +528,7 @@ def _print_summary(plan, store) -> None:
     out.print(f"{plan.suite.name}: {len(plan.pairs)} pairs x {len(methods)} methods x {seeds} seeds = "
               f"{len(plan.cells)} cells, {len(plan.jobs)} jobs; a summary: `--dry-run --all` lists every job",
               markup=False, highlight=False, soft_wrap=True)
-    out.print(_count_table("jobs by role", ("role", "jobs", "reuse"), {r: tuple(c) for r, c in roles.items()}))
-    out.print(_count_table("by method", ("method", "cells", "student jobs"), methods))
+    _print_table(_count_table("jobs by role", ("role", "jobs", "reuse"), {r: tuple(c) for r, c in roles.items()}))
+    _print_table(_count_table("by method", ("method", "cells", "student jobs"), methods))
     shown = dict(list(pairs.items())[:SUMMARY_PAIRS])
-    out.print(_count_table("by pair", ("pair", "cells", "student jobs"), shown, len(pairs) - len(shown)))
+    _print_table(_count_table("by pair", ("pair", "cells", "student jobs"), shown, len(pairs) - len(shown)))

@@ -30,6 +30,12 @@ TEACHER_METHOD = MethodEntry(method="baseline", label="baseline")
 # Roles whose trained models the store keeps and reuses. A "reference" is a model trained alone with the
 # teachers' recipe so that its accuracy can choose an assistant (it is the same job as that model's teacher job).
 STORED_ROLES = ("teacher", "reference", "assistant")
+# What besides a job's own settings decides its numbers: torch's configuration on the device it runs on. Every job's
+# key holds it (`runtime_config`), and run_job sets torch to it before the job trains, whatever the executor: a model
+# trained under one configuration is never reused under another. On CPU the intra-op thread count changes how the
+# larger layers' sums are split, and so the last bits: one thread by default (jobs run side by side, not wide).
+DEFAULT_THREADS = 1
+MATMUL_PRECISION = "highest"  # float32 matmuls in float32 (no TF32, no bf16 passes), whatever a library set
 WAVES = {"teacher": 0, "reference": 0, "assistant": 1, "student": 2}  # jobs run wave by wave
 
 
@@ -154,6 +160,14 @@ class Plan:
         plan = make_plan(self.suite, self.suite_path, **{**self.options, "data_fingerprint": fingerprint})
         return replace(plan, suite_hash=self.data_free_hash)
 
+    def for_runtime(self, runtime: dict[str, Any]) -> "Plan":
+        """This plan with the jobs keyed by `runtime` (runtime_config: the device kind and threads they will run
+        with); what a report matches (data_free_hash) stays that of the default runtime."""
+        if runtime == self.options.get("runtime"):
+            return self
+        plan = make_plan(self.suite, self.suite_path, **{**self.options, "runtime": runtime})
+        return replace(plan, suite_hash=self.data_free_hash)
+
     def for_data_root(self, root: Path | None) -> "Plan":
         """for_data with the fingerprint of the dataset under `root` (cached, or computed by reading it)."""
 
@@ -197,7 +211,8 @@ class Plan:
             target = (acc.pop("teacher") + acc.pop("student")) / 2
             chosen = min(acc, key=lambda name: (abs(acc[name] - target), name))
             chain = assistant_jobs(self.suite, self.student_train, job.teacher, job.teacher_model, (chosen,),
-                                   job.method, config["method_params"], self.options.get("data_fingerprint"))
+                                   job.method, config["method_params"], self.options.get("data_fingerprint"),
+                                   self.options.get("runtime"))
             for a in chain:
                 jobs.setdefault(a.key, a)
             choice = (f"auto: {chosen}, validation accuracy closest to {target:.2f}, the mean of teacher "
@@ -205,6 +220,19 @@ class Plan:
                       + ", ".join(f"{n} {a:.2f}" for n, a in sorted(acc.items())))
             jobs[job.key] = replace(job, teacher=chain[-1].key, assistants=(chosen,), assistant_choice=choice)
         return replace(self, jobs=in_waves(jobs.values())), failed
+
+
+def runtime_config(device: str = "cpu", threads: int = DEFAULT_THREADS) -> dict[str, Any]:
+    """The torch configuration a job on a `device` kind ("cpu", "cuda") with `threads` CPU threads runs under.
+
+    CPU: the thread count and deterministic algorithms; bit for bit the same numbers for the same key on the same
+    CPU and torch. CUDA: cuDNN's deterministic kernels, no autotuning; the thread count is left out (the data and
+    the models are on the GPU), and bit-identity is not promised there (README, "Same numbers")."""
+    if device == "cuda":
+        return {"device": "cuda", "cudnn_deterministic": True, "cudnn_benchmark": False,
+                "matmul_precision": MATMUL_PRECISION}
+    return {"device": "cpu", "threads": int(threads), "deterministic_algorithms": True,
+            "matmul_precision": MATMUL_PRECISION}
 
 
 def content_hash(config: dict[str, Any]) -> str:
@@ -259,11 +287,13 @@ def in_waves(jobs) -> list[Job]:
     return sorted(jobs, key=lambda j: WAVES[j.role])
 
 
-def base_config(suite: Suite, data_fingerprint: str | None = None) -> dict[str, Any]:
+def base_config(suite: Suite, data_fingerprint: str | None = None,
+                runtime: dict[str, Any] | None = None) -> dict[str, Any]:
     data = suite.data.model_dump()
     if not data["val_size"]:  # no validation split trains on what suites before val_size trained on: same keys
         del data["val_size"]
-    config = {"store_version": STORE_VERSION, "data": data, "augment": suite.augment.model_dump()}
+    config = {"store_version": STORE_VERSION, "data": data, "augment": suite.augment.model_dump(),
+              "runtime": runtime or runtime_config()}
     if data_fingerprint is not None:  # data read from disk: its content, not only its name (see data.py)
         config["data_fingerprint"] = data_fingerprint
     return config
@@ -271,7 +301,7 @@ def base_config(suite: Suite, data_fingerprint: str | None = None) -> dict[str, 
 
 def assistant_jobs(suite: Suite, student_train: TrainConfig, teacher_key: str, teacher_model: str,
                    chain: tuple[str, ...], entry: MethodEntry, params: dict[str, Any],
-                   data_fingerprint: str | None = None) -> list[Job]:
+                   data_fingerprint: str | None = None, runtime: dict[str, Any] | None = None) -> list[Job]:
     """One job per assistant of `chain`, each distilled from the one before (the first from the teacher).
 
     An assistant is keyed by what determines it (its model, its teacher's key, the loss params, the
@@ -281,7 +311,7 @@ def assistant_jobs(suite: Suite, student_train: TrainConfig, teacher_key: str, t
     jobs, prev_key, prev_model = [], teacher_key, teacher_model
     for name in chain:
         train = student_train.for_model(name)
-        config = {**base_config(suite, data_fingerprint), "role": "assistant", "model": name,
+        config = {**base_config(suite, data_fingerprint, runtime), "role": "assistant", "model": name,
                   "model_kwargs": suite.model_kwargs.get(name, {}), "seed": suite.teacher.seed,
                   "method": entry.method, "method_hash": method_hash(entry.method), "method_params": loss_params,
                   "train": train.model_dump(),
@@ -314,13 +344,17 @@ CHAIN_PARAMS = ("assistants", "max_assistants")  # choose the chain (its keys sa
 
 
 def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = None, seeds: list[int] | None = None,
-              epochs: int | None = None, data_fingerprint: str | None = None) -> Plan:
+              epochs: int | None = None, data_fingerprint: str | None = None,
+              runtime: dict[str, Any] | None = None) -> Plan:
     """Expand a suite. `methods`, `seeds` and `epochs` narrow or shrink it (the CLI's options); `data_fingerprint`
-    (known once the data is read: Plan.for_data) enters every job's key."""
-    options = {"methods": methods, "seeds": seeds, "epochs": epochs, "data_fingerprint": data_fingerprint}
+    (known once the data is read: Plan.for_data) and `runtime` (the device kind and threads the jobs run with:
+    Plan.for_runtime; default one CPU thread) enter every job's key."""
+    runtime = runtime or runtime_config()
+    options = {"methods": methods, "seeds": seeds, "epochs": epochs, "data_fingerprint": data_fingerprint,
+               "runtime": runtime}
     entries = chosen_methods(suite, suite_path, methods)
     seeds = seeds if seeds is not None else list(suite.seeds)
-    planner = _Planner.start(suite, suite_path, epochs, data_fingerprint)
+    planner = _Planner.start(suite, suite_path, epochs, data_fingerprint, runtime)
     pair_names = planner.pair_names()
     pairs = [Pair(planner.models[t], planner.models[s]) for t, s in pair_names]
     for t in dict.fromkeys(t for t, _ in pair_names):
@@ -372,19 +406,21 @@ class _Planner:
     base: dict[str, Any]
     data_fingerprint: str | None
     epochs: int | None  # --epochs, or None
+    runtime: dict[str, Any]  # runtime_config: the torch configuration the jobs run under, in every key
     models: dict[str, ModelStats] = field(default_factory=dict)
     jobs: dict[str, Job] = field(default_factory=dict)
     teacher_keys: dict[str, str] = field(default_factory=dict)
     checked: set[tuple[str, str]] = field(default_factory=set)
 
     @classmethod
-    def start(cls, suite: Suite, suite_path: Path, epochs: int | None, data_fingerprint: str | None) -> "_Planner":
+    def start(cls, suite: Suite, suite_path: Path, epochs: int | None, data_fingerprint: str | None,
+              runtime: dict[str, Any]) -> "_Planner":
         student_train = suite.train if epochs is None else suite.train.scaled_to(epochs)
         teacher_train = suite.teacher_train()
         if epochs is not None and teacher_train.epochs > 0:
             teacher_train = teacher_train.scaled_to(epochs)
         return cls(suite, suite_path, dataset_info(suite.data.spec()), student_train, teacher_train,
-                   base_config(suite, data_fingerprint), data_fingerprint, epochs)
+                   base_config(suite, data_fingerprint, runtime), data_fingerprint, epochs, runtime)
 
     def check_kwargs(self, name: str, kwargs: dict[str, Any], field: str) -> None:
         """Model kwargs are checked against the model's constructor here, before anything is written."""
@@ -496,7 +532,7 @@ class _Planner:
             raise KdbenchError(f"{self.suite_path}: method '{d.entry.label}': assistants {list(d.assistants)} "
                                f"must shrink from teacher {t} to student {s} in size; use 'auto' or list `pairs`")
         chain = assistant_jobs(self.suite, self.student_train, d.teacher_key, t, d.assistants, d.entry,
-                               d.params, self.data_fingerprint)
+                               d.params, self.data_fingerprint, self.runtime)
         for a in chain:
             self.jobs.setdefault(a.key, a)
         d.teacher_key = chain[-1].key

@@ -335,6 +335,19 @@ class Tracker:
         finished = [r for r in runs if r.info.status == RunStatus.FINISHED]
         return (finished or runs or [None])[0]
 
+    def finished_jobs(self, parent_id: str) -> dict[str, str]:
+        """Job key -> why it collapsed ("" if it did not), for every finished child run of this parent run."""
+        exp = self.client.get_run(parent_id).info.experiment_id
+        out: dict[str, str] = {}
+        token = None
+        while True:
+            page = self.client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                                           f"attributes.status = '{RunStatus.FINISHED}'", max_results=1000, page_token=token)
+            out.update({r.data.tags.get(tag("job"), ""): r.data.tags.get(COLLAPSED_TAG, "") for r in page})
+            token = page.token
+            if not token:
+                return out
+
     def last_step(self, run_id: str, metric: str = "test_acc") -> int:
         history = self.client.get_metric_history(run_id, metric)
         return max((m.step for m in history), default=0)

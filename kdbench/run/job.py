@@ -31,7 +31,7 @@ from kdbench.storage.files import CorruptFile, load_checkpoint, save_checkpoint
 from kdbench.storage.store import ModelStore
 from kdbench.train.teacher_cache import TeacherCache
 from kdbench.tracking import DIVERGED, JobTags, RunEnd, RunStatus, Tracker, flatten
-from kdbench.run.context import JobContext
+from kdbench.run.context import JobContext, job_runtime
 
 
 # JobResult.status
@@ -60,7 +60,8 @@ def run_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None = None) -
     ctx.local.claim = claim
     ctx.local.should_stop = lambda: outer() or claim.lost  # taken over (we stalled past the lease): stop, unfinished
     try:
-        return _run_claimed(plan, job, ctx, blocked)
+        with job_runtime(job.config["runtime"], ctx.opts.device):
+            return _run_claimed(plan, job, ctx, blocked)
     except Interrupted:
         if claim.lost:
             ctx.reporter.print(f"[yellow]lost the claim[/] on {job.title} to another worker; leaving it to them")
@@ -99,7 +100,7 @@ def _run_claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> 
     except Diverged as exc:
         why = f"{DIVERGED}{exc}"
         tracker.end(run_id, RunStatus.FAILED, why)
-        store.checkpoint_path(job.key).unlink(missing_ok=True)
+        store.drop_checkpoint(job.key)
         say(f"[red]diverged[/] {job.title}: {exc}")
         return JobResult(job.key, FAILED, why)
     except (Interrupted, KeyboardInterrupt):
@@ -120,7 +121,7 @@ def _run_claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> 
     final = {"wall_time": wall, **{k: float(v) for k, v in asdict(result.passes).items()}}
     tracker.log_metrics(run_id, final, step=job.train.epochs)
     status, why = _finish(plan, job, ctx, run_id, result.history)
-    store.checkpoint_path(job.key).unlink(missing_ok=True)
+    store.drop_checkpoint(job.key)
     shown = "val" if job.trial else "test"  # a tuning trial never evaluates on the test split
     say(f"done {job.title}: {shown} acc {result.metrics[f'{shown}_acc']:.2f}% ({wall:.1f} s)")
     return JobResult(job.key, status, why, test_acc=result.metrics.get("test_acc"))

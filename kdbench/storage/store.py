@@ -117,6 +117,15 @@ class ModelStore:
         """Where a job's resumable training state lives while it is unfinished."""
         return self.root / "jobs" / key / "checkpoint.pt"
 
+    def drop_checkpoint(self, key: str) -> None:
+        """A finished (or diverged) job's resumable state, deleted with its folder: no empty jobs/<key>/ stays."""
+        path = self.checkpoint_path(key)
+        path.unlink(missing_ok=True)
+        try:
+            path.parent.rmdir()
+        except OSError:  # gone already, or not empty: something else is in it, left alone
+            pass
+
     def lock_path(self, name: str) -> Path:
         path = self.root / "locks" / f"{name}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +175,7 @@ class ModelStore:
     # -------------------------------------------------------------------------------- listing, clean-up
 
     def entries(self) -> list[Entry]:
-        """Everything the store holds, in a stable order (models, then checkpoints, then corrupted entries)."""
+        """Everything the store holds, in a stable order: models, partial models, checkpoints, corrupted entries."""
         if not self.root.is_dir():
             return []
         out = []
@@ -179,6 +188,7 @@ class ModelStore:
                 except CorruptFile:
                     kind = "corrupt"
             out.append(Entry(path.name, kind, model, role, folder_size(path), folder_mtime(path), path))
+        out.sort(key=lambda e: e.kind != "model")  # stable: complete models first, each group by key
         jobs = self.root / "jobs"
         for path in sorted(jobs.iterdir()) if jobs.is_dir() else []:
             out.append(Entry(path.name, "checkpoint", "", "", folder_size(path), folder_mtime(path), path))
