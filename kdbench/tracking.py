@@ -85,7 +85,14 @@ class SuiteTags:
         return self.suite_plan or self.plan
 
 
-WRITTEN_WHEN_SET = ("assistant", "protocol", "reused")  # the job tags a run without them does not have
+# Tuning (kdbench.run.tune): where a search and its tuned runs live, and how a tuned entry is labelled.
+SEARCH_SUFFIX = ".tune"  # the tuning parent's experiment, <suite>.tune: the trials' runs are its children
+TUNED_SUFFIX = ".tuned"  # the experiment of the tuned settings' reporting runs, <suite>.tuned
+TUNED_LABEL = " tuned"  # a method's label at its tuned setting: "kd tuned" beside "kd"
+TUNING_TAG = tag("tuning")  # on the tuning parent: "search"
+
+
+WRITTEN_WHEN_SET = ("assistant", "protocol", "reused", "trial")  # the job tags a run without them does not have
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,7 @@ class JobTags:
     assistant: str = ""  # the assistant chain "a > b" (TAKD, DGKD); written only when there is one
     protocol: str = ""  # the method's protocol note (e.g. "protocol assumed"); written only when there is one
     reused: bool = False  # a stored model reported, not trained in this run; written only when true
+    trial: bool = False  # a tuning trial (validation only, under a tuning parent); written only when true
 
     def to_tags(self) -> dict[str, str]:
         return {tag(f.name): "true" if value is True else str(value) for f in fields(self)
@@ -112,8 +120,9 @@ class JobTags:
 
     @classmethod
     def from_tags(cls, tags: Mapping[str, str]) -> "JobTags":
-        texts = {f.name: tags.get(tag(f.name), "") for f in fields(cls) if f.name not in ("seed", "reused")}
-        return cls(**texts, seed=int(tags.get(tag("seed"), "-1")), reused=tags.get(tag("reused"), "") == "true")
+        texts = {f.name: tags.get(tag(f.name), "") for f in fields(cls) if f.name not in ("seed", "reused", "trial")}
+        return cls(**texts, seed=int(tags.get(tag("seed"), "-1")), reused=tags.get(tag("reused"), "") == "true",
+                   trial=tags.get(tag("trial"), "") == "true")
 
 
 @dataclass(frozen=True)
@@ -325,6 +334,19 @@ class Tracker:
                                        f"tags.`{tag('job')}` = '{job_key}'", order_by=["attributes.start_time DESC"])
         finished = [r for r in runs if r.info.status == RunStatus.FINISHED]
         return (finished or runs or [None])[0]
+
+    def finished_jobs(self, parent_id: str) -> dict[str, str]:
+        """Job key -> why it collapsed ("" if it did not), for every finished child run of this parent run."""
+        exp = self.client.get_run(parent_id).info.experiment_id
+        out: dict[str, str] = {}
+        token = None
+        while True:
+            page = self.client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                                           f"attributes.status = '{RunStatus.FINISHED}'", max_results=1000, page_token=token)
+            out.update({r.data.tags.get(tag("job"), ""): r.data.tags.get(COLLAPSED_TAG, "") for r in page})
+            token = page.token
+            if not token:
+                return out
 
     def last_step(self, run_id: str, metric: str = "test_acc") -> int:
         history = self.client.get_metric_history(run_id, metric)

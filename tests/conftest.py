@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 # One thread per process: the tests run tiny models, where a second thread costs more than it gives, and
@@ -104,3 +105,14 @@ def float64_measures(logits, labels, teacher=None) -> dict[str, float]:
         out["agreement"] = (q.argmax(1) == predicted).double().mean().item() * 100
         out["kl"] = sum((q[i] * (q[i].log() - p[i].log())).sum().item() for i in range(n)) / n
     return out
+
+
+def slurm_missing() -> str | None:
+    """Why SLURM cannot be used here (None when sinfo answers): the reason a SLURM test is skipped with."""
+    try:
+        answer = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"sinfo does not run ({exc}); start SLURM with scripts/slurm_setup.sh"
+    if answer.returncode != 0 or not answer.stdout.strip():
+        return f"sinfo does not answer ({answer.stderr.strip()[:200]}); start SLURM with scripts/slurm_setup.sh"
+    return None

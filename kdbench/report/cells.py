@@ -76,7 +76,8 @@ def report_scope(plan, runs: pd.DataFrame) -> ReportScope:
     baselines = [m.label for m in suite.methods if m.method == "baseline"]
     baselines += sorted(set(students[students.method_name == "baseline"].method) - set(baselines))
     seeds = sorted(set(suite.seeds) | set(students.seed))
-    kd = [m.label for m in suite.methods if m.method == "kd" and m.combine == "sum"]  # not kd+pcgrad: plain KD
+    # plain KD: not kd+pcgrad, not kd+logit_std
+    kd = [m.label for m in suite.methods if m.method == "kd" and m.combine == "sum" and m.modify is None]
     kd.sort(key=lambda label: bool(next(m for m in suite.methods if m.label == label).params))  # defaults first
     display = suite.display
     names = {**display.models, **display.methods}

@@ -28,7 +28,7 @@ from kdbench import KdbenchError
 from kdbench.config.load import load_suite
 from kdbench.plan import make_plan
 from kdbench.report.cells import ReportScope, report_scope, student_cell
-from kdbench.report.robust import REPS, SEED, improvement_interval, iqm_interval
+from kdbench.report.robust import improvement_interval, iqm_interval
 from kdbench.report.runs import find_parent, load_runs, open_client
 from kdbench.report.stats import ALPHA
 from kdbench.tracking import SUITE_ROLE, SuiteTags, tag, tracking_uri

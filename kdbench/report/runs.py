@@ -64,8 +64,9 @@ def find_parent(client, suite_name: str, run_id: str | None = None, plan_hash: s
     matching = [r for r in runs if plan_of(r) == plan_hash]
     if not matching:
         notice(f"no run of suite '{suite_name}' as its file is now (plan {plan_hash}); reporting the latest run "
-               f"{runs[0].info.run_id} (plan {plan_of(runs[0]) or 'unknown'}), of another version of the suite or "
-               f"made with --methods, --seeds or --epochs: run the suite again, or pass --run to choose")
+               f"{runs[0].info.run_id} (plan {plan_of(runs[0]) or 'unknown'}), of another version of the suite, made "
+               f"with --methods, --seeds or --epochs, or by a kdbench with other job keys (before the jobs' runtime "
+               f"entered them): run the suite again, or pass --run to choose")
         return runs[0]
     if matching[0] is not runs[0]:
         notice(f"reporting run {matching[0].info.run_id}, the latest of the suite as its file is now; the newer run "

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 from kdbench import KdbenchError
 from kdbench.report.figures import X_AXES, accuracy_figure, save_figure
-from kdbench.tracking import RunStatus, SuiteTags
+from kdbench.tracking import RunStatus, SuiteTags, sqlite_path, tracking_uri
 from kdbench.report.cells import comparison_frame, cost_frame, report_scope
 from kdbench.report.format import write_csv, write_text
 from kdbench.report.runs import find_parent, load_runs, open_client
@@ -60,6 +60,23 @@ def stale_methods(runs: pd.DataFrame) -> list[str]:
     return sorted({name for name, code in zip(done.method_name, done.method_hash) if code != method_hash(name)})
 
 
+LOCAL = "local"  # out/local/<suite>/: reports of a suite whose out/<suite>/ holds reference results
+
+
+def report_folder(out: Path, suite_name: str, uri: str, notice=None) -> Path:
+    """out/<suite>/, unless that folder holds reference results made from its own MLflow store (an mlflow.db beside
+    them, as the committed results/ have) and this report reads another store: then out/local/<suite>/, so that
+    reporting your own run of a committed suite never overwrites the reference it is compared with."""
+    folder = out / suite_name
+    own, reading = folder / "mlflow.db", sqlite_path(uri)
+    if not own.is_file() or (reading is not None and reading.resolve() == own.resolve()):
+        return folder
+    local = out / LOCAL / suite_name
+    if notice is not None:
+        notice(f"{folder}/ holds reference results made from {own}; this report reads {uri}, so it goes to {local}/")
+    return local
+
+
 def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | None = None, x: str = "gap",
                  uri: str | None = None, methods: list[str] | None = None, title: str | None = None,
                  notice=None, log_artifacts: bool = False) -> Path:
@@ -81,7 +98,7 @@ def write_report(suite_path: Path, out: Path = Path("results"), run_id: str | No
     table = add_measures(comparison_frame(runs, scope), runs, scope)
     cost = cost_frame(runs, scope)
 
-    folder = out / suite.name
+    folder = report_folder(out, suite.name, uri or tracking_uri(), notice)
     folder.mkdir(parents=True, exist_ok=True)
     # method_hash stays out of runs.csv for now: the committed results' files keep their bytes (it is in MLflow).
     write_csv(runs.drop(columns=["start_time", "method_hash"]), folder / "runs.csv")

@@ -11,8 +11,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
+import torch
 from rich.console import Console
-from kdbench import Stopped
+from kdbench import KdbenchError, Stopped
 from kdbench.storage.claims import Claim
 from kdbench.data.batches import DeviceData
 from kdbench.data.load import load_data
@@ -71,6 +72,33 @@ class StopRequest:
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
+
+
+@contextmanager
+def job_runtime(runtime: dict[str, Any], device: torch.device):
+    """torch set to a job's runtime (plan.runtime_config, part of its key) while it runs, then put back: the one
+    place every executor's jobs get their threads and deterministic settings, so a key means one set of numbers."""
+    if runtime["device"] != device.type:  # the plan was keyed for another device than this worker's
+        raise KdbenchError(f"job keyed for {runtime['device']} runs on {device.type}: plan with Plan.for_runtime")
+    cudnn, fill = torch.backends.cudnn, torch.utils.deterministic
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), fill.fill_uninitialized_memory,
+              torch.get_float32_matmul_precision(), cudnn.deterministic, cudnn.benchmark)
+    if "threads" in runtime:
+        torch.set_num_threads(runtime["threads"])
+    # CPU: raises on the few ops without a deterministic kernel instead of giving other numbers; free otherwise
+    # (torch.empty is not NaN-filled: that would cost a pass over every new tensor).
+    torch.use_deterministic_algorithms(runtime.get("deterministic_algorithms", False))
+    fill.fill_uninitialized_memory = False
+    torch.set_float32_matmul_precision(runtime["matmul_precision"])
+    cudnn.deterministic = runtime.get("cudnn_deterministic", False)
+    cudnn.benchmark = runtime.get("cudnn_benchmark", False)
+    try:
+        yield
+    finally:
+        threads, deterministic, fill.fill_uninitialized_memory, precision, cudnn.deterministic, cudnn.benchmark = before
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_float32_matmul_precision(precision)
 
 
 @dataclass

@@ -14,7 +14,7 @@ are skipped, a diverged one is not retried, an unfinished one resumes from its l
 from __future__ import annotations
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 import torch
 from kdbench import KdbenchError
@@ -25,12 +25,13 @@ from kdbench import Interrupted
 from kdbench.train.engine import Diverged, Hooks, Provided, collapse_reason, fit
 from kdbench.plan import STORED_ROLES, Job, Plan
 from kdbench.method import Method
-from kdbench.registry import get_method
+from kdbench.modifier import modify
+from kdbench.registry import get_method, get_modifier
 from kdbench.storage.files import CorruptFile, load_checkpoint, save_checkpoint
 from kdbench.storage.store import ModelStore
 from kdbench.train.teacher_cache import TeacherCache
 from kdbench.tracking import DIVERGED, JobTags, RunEnd, RunStatus, Tracker, flatten
-from kdbench.run.context import JobContext
+from kdbench.run.context import JobContext, job_runtime
 
 
 # JobResult.status
@@ -59,7 +60,8 @@ def run_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None = None) -
     ctx.local.claim = claim
     ctx.local.should_stop = lambda: outer() or claim.lost  # taken over (we stalled past the lease): stop, unfinished
     try:
-        return _run_claimed(plan, job, ctx, blocked)
+        with job_runtime(job.config["runtime"], ctx.opts.device):
+            return _run_claimed(plan, job, ctx, blocked)
     except Interrupted:
         if claim.lost:
             ctx.reporter.print(f"[yellow]lost the claim[/] on {job.title} to another worker; leaving it to them")
@@ -98,7 +100,7 @@ def _run_claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> 
     except Diverged as exc:
         why = f"{DIVERGED}{exc}"
         tracker.end(run_id, RunStatus.FAILED, why)
-        store.checkpoint_path(job.key).unlink(missing_ok=True)
+        store.drop_checkpoint(job.key)
         say(f"[red]diverged[/] {job.title}: {exc}")
         return JobResult(job.key, FAILED, why)
     except (Interrupted, KeyboardInterrupt):
@@ -119,15 +121,16 @@ def _run_claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> 
     final = {"wall_time": wall, **{k: float(v) for k, v in asdict(result.passes).items()}}
     tracker.log_metrics(run_id, final, step=job.train.epochs)
     status, why = _finish(plan, job, ctx, run_id, result.history)
-    store.checkpoint_path(job.key).unlink(missing_ok=True)
-    say(f"done {job.title}: test acc {result.metrics['test_acc']:.2f}% ({wall:.1f} s)")
-    return JobResult(job.key, status, why, test_acc=result.metrics["test_acc"])
+    store.drop_checkpoint(job.key)
+    shown = "val" if job.trial else "test"  # a tuning trial never evaluates on the test split
+    say(f"done {job.title}: {shown} acc {result.metrics[f'{shown}_acc']:.2f}% ({wall:.1f} s)")
+    return JobResult(job.key, status, why, test_acc=result.metrics.get("test_acc"))
 
 
 def _finish(plan: Plan, job: Job, ctx: JobContext, run_id: str, history: list[dict[str, float]]) -> tuple[str, str]:
     """End a trained (or stored) job's run FINISHED; one that collapsed is tagged so, with why: (status, reason)."""
-    data = ctx.data(plan)
-    why = collapse_reason(history, data.info.num_classes, len(data.test))
+    data = job_data(plan, job, ctx)
+    why = collapse_reason(history, data.info.num_classes, len(data.test)) if data.test is not None else None
     if why:
         ctx.tracker.collapsed(run_id, why)
         ctx.reporter.print(f"[yellow]collapsed[/] {job.title}: {why}")
@@ -144,7 +147,7 @@ def job_tags(plan: Plan, job: Job, reused: bool = False) -> JobTags:
                    teacher=job.model if alone else job.teacher_model or "", method=job.method.label,
                    method_name=job.method.method, seed=job.seed, job=job.key, pair=job.pair or "",
                    identity=plan.identities()[job.key], assistant=" > ".join(job.assistants),
-                   protocol=get_method(job.method.method).protocol_note or "", reused=reused)
+                   protocol=get_method(job.method.method).protocol_note or "", reused=reused, trial=job.trial)
 
 
 def stored_accuracy(store: ModelStore, key: str, metric: str = "test_acc") -> float | None:
@@ -178,9 +181,9 @@ def job_params(plan: Plan, job: Job, ctx: JobContext) -> dict[str, str]:
     return params
 
 
-def _log_history(tracker: Tracker, run_id: str, history: list[dict[str, float]]) -> None:
+def _log_history(tracker: Tracker, run_id: str, history: list[dict[str, float]], metric: str = "test_acc") -> None:
     """Log the epochs this run does not have yet: after a resume, each epoch is logged exactly once."""
-    done = tracker.last_step(run_id)
+    done = tracker.last_step(run_id, metric)
     for epoch, metrics in enumerate(history, start=1):
         if epoch > done:
             tracker.log_metrics(run_id, metrics, step=epoch)
@@ -232,25 +235,39 @@ def _resume_state(job: Job, path: Path, ctx: JobContext):
 
 # ---------------------------------------------------------------------------------------------- training
 
+def job_data(plan: Plan, job: Job, ctx: JobContext) -> DeviceData:
+    """The data a job sees: a tuning trial's has no test split, so nothing it does can read it."""
+    data = ctx.data(plan)
+    return replace(data, test=None) if job.trial else data
+
+
+def logged_metric(job: Job) -> str:
+    """A metric every trained epoch logs: how far a run got (a trial has no test accuracy)."""
+    return "val_acc" if job.trial else "test_acc"
+
+
 def _never() -> bool:
     return False
 
 
 def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
-    data, opts, store, tracker = ctx.data(plan), ctx.opts, ctx.store, ctx.tracker
+    data, opts, store, tracker = job_data(plan, job, ctx), ctx.opts, ctx.store, ctx.tracker
     model = build_model(job, data, opts)
     teacher = build_teacher(plan, job, data, store, opts)
     method_cls = get_method(job.method.method)
     method = method_cls(job.config["method_params"], model, teacher, data.info.input_shape).to(opts.device)
+    if "modify" in job.config:  # a modifier of the method's logit losses (kdbench.modifier), with its own params
+        spec = job.config["modify"]
+        method = modify(method, get_modifier(spec["name"])(spec["params"]).to(opts.device))
 
     checkpoint_path = store.checkpoint_path(job.key)
     resume, route = _resume_state(job, checkpoint_path, ctx)
-    if resume is None and tracker.last_step(run_id) > 0:
+    if resume is None and tracker.last_step(run_id, logged_metric(job)) > 0:
         # Epochs were logged but no usable checkpoint is left: start over in a new run, keep the old one failed.
         tracker.end(run_id, RunStatus.FAILED, "no usable checkpoint to resume from; restarted in a new run")
         run_id = tracker.start_job(ctx.parent_run, job.title, job_tags(plan, job), job_params(plan, job, ctx))
     if resume is not None:
-        _log_history(tracker, run_id, resume["history"])
+        _log_history(tracker, run_id, resume["history"], logged_metric(job))
         ctx.reporter.epoch(len(resume["history"]))
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -278,7 +295,7 @@ def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
 
 def _provided(plan: Plan, job: Job, ctx: JobContext, teacher: torch.nn.Module | None, method: Method) -> Provided:
     """What the job's method needs besides its models (a route, guides), shared teacher outputs, the update rule."""
-    data, store, needs = ctx.data(plan), ctx.store, method.needs(method.params)
+    data, store, needs = job_data(plan, job, ctx), ctx.store, method.needs(method.params)
     cache = None
     if teacher is not None and (ctx.teacher_cache or plan.suite.teacher_cache) and method.teacher_logits_only:
         cache = _shared_teacher_outputs(job, teacher, data, ctx)

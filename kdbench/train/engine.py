@@ -341,6 +341,8 @@ def evaluation(student: nn.Module, teacher: nn.Module | None, method: Method, da
     if not method.trains_teacher:
         return evaluate_splits(student, data, opts, batch_size, references)
     references = teacher_references(teacher, data, opts, batch_size, None)
+    if data.test is None:  # a tuning trial (kdbench.run.tune): no test split, nothing measured on it
+        return evaluate_splits(student, data, opts, batch_size, references)
     correct = (references["test"].argmax(1) == data.test.labels).sum()
     return {**evaluate_splits(student, data, opts, batch_size, references),
             "teacher_test_acc": correct.item() / len(data.test) * 100}

@@ -483,3 +483,24 @@ def test_figure_x_range_holds_every_dodged_point(x, count):
     low, high = ax.get_xlim()
     dodged = [v * o if x == "gap" else v + o for v in pairs[x] for o in offsets]
     assert low < min(dodged) and max(dodged) < high
+
+
+def test_reference_results_beside_their_own_store_are_never_overwritten_by_a_report_of_another(store, tmp_path):
+    """A committed folder (results/quickstart/: the report and the mlflow.db it was made from) stays as it is when
+    a user reports their own run of the suite: that report goes to results/local/<suite>/, and says so."""
+    import shutil
+
+    reference = tmp_path / "results" / "reportsuite"
+    reference.mkdir(parents=True)
+    shutil.copy(store["root"] / "mlflow.db", reference / "mlflow.db")
+    (reference / "comparison.md").write_text("the reference\n")
+    heard = []
+    folder = write_report(store["suite"], tmp_path / "results", uri=store["uri"], notice=heard.append)
+    assert folder == tmp_path / "results" / "local" / "reportsuite" and (folder / "comparison.md").is_file()
+    assert (reference / "comparison.md").read_text() == "the reference\n"
+    said = [line for line in heard if "holds reference results made from" in line]
+    assert len(said) == 1 and "results/local/reportsuite/" in said[0], heard
+    # Regenerating the reference from its own store writes it in place, as the committed READMEs say.
+    own = f"sqlite:///{reference / 'mlflow.db'}"
+    assert write_report(store["suite"], tmp_path / "results", uri=own) == reference
+    assert (reference / "comparison.md").read_text() != "the reference\n"

@@ -80,3 +80,30 @@ def test_a_teacher_keeps_its_route_every_route_every_epochs_and_the_last(write_s
     assert teacher.train.epochs == 10 and teacher.route_epochs == [4, 8, 10]
     student = next(j for j in plan.jobs if j.role == "student")
     assert student.route_epochs == [] and not student.keeps_route(student.train.epochs)
+
+
+def test_piped_output_is_plain_full_width_text():
+    """Into a pipe or a file (no COLUMNS): every column and every character, no box lines, nothing cut to 80."""
+    import os
+    import re
+
+    from kdbench.registry import methods
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    suite = REPO / "suites" / "quickstart.yaml"
+    listed = subprocess.run([sys.executable, "-m", "kdbench.cli", "methods"], capture_output=True, text=True,
+                            timeout=300, env=env)
+    dry = subprocess.run([sys.executable, "-m", "kdbench.cli", "run", str(suite), "--dry-run", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert listed.returncode == 0 and dry.returncode == 0, listed.stderr + dry.stderr
+    for text in (listed.stdout, dry.stdout):
+        assert "…" not in text and "━" not in text and "─" not in text
+    for name, cls in methods().items():  # each method on one line, with all its defaults
+        assert any(line.startswith(name + " ") and ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) in line
+                   for line in listed.stdout.splitlines()), name
+    plan = plan_of(suite)
+    rows = [line.split() for line in dry.stdout.splitlines() if re.match(r"\d+ +[a-z]+ +mnist_", line)]
+    assert len(rows) == len(plan.jobs)
+    for row, job in zip(rows, plan.jobs):  # number, role, model, method, seed, ..., epochs, key (with the data's
+        assert row[1:5] == [job.role, job.model, job.method.label, str(job.seed)], row  # fingerprint when cached)
+        assert re.fullmatch(r"[0-9a-f]{16}", row[-1]), row

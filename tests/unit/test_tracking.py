@@ -26,10 +26,12 @@ def test_a_job_writes_the_tags_it_always_wrote():
 
 
 def test_optional_job_tags_are_written_only_when_set_and_every_tag_reads_back():
-    full = JobTags(**{**STUDENT.__dict__, "assistant": "a > b", "protocol": "protocol assumed", "reused": True})
+    full = JobTags(**{**STUDENT.__dict__, "assistant": "a > b", "protocol": "protocol assumed", "reused": True,
+                      "trial": True})
     tags = full.to_tags()
     assert {k: tags[k] for k in set(tags) - set(STUDENT.to_tags())} == {
-        "kdbench.assistant": "a > b", "kdbench.protocol": "protocol assumed", "kdbench.reused": "true"}
+        "kdbench.assistant": "a > b", "kdbench.protocol": "protocol assumed", "kdbench.reused": "true",
+        "kdbench.trial": "true"}
     assert JobTags.from_tags(tags) == full and JobTags.from_tags(STUDENT.to_tags()) == STUDENT
     assert JobTags.from_tags({}) == JobTags(seed=-1)  # a run of an older kdbench: every field empty
 

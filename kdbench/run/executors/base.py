@@ -23,7 +23,7 @@ from kdbench.train.engine import EngineOptions
 from kdbench.run.executors.options import ExecutorOptions
 from kdbench.run.job import COLLAPSED, FAILED, FINISHED, HELD, SKIPPED, JobResult, stored_accuracy
 from kdbench.run.context import JobContext, ProcessCache, Reporter
-from kdbench.plan import STORED_ROLES, Job, Plan
+from kdbench.plan import STORED_ROLES, Job, Plan, runtime_config
 from kdbench.storage.store import ModelStore
 from kdbench.tracking import (TEACHER_FAILED, RunStatus, SuiteTags, Tracker, absolute_uri, code_version, environment,
                               flatten)
@@ -36,6 +36,7 @@ class Outcome:
     failed: dict[str, str] = field(default_factory=dict)  # job key -> reason
     collapsed: dict[str, str] = field(default_factory=dict)  # finished, but at chance or never learned: no number
     skipped: int = 0  # jobs already finished by an earlier or concurrent run
+    nothing_to_do: bool = False  # every job had finished before: no job ran and the parent run was left as it was
 
     def record(self, result: JobResult) -> None:
         if result.status in (FINISHED, SKIPPED):
@@ -82,8 +83,14 @@ class Executor:
         self.download = download
         self.teacher_cache = teacher_cache or plan.suite.teacher_cache
         self.unresolved: dict[str, str] = {}  # student job key -> why its "auto" assistant could not be chosen
+        self.done_before: dict[str, str] | None = None  # a finished parent run's jobs, when none is left to run
         self.ctx: JobContext | None = None
         self.options = options or ExecutorOptions()
+
+    @property
+    def runtime(self) -> dict:
+        """The torch configuration every job runs under (and is keyed by): this device kind, the options' threads."""
+        return runtime_config(self.opts.device.type, self.options.threads)
 
     def run_jobs(self, jobs: list[Job], outcome: Outcome) -> None:
         raise NotImplementedError
@@ -98,7 +105,7 @@ class Executor:
                          local=ProcessCache(opts=self.opts, store=self.store, reporter=Reporter(self.console)))
         # A missing dataset stops the suite before anything is written to MLflow; teachers are keyed by the data
         # they learn from (its fingerprint, known once it is read).
-        self.plan = plan = plan.for_data(ctx.data(plan).fingerprint)
+        self.plan = plan = plan.for_data(ctx.data(plan).fingerprint).for_runtime(self.runtime)
         self.tracker = self.tracker or Tracker()
         ctx.local.tracker, ctx.tracking_uri = self.tracker, absolute_uri(self.tracker.uri)
         ctx.env = {**code_version(), **environment(str(ctx.opts.device)),
@@ -112,6 +119,11 @@ class Executor:
         ctx.parent_run = self.parent_run(ctx.env)  # before any worker starts: workers only add child runs
         self.ctx = ctx
         outcome = Outcome(ctx.parent_run)
+        if self.done_before is not None:
+            outcome.finished = [k for k, why in self.done_before.items() if not why]
+            outcome.collapsed = {k: why for k, why in self.done_before.items() if why}
+            outcome.skipped, outcome.nothing_to_do = len(outcome.finished), True
+            return outcome
         # The parent run is shared by every process working on this plan: the last one to leave ends it.
         with self.store.workers(ctx.parent_run, f"suite-{plan.plan_hash}") as self.workers:
             try:
@@ -159,6 +171,11 @@ class Executor:
         plan = self.plan
         with FileLock(str(self.store.lock_path(f"suite-{plan.plan_hash}"))):
             found = None if self.fresh else self.tracker.find_suite_run(plan.suite.name, plan.plan_hash)
+            if found is not None and found.info.status == RunStatus.FINISHED:
+                done = self.tracker.finished_jobs(found.info.run_id)
+                if all(job.key in done for job in plan.jobs):  # nothing to run: the parent keeps its duration
+                    self.done_before = done
+                    return found.info.run_id
             if found is not None:
                 if found.info.status != RunStatus.RUNNING:
                     self.tracker.reopen(found.info.run_id)
