@@ -2,35 +2,42 @@
 
 Imported by `kdbench.cli.main` once its signal handlers are installed.
 """
-from __future__ import annotations
 
-import time
+from __future__ import annotations
 from pathlib import Path
 from typing import Optional
-
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
-
 from kdbench import KdbenchError
 from kdbench.storage.store import ModelStore
-from kdbench.plan import STORED_ROLES, make_plan, runtime_config
+from kdbench.plan import make_plan
+from kdbench.runtime import runtime_config
 from kdbench.config.load import load_suite
-from kdbench.registry import methods as registry
+from kdbench.config.schema import MAX_EPOCHS, MAX_SEEDS
+from kdbench.seeding import MAX_SEED
+from kdbench.registry import methods as registry, modifiers as modifier_registry
 from kdbench.data.spec import DataError
 from kdbench.data.load import cached_fingerprint, resolve_data_root
 from kdbench.run.executors import get_executor, load_options
+from kdbench.run.tune import tune_suite
+from kdbench.tracking import Tracker
 from kdbench.storage.files import check_writable, folder_size
-from kdbench.tracking import check_tracking, referenced_keys, tracking_uri
+from kdbench.mlflow_db import check_mlflow_db
+from kdbench.tracking import check_tracking, referenced_keys, sqlite_path, tracking_uri
 from kdbench.report.write import write_report
-from kdbench.tools.bench import BenchSettings, print_result, run_bench, write_result
+from kdbench.report.tuned import write_tuned_report
+from kdbench.report.rank import load_study, rank as make_ranking
+from kdbench.report.rank_output import write_ranking
+from kdbench.tools.bench_setup import BenchSettings
+from kdbench.tools.bench_output import print_result, write_result
+from kdbench.tools.bench import run_bench
 from kdbench.train.engine import EngineOptions
+from kdbench.printing import DRY_RUN_LISTED, err, out, pairs_table, print_entries, print_plan, print_table, size_text
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kdbench: knowledge distillation benchmarks on timm models, logged to MLflow.")
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # log lines stay whole: paths must stay copyable
 
 SuiteArg = typer.Argument(..., help="suite file (YAML)", show_default=False)
 STORE_HELP = "the model store: trained teachers, route checkpoints, assistants [default: $KDBENCH_STORE, else ./kdbench-store]"
@@ -38,6 +45,22 @@ STORE_HELP = "the model store: trained teachers, route checkpoints, assistants [
 
 def _store(path: Optional[Path]):
     return ModelStore(path)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _say(line: str) -> None:
+    err.print(f"kdbench: {line}", markup=False, highlight=False)
+
+
+def _check_database() -> None:
+    """An MLflow SQLite database this MLflow cannot use (half-migrated, older, newer): refused in one line, or
+    moved aside when it holds no runs (kdbench.mlflow_db)."""
+    path = sqlite_path(tracking_uri())
+    if path is not None:
+        check_mlflow_db(path, notice=_say)
 
 
 def _csv(value: Optional[str]) -> Optional[list[str]]:
@@ -58,10 +81,12 @@ def load_plan(suite_path: Path, methods: Optional[str] = None, seeds: Optional[s
             seed_list = [int(s) for s in _csv(seeds) or []]
         except ValueError:
             seed_list = []
-        if not seed_list or any(s < 0 for s in seed_list) or len(set(seed_list)) != len(seed_list):
-            raise KdbenchError(f"--seeds: expected comma-separated non-negative integers, each once, got '{seeds}'")
-    if epochs is not None and epochs < 1:
-        raise KdbenchError(f"--epochs: expected a positive integer, got {epochs}")
+        if (not seed_list or any(not 0 <= s <= MAX_SEED for s in seed_list) or len(set(seed_list)) != len(seed_list)
+                or len(seed_list) > MAX_SEEDS):
+            raise KdbenchError(f"--seeds: expected comma-separated non-negative integers, each once, at most "
+                               f"{MAX_SEED} and {MAX_SEEDS} of them, got '{_short(seeds)}'")
+    if epochs is not None and not 1 <= epochs <= MAX_EPOCHS:
+        raise KdbenchError(f"--epochs: expected a positive integer of at most {MAX_EPOCHS}, got {epochs}")
     return make_plan(suite, suite_path, methods=_csv(methods), seeds=seed_list, epochs=epochs)
 
 
@@ -74,38 +99,10 @@ def _data_error(suite_path: Path, exc: Exception) -> KdbenchError:
     return KdbenchError(f"{suite_path}: field '{field}': {text}")
 
 
-def _print_table(table: Table) -> None:
-    """A table on a terminal; into a file or a pipe, plain aligned text at full width: no cell cut to 80 columns,
-    no box lines, every column kept (model names, keys)."""
-    if out.is_terminal:
-        out.print(table)
-        return
-    rows = [[str(c.header) for c in table.columns]] + [[str(cell) for cell in row]
-                                                        for row in zip(*(c.cells for c in table.columns))]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(table.columns))]
-    right = [c.justify == "right" for c in table.columns]
-    lines = [str(table.title)] if table.title else []
-    lines += ["  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip() for row in rows]
-    lines += [str(table.caption)] if table.caption else []
-    for line in lines:
-        out.print(line, markup=False, highlight=False, soft_wrap=True)
-
-
-def _pairs_table(plan) -> Table:
-    table = Table(title=f"{plan.suite.name}: {len(plan.pairs)} pairs", box=box.SIMPLE_HEAD)
-    for col in ("teacher", "params M", "MACs M", "student", "params M", "MACs M", "gap"):
-        names = col in ("teacher", "student")
-        table.add_column(col, justify="left" if names else "right", no_wrap=names)
-    for p in plan.pairs:
-        table.add_row(p.teacher.name, f"{p.teacher.params / 1e6:.2f}", f"{p.teacher.macs / 1e6:.1f}",
-                      p.student.name, f"{p.student.params / 1e6:.2f}", f"{p.student.macs / 1e6:.1f}", f"{p.gap:.1f}")
-    return table
-
-
 @app.command()
 def pairs(suite: Path = SuiteArg) -> None:
     """Print the suite's teacher-student pairs with parameters, MACs and capacity gap (needs no data)."""
-    _print_table(_pairs_table(load_plan(suite)))
+    print_table(pairs_table(load_plan(suite)))
 
 
 @app.command()
@@ -130,7 +127,7 @@ def validate(
 
 @app.command()
 def methods() -> None:
-    """List the registered methods with their defaults."""
+    """List the registered methods and modifiers with their defaults."""
     table = Table(title="methods", box=box.SIMPLE_HEAD,
                   caption="any method's loss terms can be combined by PCGrad: {method: NAME, combine: pcgrad}")
     for col in ("name", "defaults", "needs", "what it does"):
@@ -144,7 +141,14 @@ def methods() -> None:
         needs = needs or "-"
         defaults = ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "-"
         table.add_row(name, defaults, needs, cls.summary)
-    _print_table(table)
+    print_table(table)
+    table = Table(title="modifiers", box=box.SIMPLE_HEAD,
+                  caption="with any method that declares logit losses: {method: kd, modify: logit_std} (label kd+logit_std)")
+    for col in ("name", "defaults", "what it does"):
+        table.add_column(col)
+    for name, cls in modifier_registry().items():
+        table.add_row(name, ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "-", cls.summary)
+    print_table(table)
 
 
 @app.command()
@@ -156,6 +160,8 @@ def run(
     device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder [default: $KDBENCH_DATA]"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and exit; touches no data and no MLflow"),
+    every_job: bool = typer.Option(False, "--all", help=f"with --dry-run: list every job, also for plans of more "
+                                   f"than {DRY_RUN_LISTED} (otherwise summarised)"),
     fresh: bool = typer.Option(False, "--fresh", help="start a new parent run instead of continuing this plan's last one"),
     download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
     teacher_cache: bool = typer.Option(False, "--teacher-cache", help="compute each teacher's logits once per image "
@@ -192,10 +198,12 @@ def run(
     root = resolve_data_root(str(data_root) if data_root else None)
     if dry_run:  # keys as the run will make them where the data's fingerprint is known without reading the data
         runtime = runtime_config(EngineOptions.for_device(device).device.type, options.threads)
-        _print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)).for_runtime(runtime), model_store)
+        print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)).for_runtime(runtime),
+                    model_store, every_job)
         return
 
     check_tracking()  # before any data is read: a dead server or a read-only database is one line, at once
+    _check_database()
     check_writable(model_store.root, "model store")
     try:
         outcome = executor_cls(plan, root, device, console=err, fresh=fresh, download=download,
@@ -217,6 +225,59 @@ def run(
 
 
 @app.command()
+def tune(
+    suite: Path = SuiteArg,
+    methods: Optional[str] = typer.Option(None, help="only these method labels, comma-separated"),
+    epochs: Optional[int] = typer.Option(None, help="shrink every schedule to this many epochs (milestones scale)"),
+    device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder [default: $KDBENCH_DATA]"),
+    executor: str = typer.Option("inprocess", "--executor", help="where the trials run: inprocess, ray, slurm"),
+    cpus_per_job: Optional[float] = typer.Option(None, "--cpus-per-job", help="ray, slurm: CPUs per job"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="ray: an existing cluster"),
+    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP, show_default=False),
+) -> None:
+    """Tune every method on validation with the suite's `tune:` budget, then run each at its default and its
+    tuned setting on the reporting seeds (MLflow experiments <suite>.tune and <suite>.tuned). Resumes."""
+    plan = load_plan(suite, methods, None, epochs)
+    if plan.suite.tune is None:
+        raise KdbenchError(f"{suite}: field 'tune': required by `kdbench tune` (trials, seeds, pairs, sampler)")
+    model_store = _store(store)
+    backend = get_executor(executor)
+    options = load_options(executor, None, cpus_per_job=cpus_per_job, gpus_per_job=None, address=ray_address,
+                           partition=None, mem_gb=None, time_min=None, logs=None)
+    root = resolve_data_root(str(data_root) if data_root else None)
+    check_tracking()
+    check_writable(model_store.root, "model store")
+    tracker = Tracker()
+
+    def make_executor(cls, batch_plan):
+        return cls(batch_plan, root, device, tracker=tracker, console=err, store=model_store, options=options)
+
+    try:
+        choices, outcome = tune_suite(plan, backend, make_executor, tracker, model_store, root, ray_address)
+    except DataError as exc:
+        raise _data_error(suite, exc) from None
+    for name, chosen in choices.items():
+        setting = ", ".join(f"{k} {v:.4g}" for k, v in chosen.params.items()) or "nothing to tune"
+        err.print(f"{name}: trial {chosen.trial}, validation {chosen.value:.2f}%: {setting}")
+    err.print(f"{len(outcome.finished)} reporting jobs finished, {len(outcome.failed)} failed; parent run "
+              f"{outcome.parent_run}")
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+@app.command(name="report-tuned")
+def report_tuned(
+    suite: Path = SuiteArg,
+    out: Path = typer.Option(Path("results"), help="output folder: the report goes to OUT/<suite>.tuned/"),
+) -> None:
+    """Write the tuned report of a suite run by `kdbench tune`: default and tuned side by side, the chosen
+    settings, the sensitivity of each method (tuned.md, CSVs, a figure)."""
+    folder = write_tuned_report(suite, out)
+    err.print(f"wrote {folder}")
+
+
+@app.command()
 def report(
     suite: Path = SuiteArg,
     run_id: Optional[str] = typer.Option(None, "--run",
@@ -227,17 +288,42 @@ def report(
                                           help="method labels to plot, comma-separated (default: every method)"),
     title: Optional[str] = typer.Option(None, "--title", help="the figure's title (default: the suite's display "
                                         "title, else the dataset and what is plotted)"),
+    mlflow_artifacts: bool = typer.Option(True, "--mlflow-artifacts/--no-mlflow-artifacts", help="also log the "
+                                          "report's files as artifacts of the suite's parent run (report/)"),
 ) -> None:
-    """Tables (Markdown, LaTeX, CSV) with confidence intervals and paired tests, and the accuracy-vs-gap figure
-    (PNG, SVG, PDF) of a suite's run, read from MLflow."""
+    """Tables (Markdown, LaTeX, CSV) with confidence intervals and paired tests, agreement with the teacher and
+    calibration, and the accuracy-vs-gap figure (PNG, SVG, PDF) of a suite's run, read from MLflow; logged back to
+    the suite's parent run as artifacts."""
 
+    _check_database()
     try:
-        folder = write_report(suite, out_dir, run_id, x, methods=_csv(methods), title=title,
-                              notice=lambda line: err.print(f"kdbench: {line}", markup=False, highlight=False))
+        folder = write_report(suite, out_dir, run_id, x, methods=_csv(methods), title=title, notice=_say,
+                              log_artifacts=mlflow_artifacts)
     except PermissionError as exc:  # a results folder that cannot be written: one line naming it
         raise KdbenchError(f"{exc.filename or out_dir}: cannot be written ({exc.strerror}); choose another --out") from None
     err.print(f"report written to {folder}/ (report.md, comparison, cost, figure"
               f"{', paper_table' if (folder / 'paper_table.md').exists() else ''})")
+
+
+@app.command()
+def rank(
+    sources: list[Path] = typer.Argument(..., help="suite files (their runs in MLFLOW_TRACKING_URI's store) or "
+                                         "results folders holding their mlflow.db", show_default=False),
+    out_dir: Path = typer.Option(Path("results/ranking"), "--out", help="write the ranking into this folder"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="rank only these methods, comma-separated "
+                                          "(default: every method with a number in every task)"),
+) -> None:
+    """Rank methods over every pair of one suite or of several: average rank, Friedman and Nemenyi tests with a
+    critical-difference diagram, IQM gain over vanilla KD and probability of improving on it, with intervals."""
+    note = lambda line: err.print(f"kdbench: {line}", markup=False, highlight=False)  # noqa: E731
+    studies = [load_study(source, note) for source in sources]
+    names = [s.suite.name for s in studies]
+    if len(set(names)) < len(names):
+        raise KdbenchError(f"suite '{next(n for n in names if names.count(n) > 1)}' is given twice")
+    command = "kdbench rank " + " ".join(s.as_posix() for s in sources) + f" --out {out_dir.as_posix()}" + \
+        (f" --methods {methods}" if methods else "")
+    folder = write_ranking(make_ranking(studies, _csv(methods)), out_dir, command)
+    err.print(f"ranking written to {folder}/ (ranking.md, ranking.csv, scores.csv, critical_difference)")
 
 
 @app.command()
@@ -295,34 +381,14 @@ store_app = typer.Typer(no_args_is_help=True, help="What the model store holds, 
 app.add_typer(store_app, name="store")
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return ""  # pragma: no cover
-
-
-def _print_entries(title: str, entries) -> None:
-    """Plain aligned lines, never cut to the terminal's width: keys and paths stay whole and copyable."""
-    rows = [("key", "kind", "model", "role", "size", "date")]
-    rows += [(e.key, e.kind, e.model or "-", e.role or "-", _size(e.size),
-              time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))) for e in entries]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out.print(title, markup=False, highlight=False, soft_wrap=True)
-    for r in rows:
-        out.print("  ".join(c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip(),
-                  markup=False, highlight=False, soft_wrap=True)
-
-
 @store_app.command("list")
 def store_list(store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP, show_default=False)) -> None:
     """Every entry of the store (trained models, unfinished jobs' checkpoints, corrupted entries moved aside)."""
     model_store = _store(store)
     entries = model_store.entries()
-    _print_entries(f"{model_store.root}: {len(entries)} entries", entries)
+    print_entries(f"{model_store.root}: {len(entries)} entries", entries)
     total = folder_size(model_store.root) if model_store.root.is_dir() else 0
-    out.print(f"total {_size(total)} in {model_store.root}", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"total {size_text(total)} in {model_store.root}", markup=False, highlight=False, soft_wrap=True)
 
 
 @store_app.command("gc")
@@ -338,6 +404,7 @@ def store_gc(
     param, and no --keep suite needs; corrupted entries always go. Lists them unless --yes."""
 
     model_store = _store(store)
+    _check_database()
     referenced = referenced_keys()
     for path in keep or []:
         plan = load_plan(path)
@@ -348,28 +415,12 @@ def store_gc(
         err.print(f"nothing to remove in {model_store.root}: every entry is referenced by a run in {tracking_uri()}",
                   markup=False, highlight=False)
         return
-    _print_entries(f"{'removing' if yes else 'would remove'} {len(doomed)} entries ({_size(total)}) from "
+    print_entries(f"{'removing' if yes else 'would remove'} {len(doomed)} entries ({size_text(total)}) from "
                    f"{model_store.root}", doomed)
     if not yes:
         err.print("dry run: nothing removed; pass --yes to remove them", markup=False, highlight=False)
         return
     busy = [e for e in doomed if not model_store.remove(e)]
     freed = total - sum(e.size for e in busy)
-    err.print(f"removed {len(doomed) - len(busy)} entries, {_size(freed)} freed"
+    err.print(f"removed {len(doomed) - len(busy)} entries, {size_text(freed)} freed"
               + (f"; {len(busy)} in use by a running process, kept" if busy else ""), markup=False, highlight=False)
-
-
-def _print_plan(plan, store) -> None:
-    _print_table(_pairs_table(plan))
-    table = Table(title=f"{len(plan.jobs)} jobs, {len(plan.cells)} cells", box=box.SIMPLE_HEAD)
-    for col in ("#", "role", "model", "method", "seed", "teacher", "epochs", "key", "store"):
-        table.add_column(col, no_wrap=col in ("model", "teacher", "method"))
-    for i, job in enumerate(plan.jobs, 1):
-        stored = "reuse" if job.role in STORED_ROLES and store.has(job.key) else ""
-        teacher = (job.teacher_model or "") + (" (fresh)" if job.teacher_init == "random" else "")
-        teacher += "".join(f" > {a}" for a in job.assistants)
-        table.add_row(str(i), job.role, job.model, job.method.label, str(job.seed), teacher,
-                      str(job.train.epochs), job.key, stored)
-    _print_table(table)
-
-

@@ -2,7 +2,7 @@
 cache), how it reports progress, and how Ctrl-C and SIGTERM ask the running job to stop.
 
 A `JobContext` is plain, picklable settings; whatever a process builds from them lives in
-`ctx.local`, made on first use in that process and never pickled.
+`ctx.local` (a `ProcessCache`), made on first use in that process and never pickled.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def job_runtime(runtime: dict[str, Any], device: torch.device):
 
 
 @dataclass
-class Local:
+class ProcessCache:
     """What one process builds from a JobContext; set fields to share objects the caller already has."""
 
     opts: EngineOptions | None = None
@@ -115,7 +115,7 @@ class Local:
     claim: Claim | None = None  # the running job's claim
 
 
-_LAST_LOCAL: tuple[str, Local] | None = None  # this process's unpickled contexts' Local, one suite at a time
+_LAST_CACHE: tuple[str, ProcessCache] | None = None  # what unpickled contexts share in this process: one suite
 
 
 @dataclass
@@ -131,19 +131,19 @@ class JobContext:
     env: dict[str, str] = field(default_factory=dict)  # code version and environment, logged as params
     download: bool = False
     teacher_cache: bool = False  # share teacher outputs among logit-only methods
-    local: Local = field(default_factory=Local, repr=False, compare=False)
+    local: ProcessCache = field(default_factory=ProcessCache, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "local"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # A Ray worker unpickles the context once per task: it keeps the Local of the suite it last ran, so
+        # A Ray worker unpickles the context once per task: it keeps the ProcessCache of the suite it last ran, so
         # its data, MLflow client and teacher-output cache are built once per worker, not once per job.
-        global _LAST_LOCAL
+        global _LAST_CACHE
         key = repr(sorted(state.items()))
-        if _LAST_LOCAL is None or _LAST_LOCAL[0] != key:
-            _LAST_LOCAL = (key, Local())
-        self.__dict__.update(state, local=_LAST_LOCAL[1])
+        if _LAST_CACHE is None or _LAST_CACHE[0] != key:
+            _LAST_CACHE = (key, ProcessCache())
+        self.__dict__.update(state, local=_LAST_CACHE[1])
 
 
     @property
