@@ -258,8 +258,8 @@ def training_loss(totals: EpochTotals, epoch: int, lane: int | None = None) -> d
 
 
 def epoch_steps(data: DeviceData, train: TrainConfig, augment: AugmentConfig, seeds: list[int], epoch: int,
-                opts: EngineOptions, cache: TeacherCache | None,
-                skip: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+                opts: EngineOptions, cache: TeacherCache | None, skip: int,
+                stacked: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """An epoch's steps from `skip` on: (step, normalised images, labels, shared teacher logits or None). Each seed
     draws its own order and views from its generators; stacked seeds' batches come stacked, (seeds, B, ...)."""
     streams = [epoch_batches(data.train, train.batch_size, *epoch_generators(seed, epoch, opts.device),
@@ -270,7 +270,7 @@ def epoch_steps(data: DeviceData, train: TrainConfig, augment: AugmentConfig, se
         images = [normalize(images, data.info, channels_last=opts.channels_last) for images, *_ in drawn]
         labels = [labels for _, labels, *_ in drawn]
         logits = [cache.lookup(*views) for _, _, *views in drawn] if cache is not None else None
-        if len(seeds) == 1:
+        if not stacked:
             yield step, images[0], labels[0], logits[0] if logits else None
         else:
             yield step, torch.stack(images), torch.stack(labels), torch.stack(logits) if logits else None
@@ -312,7 +312,7 @@ def epoch_end(training: Training, totals: EpochTotals, epoch: int, teacher: nn.M
     for lane, metrics in enumerate(lanes):
         if metrics is not None:
             metrics.update(timing)
-            if len(lanes) == 1:
+            if not isinstance(training.method, StackedMethod):
                 metrics.update(training.method.epoch_metrics())  # a method's own per-epoch numbers (attention...)
             metrics.update(training.epoch_metrics())
             training.histories[lane].append(metrics)
@@ -341,7 +341,8 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
     """
     for frozen in [*([teacher] if teacher is not None and not method.trains_teacher else []), *provided.guides]:
         frozen.eval().requires_grad_(False)  # a fixed teacher, guides: running statistics, no dropout, no gradient
-    seeds = method.seeds if isinstance(method, StackedMethod) else [seed]
+    stacked = isinstance(method, StackedMethod)
+    seeds = method.seeds if stacked else [seed]
     training = Training(student, teacher, method, train, seed, provided.combine, opts.device, len(seeds))
     cache = usable_teacher_cache(provided, teacher, method, data, augment)
     # The teacher as given, before a method loads another of its checkpoints into it or a resume restores one.
@@ -373,7 +374,8 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
                 training.passes.teacher_forward += cache.fill(
                     epoch_views(len(data.train), train.batch_size, *epoch_generators(lane_seed, epoch, opts.device),
                                 augment.crop_padding, augment.flip), train.batch_size)
-        for step, images, labels, logits in epoch_steps(data, train, augment, seeds, epoch, opts, cache, skip_batches):
+        for step, images, labels, logits in epoch_steps(data, train, augment, seeds, epoch, opts, cache, skip_batches,
+                                                         stacked):
             if graphs:  # a new iteration: CUDA-graph outputs of the last step may be overwritten from here on
                 torch.compiler.cudagraph_mark_step_begin()
             ctx.update = partial(training.update, epoch, step)
@@ -390,10 +392,10 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         # Checkpoint before logging: a crash in between re-logs this epoch from the checkpoint's history, once.
         if hooks.checkpoint is not None:
             hooks.checkpoint(training.state_dict(epoch + 1, 0, EpochTotals()))
-        if hooks.on_epoch is not None and len(seeds) == 1:
+        if hooks.on_epoch is not None and not stacked:
             hooks.on_epoch(epoch + 1, metrics)
-        if hooks.on_lanes is not None and len(seeds) > 1:
+        if hooks.on_lanes is not None and stacked:
             hooks.on_lanes(epoch + 1, lanes)
         if hooks.should_stop() and epoch + 1 < train.epochs:
             raise Interrupted(f"stopped after epoch {epoch + 1}")
-    return FitResult(metrics, training.history, training.passes, lanes=lane_results(training) if len(seeds) > 1 else [])
+    return FitResult(metrics, training.history, training.passes, lanes=lane_results(training) if stacked else [])

@@ -130,8 +130,7 @@ class Training:
                 "method": self.method.state_dict(), "method_extra": self.method.extra_state(),
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "history": list(self.history), "passes": asdict(self.passes), "cpu_rng": torch.get_rng_state(),
-                **({"histories": [list(h) for h in self.histories], "diverged": list(self.diverged)}
-                   if len(self.histories) > 1 else {}),
+                "histories": [list(h) for h in self.histories], "diverged": list(self.diverged),
                 "combine": self.combiner.state_dict() if self.combiner is not None else None,
                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
 
