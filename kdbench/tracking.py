@@ -12,6 +12,7 @@ and values are a file format: committed stores under results/ are read back byte
 from __future__ import annotations
 
 import os
+import secrets
 import platform
 import subprocess
 import time
@@ -223,7 +224,8 @@ def create_sqlite_store(path: Path) -> None:
     at any moment leaves no database or a complete one, never a half-migrated one on which every run fails."""
     from mlflow.tracking import MlflowClient
 
-    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    # pid and a random part: two hosts sharing the folder (SLURM nodes) may have processes of the same pid
+    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         client = MlflowClient(sqlite_uri(tmp))
         client.search_experiments(max_results=1)  # creates the schema
