@@ -275,6 +275,35 @@ def flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
     return out
 
 
+LOCK_WAIT_S = 600  # how long a SQLite write waits in all for other writers before the job fails
+
+
+class WaitingOnLocks:
+    """An MlflowClient whose calls wait out SQLite's "database is locked": with several workers writing to one
+    database file, a writer that holds the lock may be descheduled on a loaded machine for longer than SQLite's
+    5-second busy timeout, and a job must not fail for that. A locked call has been rolled back: it is retried."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        def waiting(*args, **kwargs):
+            deadline, pause = time.monotonic() + LOCK_WAIT_S, 0.2
+            while True:
+                try:
+                    return method(*args, **kwargs)
+                except Exception as exc:
+                    if "database is locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+        return waiting
+
+
 class Tracker:
     """The only module that talks to MLflow while training."""
     def __init__(self, uri: str | None = None):
@@ -292,7 +321,7 @@ class Tracker:
                     leftover.unlink(missing_ok=True)  # of a creator killed midway (a live one holds this lock)
                 if not path.exists():
                     create_sqlite_store(path)
-                self.client = MlflowClient(self.uri)
+                self.client = WaitingOnLocks(MlflowClient(self.uri))
                 self.client.search_experiments(max_results=1)
         else:
             self.client = MlflowClient(self.uri)

@@ -75,3 +75,38 @@ def test_a_reader_refuses_a_store_that_is_not_there_and_creates_none(tmp_path):
     with pytest.raises(KdbenchError, match=f"^no MLflow store at {missing} .*: run it first$"):
         check_store_exists(f"sqlite:///{missing}", "run it first")
     assert not missing.exists()
+
+
+HELD_S = 23  # past MLflow's SQLite busy timeout (PRAGMA busy_timeout = 20000)
+
+
+def test_a_write_waits_for_another_writer_that_holds_the_sqlite_lock_past_mlflows_busy_timeout(tmp_path):
+    """Seen on a loaded 2-core machine with two Ray workers: a job failed with "database is locked" because the
+    other worker held the lock for over the 20-second busy timeout MLflow gives SQLite. The tracker waits it out."""
+    import sqlite3
+    import threading
+    import time
+
+    from kdbench.tracking import Tracker, sqlite_uri
+
+    path = tmp_path / "mlflow.db"
+    tracker = Tracker(sqlite_uri(path))
+    run = tracker.client.create_run(tracker.experiment("locks")).info.run_id
+    locked = threading.Event()
+
+    def hold():
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        time.sleep(HELD_S)
+        holder.execute("COMMIT")
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert locked.wait(timeout=30)
+    start = time.monotonic()
+    tracker.log_metrics(run, {"test_acc": 50.0}, step=1)
+    waited = time.monotonic() - start
+    thread.join()
+    assert waited > HELD_S - 1  # it did meet the lock, past MLflow's timeout
+    assert tracker.client.get_run(run).data.metrics["test_acc"] == 50.0
