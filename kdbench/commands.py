@@ -216,13 +216,14 @@ def run(
                     model_store, every_job)
         return
 
+    # The executor checks the device and how many jobs it packs here before anything is written.
+    runner = executor_cls(plan, root, device, console=err, fresh=fresh, download=download, teacher_cache=teacher_cache,
+                          compile=compile, store=model_store, options=options)
     check_tracking()  # before any data is read: a dead server or a read-only database is one line, at once
     _check_database()
     check_writable(model_store.root, "model store")
     try:
-        outcome = executor_cls(plan, root, device, console=err, fresh=fresh, download=download,
-                               teacher_cache=teacher_cache, compile=compile, store=model_store,
-                               options=options).run()
+        outcome = runner.run()
     except DataError as exc:  # the data is loaded before anything is written: name the suite and its field
         raise _data_error(suite, exc) from None
     where = f"MLflow {tracking_uri()}, parent run {outcome.parent_run}"
@@ -263,6 +264,7 @@ def tune(
     options = load_options(executor, None, cpus_per_job=cpus_per_job, gpus_per_job=None, address=ray_address,
                            partition=None, mem_gb=None, time_min=None, logs=None, workers=_workers(executor, workers))
     root = resolve_data_root(str(data_root) if data_root else None)
+    backend(plan, root, device, console=err, store=model_store, options=options)  # its checks, before any write
     check_tracking()
     check_writable(model_store.root, "model store")
     tracker = Tracker()

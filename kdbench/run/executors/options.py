@@ -68,8 +68,8 @@ def check_packing(jobs: int, threads: int, options: str) -> None:
     waits for a core (a loaded machine once turned 0.36 s steps into 6 s ones). `options`: what set the packing."""
     cores = usable_cores()
     if jobs * threads > cores:
-        raise KdbenchError(f"{options}: {jobs} jobs x {threads} torch threads = {jobs * threads} threads on "
-                           f"{cores} usable cores; lower them so that jobs x threads <= {cores}")
+        raise KdbenchError(f"{options}: {jobs} jobs at once x {threads} torch threads each = {jobs * threads} threads "
+                           f"on {cores} usable cores; lower them so that jobs x threads <= {cores}")
 
 
 def _checked(section: dict[str, Any], where: str) -> dict[str, Any]:
