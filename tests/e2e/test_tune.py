@@ -204,6 +204,19 @@ def test_ray_picks_the_in_process_setting(tmp_path, monkeypatch):
     assert settings(on_ray) == settings(expected)
 
 
+def test_local_workers_pick_the_in_process_setting_with_the_same_numbers(tmp_path, monkeypatch):
+    """`kdbench tune`'s default: trials side by side in worker processes (kept from batch to batch)."""
+    expected, expected_outcome = tune(write(tmp_path))
+    expected_numbers = finished_jobs(os.environ["MLFLOW_TRACKING_URI"], expected_outcome.parent_run,
+                                     "tt" + TUNED_SUFFIX)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'local.db'}")
+    monkeypatch.setenv("KDBENCH_STORE", str(tmp_path / "local-store"))
+    local, outcome = tune(write(tmp_path), "local")
+    assert not outcome.failed and settings(local) == settings(expected)
+    assert finished_jobs(os.environ["MLFLOW_TRACKING_URI"], outcome.parent_run, "tt" + TUNED_SUFFIX) == \
+        expected_numbers
+
+
 @pytest.mark.parametrize("tune_block, expected", [
     ({"trials": 0, "seeds": [7]}, "field 'tune.trials': expected greater than 0"),
     ({"trials": 2, "seeds": [0]}, "field 'tune.seeds': expected seeds apart from the reporting seeds, 0 is both"),
