@@ -98,6 +98,10 @@ def _watch_driver(driver: int, terminated: threading.Event, busy: threading.Even
     os._exit(1)
 
 
+def _ready() -> None:
+    """Nothing: sent once to each worker so that it starts (imports: seconds) before there is a job for it."""
+
+
 def _worker_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobResult:
     ctx.local.reporter, ctx.local.should_stop = _worker["reporter"], _worker["should_stop"]
     _worker["busy"].set()
@@ -119,6 +123,7 @@ class WorkerPool:
         context = multiprocessing.get_context("spawn")
         self.size, self.threads = size, threads
         self.stop_jobs, self.messages = context.Event(), context.SimpleQueue()
+        self.started = False
         # Processes start as jobs are sent (up to `size`), so a run of one job starts one.
         self.executor = ProcessPoolExecutor(size, mp_context=context, initializer=_start_worker,
                                             initargs=(self.stop_jobs, self.messages, threads))
@@ -129,6 +134,12 @@ class WorkerPool:
             cls.discard()
             cls.kept = cls(size, threads)
         return cls.kept
+
+    def start(self) -> None:
+        if not self.started:
+            self.started = True
+            for _ in range(self.size):  # each finds no idle worker yet, so each starts one
+                self.executor.submit(_ready)
 
     @classmethod
     def discard(cls) -> None:
@@ -173,6 +184,11 @@ class LocalExecutor(InProcessExecutor):
             raise KdbenchError(f"--workers: expected a positive integer, got {self.options.workers}")
         check_packing(self.size, threads, f"--workers {self.size} with --cpus-per-job {threads}")
         self.pool: WorkerPool | None = None
+
+    def run(self) -> Outcome:
+        if self.size > 1:  # the workers start while this process reads the data and opens the parent run
+            WorkerPool.get(self.size, self.options.threads).start()
+        return super().run()
 
     @contextmanager
     def session(self, outcome: Outcome):
