@@ -40,6 +40,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="kdbench: knowledge distillation benchmarks on timm models, logged to MLflow.")
 
 SuiteArg = typer.Argument(..., help="suite file (YAML)", show_default=False)
+WORKERS_HELP = ("local: jobs run at once, each in its own worker process; 1 runs them in this process, one after "
+                "another [default: the usable cores / --cpus-per-job on CPU; 1 on a GPU, one worker per device]")
 STORE_HELP = "the model store: trained teachers, route checkpoints, assistants [default: $KDBENCH_STORE, else ./kdbench-store]"
 
 
@@ -61,6 +63,16 @@ def _check_database() -> None:
     path = sqlite_path(tracking_uri())
     if path is not None:
         check_mlflow_db(path, notice=_say)
+
+
+def _workers(executor: str, workers: Optional[int]) -> Optional[int]:
+    """--workers is the local executor's; Ray packs jobs by --cpus-per-job, SLURM by its allocation."""
+    if workers is not None and executor != "local" and not (executor == "inprocess" and workers == 1):
+        raise KdbenchError(f"--workers: only the local executor runs worker processes (got --executor {executor}); "
+                           f"ray and slurm pack jobs by --cpus-per-job and --gpus-per-job")
+    if workers is not None and workers < 1:
+        raise KdbenchError(f"--workers: expected a positive integer, got {workers}")
+    return workers
 
 
 def _csv(value: Optional[str]) -> Optional[list[str]]:
@@ -166,7 +178,9 @@ def run(
     download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
     teacher_cache: bool = typer.Option(False, "--teacher-cache", help="compute each teacher's logits once per image "
                                        "and view, shared by logit-only methods and seeds (same numbers, faster)"),
-    executor: str = typer.Option("inprocess", "--executor", help="where the jobs run: inprocess, ray, slurm"),
+    executor: str = typer.Option("local", "--executor", help="where the jobs run: local (worker processes on "
+                                 "this machine), inprocess, ray, slurm"),
+    workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP, show_default=False),
     executor_config: Optional[Path] = typer.Option(
         None, "--executor-config", help="per-machine executor options (YAML, a section per executor) "
         "[default: $KDBENCH_EXECUTOR_CONFIG, else ~/.config/kdbench/executor.yaml if present]"),
@@ -194,7 +208,7 @@ def run(
     executor_cls = get_executor(executor)
     options = load_options(executor, executor_config, cpus_per_job=cpus_per_job, gpus_per_job=gpus_per_job,
                            address=ray_address, partition=partition, mem_gb=mem_gb, time_min=time_min,
-                           logs=slurm_logs)
+                           logs=slurm_logs, workers=_workers(executor, workers))
     root = resolve_data_root(str(data_root) if data_root else None)
     if dry_run:  # keys as the run will make them where the data's fingerprint is known without reading the data
         runtime = runtime_config(EngineOptions.for_device(device).device.type, options.threads)
@@ -202,13 +216,14 @@ def run(
                     model_store, every_job)
         return
 
+    # The executor checks the device and how many jobs it packs here before anything is written.
+    runner = executor_cls(plan, root, device, console=err, fresh=fresh, download=download, teacher_cache=teacher_cache,
+                          compile=compile, store=model_store, options=options)
     check_tracking()  # before any data is read: a dead server or a read-only database is one line, at once
     _check_database()
     check_writable(model_store.root, "model store")
     try:
-        outcome = executor_cls(plan, root, device, console=err, fresh=fresh, download=download,
-                               teacher_cache=teacher_cache, compile=compile, store=model_store,
-                               options=options).run()
+        outcome = runner.run()
     except DataError as exc:  # the data is loaded before anything is written: name the suite and its field
         raise _data_error(suite, exc) from None
     where = f"MLflow {tracking_uri()}, parent run {outcome.parent_run}"
@@ -231,8 +246,11 @@ def tune(
     epochs: Optional[int] = typer.Option(None, help="shrink every schedule to this many epochs (milestones scale)"),
     device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder [default: $KDBENCH_DATA]"),
-    executor: str = typer.Option("inprocess", "--executor", help="where the trials run: inprocess, ray, slurm"),
-    cpus_per_job: Optional[float] = typer.Option(None, "--cpus-per-job", help="ray, slurm: CPUs per job"),
+    executor: str = typer.Option("local", "--executor", help="where the trials run: local (worker processes on "
+                                 "this machine), inprocess, ray, slurm"),
+    workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP, show_default=False),
+    cpus_per_job: Optional[float] = typer.Option(None, "--cpus-per-job", help="CPUs and torch threads per job, in "
+                                                 "every executor (part of each job's key) [default: 1]"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="ray: an existing cluster"),
     store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP, show_default=False),
 ) -> None:
@@ -244,8 +262,9 @@ def tune(
     model_store = _store(store)
     backend = get_executor(executor)
     options = load_options(executor, None, cpus_per_job=cpus_per_job, gpus_per_job=None, address=ray_address,
-                           partition=None, mem_gb=None, time_min=None, logs=None)
+                           partition=None, mem_gb=None, time_min=None, logs=None, workers=_workers(executor, workers))
     root = resolve_data_root(str(data_root) if data_root else None)
+    backend(plan, root, device, console=err, store=model_store, options=options)  # its checks, before any write
     check_tracking()
     check_writable(model_store.root, "model store")
     tracker = Tracker()

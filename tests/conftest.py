@@ -9,6 +9,8 @@ from pathlib import Path
 # One thread per process: the tests run tiny models, where a second thread costs more than it gives, and
 # the kdbench processes the tests start (which inherit this) run beside the test process on 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# One job at a time in a test's `kdbench run` unless it asks for workers (tests/executor.yaml says why).
+os.environ["KDBENCH_EXECUTOR_CONFIG"] = str(Path(__file__).resolve().parent / "executor.yaml")
 # Tests run in temporary folders: a relative data root must not change meaning when they chdir.
 if os.environ.get("KDBENCH_DATA"):
     os.environ["KDBENCH_DATA"] = str(Path(os.environ["KDBENCH_DATA"]).resolve())

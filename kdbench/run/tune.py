@@ -28,6 +28,7 @@ from kdbench.data.load import data_fingerprint
 from kdbench.storage.files import content_hash
 from kdbench.plan import Job, Plan, in_waves, make_plan
 from kdbench.run.executors.base import Executor, Outcome
+from kdbench.run.executors.options import usable_cores
 from kdbench.storage.store import ModelStore
 from kdbench.tracking import (SEARCH_SUFFIX, TUNED_LABEL, TUNED_SUFFIX, TUNING_TAG, RunEnd, RunStatus, SuiteTags,
                               Tracker, code_version, sqlite_path)
@@ -169,7 +170,8 @@ def kept_ray(backend: type[Executor], address: str | None):
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, configure_logging=False)
+        ray.init(address=address, include_dashboard=False, configure_logging=False,
+                 **({} if address else {"num_cpus": usable_cores()}))  # as the executor would start it
     try:
         yield
     finally:

@@ -69,9 +69,9 @@ def suite(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def in_process(suite, tmp_path_factory) -> dict:
-    """The suite in-process, as `kdbench run SUITE` runs it by default."""
+    """The suite in-process (`--workers 1`; tests/e2e/test_workers.py checks the default, parallel workers, against it)."""
     root = tmp_path_factory.mktemp("inprocess")
-    parent, _ = kdbench(root, str(suite), "--device", "cpu")
+    parent, _ = kdbench(root, str(suite), "--device", "cpu", "--workers", "1")
     got = numbers(root, parent)
     runs = child_runs(root, parent)
     assert {r.data.params["runtime.threads"] for r in runs} == {"1"}  # recorded with every run

@@ -28,6 +28,7 @@ from kdbench.data.batches import Split
 from kdbench.plan import make_plan
 from kdbench.report.tuned import write_tuned_report
 from kdbench.run.executors import get_executor, load_options
+from kdbench.run.executors.options import usable_cores
 from kdbench.run.tune import SEARCH_SUFFIX, TUNED_SUFFIX, Search, data_plan, storage_path, tune_suite, tuned_plan
 from kdbench.storage.store import ModelStore
 from kdbench.tracking import Tracker
@@ -51,15 +52,16 @@ def write(tmp_path: Path, overrides: dict | None = None, name: str = "tt.yaml") 
     return path
 
 
-def executor_maker(name: str, tracker: Tracker, store: ModelStore):
-    options, quiet = load_options(name, None, cpus_per_job=1), Console(file=io.StringIO())
+def executor_maker(name: str, tracker: Tracker, store: ModelStore, workers: int | None = None):
+    options, quiet = load_options(name, None, cpus_per_job=1, workers=workers), Console(file=io.StringIO())
     return lambda cls, plan: cls(plan, None, "cpu", tracker=tracker, console=quiet, store=store, options=options)
 
 
-def tune(path: Path, executor: str = "inprocess"):
+def tune(path: Path, executor: str = "inprocess", workers: int | None = None):
     tracker, store = Tracker(), ModelStore()
     plan = make_plan(load_suite(path), path)
-    return tune_suite(plan, get_executor(executor), executor_maker(executor, tracker, store), tracker, store, None)
+    return tune_suite(plan, get_executor(executor), executor_maker(executor, tracker, store, workers), tracker, store,
+                      None)
 
 
 def settings(choices) -> dict[str, tuple[dict, float, int, list]]:
@@ -202,6 +204,20 @@ def test_ray_picks_the_in_process_setting(tmp_path, monkeypatch):
     on_ray, outcome = tune(write(tmp_path), "ray")
     assert not outcome.failed
     assert settings(on_ray) == settings(expected)
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="two workers need two cores (the oversubscription guard)")
+def test_local_workers_pick_the_in_process_setting_with_the_same_numbers(tmp_path, monkeypatch):
+    """`kdbench tune`'s default: trials side by side in worker processes (kept from batch to batch)."""
+    expected, expected_outcome = tune(write(tmp_path))
+    expected_numbers = finished_jobs(os.environ["MLFLOW_TRACKING_URI"], expected_outcome.parent_run,
+                                     "tt" + TUNED_SUFFIX)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'local.db'}")
+    monkeypatch.setenv("KDBENCH_STORE", str(tmp_path / "local-store"))
+    local, outcome = tune(write(tmp_path), "local", workers=2)
+    assert not outcome.failed and settings(local) == settings(expected)
+    assert finished_jobs(os.environ["MLFLOW_TRACKING_URI"], outcome.parent_run, "tt" + TUNED_SUFFIX) == \
+        expected_numbers
 
 
 @pytest.mark.parametrize("tune_block, expected", [

@@ -33,7 +33,7 @@ def test_bad_config_files_say_file_field_and_what_was_expected(tmp_path, text, m
 
 
 def test_unknown_executor_and_missing_file(tmp_path):
-    with pytest.raises(KdbenchError, match="--executor: expected one of inprocess, ray, slurm, got 'k8s'"):
+    with pytest.raises(KdbenchError, match="--executor: expected one of local, inprocess, ray, slurm, got 'k8s'"):
         get_executor("k8s")
     with pytest.raises(KdbenchError, match="nope.yaml: executor config file not found"):
         load_options("ray", tmp_path / "nope.yaml")

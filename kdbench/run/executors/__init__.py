@@ -9,7 +9,8 @@ from kdbench import KdbenchError
 from kdbench.run.executors.base import Executor, Outcome
 from kdbench.run.executors.options import ExecutorOptions, load_options
 
-BACKENDS = {"inprocess": "kdbench.run.executors.inprocess:InProcessExecutor",
+BACKENDS = {"local": "kdbench.run.executors.local:LocalExecutor",
+            "inprocess": "kdbench.run.executors.inprocess:InProcessExecutor",
             "ray": "kdbench.run.executors.ray:RayExecutor",
             "slurm": "kdbench.run.executors.slurm:SlurmExecutor"}
 

@@ -1,4 +1,5 @@
-"""The in-process executor (the default): this process runs the jobs one after another, with a progress bar.
+"""The in-process executor (`--workers 1` of the default, local one): this process runs the jobs one after another,
+with a progress bar.
 
 The smallest backend, and the one to copy: `run_jobs` calls `run_job` for each job. A job another kdbench
 process holds (HELD) is put off and tried again once that process lets it go, so several processes can work

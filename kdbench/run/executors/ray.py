@@ -17,6 +17,7 @@ from kdbench import KdbenchError
 from kdbench.storage.claims import Claim
 from kdbench import Interrupted
 from kdbench.run.executors.base import Executor, Outcome, dependency_levels
+from kdbench.run.executors.options import check_packing, usable_cores
 from kdbench.run.job import HELD, JobResult, run_job
 from kdbench.run.context import JobContext, StopRequest
 from kdbench.plan import Job, Plan
@@ -37,6 +38,14 @@ def _no_default_auth_notice(record: logging.LogRecord) -> bool:
 class RayExecutor(Executor):
     name = "ray"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        opts = self.options
+        self.cpus = opts.cpus_per_job if opts.cpus_per_job is not None else 1.0
+        if opts.address is None:  # a local Ray (started with this machine's usable cores) packs cores / cpus jobs
+            check_packing(max(1, int(usable_cores() // self.cpus)), opts.threads,
+                          f"--executor ray --cpus-per-job {self.cpus:g} (a local Ray)")
+
     @contextmanager
     def session(self, outcome: Outcome):
         try:
@@ -47,7 +56,6 @@ class RayExecutor(Executor):
         self.ray = ray
         self.stop = StopRequest(self.console)
         opts = self.options
-        self.cpus = opts.cpus_per_job if opts.cpus_per_job is not None else 1.0
         on_gpu = self.ctx.opts.device.type == "cuda"
         self.gpus = opts.gpus_per_job if opts.gpus_per_job is not None else (1.0 if on_gpu else 0.0)
         started = not ray.is_initialized()
@@ -59,7 +67,8 @@ class RayExecutor(Executor):
             logging.getLogger(AUTH_LOGGER).addFilter(_no_default_auth_notice)
             for attempt in range(3):  # a loaded machine can miss Ray's fixed 30 s start-up wait: try again
                 try:
-                    ray.init(address=opts.address, include_dashboard=False, configure_logging=False)
+                    ray.init(address=opts.address, include_dashboard=False, configure_logging=False,
+                             **({} if opts.address else {"num_cpus": usable_cores()}))
                     break
                 except Exception as exc:
                     ray.shutdown()

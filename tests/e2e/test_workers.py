@@ -1,0 +1,158 @@
+"""Local worker processes, the default executor: two workers give the numbers of one (the in-process executor) bit for
+bit, a student starts only once its teacher (here: its assistant, in the same wave) is stored, Ctrl-C of the whole
+process group stops a two-worker run with 130 and the same command resumes it to the same numbers, and more torch
+threads than cores are refused in one line.
+
+Real `kdbench run` processes on a teacher -> assistant -> student chain of tiny CIFAR ResNets on synthetic data.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import TINY, finished_jobs
+from mlflow.tracking import MlflowClient
+
+from kdbench import KdbenchError
+from kdbench.config.load import load_suite
+from kdbench.plan import make_plan
+from kdbench.run.executors import ExecutorOptions, get_executor
+from kdbench.run.executors.options import usable_cores
+from kdbench.storage.store import ModelStore
+
+# The teacher, then in one wave an assistant, a KD student and the TAKD student the assistant teaches.
+CHAIN = {**TINY, "teachers": ["cifar_resnet20"], "students": ["cifar_resnet8"],
+         "methods": ["kd", {"method": "takd", "params": {"assistants": "cifar_resnet14"}}]}
+
+
+def command(suite: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "kdbench.cli", "run", str(suite), "--device", "cpu", *args]
+
+
+def environment(root: Path) -> dict[str, str]:
+    return {**os.environ, "KDBENCH_STORE": str(root / "store"), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+
+
+def kdbench(root: Path, suite: Path, *args: str) -> str:
+    """`kdbench run` in its own store and MLflow database under `root`; returns the parent run id."""
+    root.mkdir(exist_ok=True)
+    done = subprocess.run(command(suite, *args), cwd=root, env=environment(root), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return re.search(r"parent run (\w+)", done.stderr).group(1)
+
+
+def numbers(root: Path, parent: str) -> dict:
+    """Per job: role, final test accuracy and training loss; per stored model (teacher, assistant): its weights."""
+    store = ModelStore(root / "store")
+    return {"jobs": finished_jobs(f"sqlite:///{root / 'mlflow.db'}", parent),
+            "weights": {e.key: store.load_final(e.key) for e in store.entries() if e.kind == "model"}}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a["jobs"] == b["jobs"] and len(a["jobs"]) == 4  # keys, accuracies and losses, bit for bit
+    assert a["weights"].keys() == b["weights"].keys() and len(a["weights"]) == 2
+    for key, state in a["weights"].items():
+        assert all(torch.equal(state[name], b["weights"][key][name]) for name in state), key
+
+
+def runs(root: Path) -> list:
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("suite") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(CHAIN, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_worker(suite, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("one")
+    return numbers(root, kdbench(root, suite, "--workers", "1"))
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="two workers need two cores (the oversubscription guard)")
+def test_two_workers_give_one_workers_numbers_and_students_wait_for_their_teacher(suite, one_worker, tmp_path):
+    parent = kdbench(tmp_path, suite, "--workers", "2")
+    assert_same(numbers(tmp_path, parent), one_worker)
+    children = [r for r in runs(tmp_path) if r.data.tags.get("mlflow.parentRunId") == parent]
+    by_key = {r.data.tags["kdbench.job"]: r for r in children}
+    (student,) = [r for r in children if r.data.params.get("assistant_job")]
+    assistant = by_key[student.data.params["assistant_job"]]
+    teacher = next(r for r in children if r.data.tags["kdbench.role"] == "teacher")
+    assert assistant.data.tags["kdbench.role"] == "assistant"
+    # The assistant's run ends after its model is stored: the TAKD student started after that, in the same wave.
+    assert assistant.info.end_time <= student.info.start_time
+    assert all(teacher.info.end_time <= r.info.start_time for r in children if r is not teacher)
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="two workers need two cores (the oversubscription guard)")
+def test_ctrl_c_stops_two_workers_with_130_and_the_same_command_resumes_to_the_same_numbers(suite, one_worker,
+                                                                                              tmp_path):
+    args = command(suite, "--workers", "2")
+    proc = subprocess.Popen(args, cwd=tmp_path, env=environment(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:  # a job's first epoch checkpointed: stopped in its second
+        if list((tmp_path / "store").glob("jobs/*/checkpoint.pt")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the driver and its workers alike
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "run the same command again to resume" in err
+    stopped = runs(tmp_path)
+    parents = [r for r in stopped if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "KILLED"
+    children = [r.info.status for r in stopped if r not in parents]
+    assert "KILLED" in children and "RUNNING" not in children, children  # stopped at a step, none left open
+
+    again = subprocess.run(args, cwd=tmp_path, env=environment(tmp_path), capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stderr and f"parent run {parents[0].info.run_id}" in again.stderr
+    assert_same(numbers(tmp_path, parents[0].info.run_id), one_worker)
+
+
+def test_more_torch_threads_than_cores_is_refused_in_one_line(write_suite):
+    cores = usable_cores()
+    plan = make_plan(load_suite(write_suite()), write_suite())
+    local = get_executor("local")
+    with pytest.raises(KdbenchError) as err:
+        local(plan, None, "cpu", options=ExecutorOptions(workers=cores + 1))
+    assert str(err.value) == (f"--workers {cores + 1} with --cpus-per-job 1: {cores + 1} jobs at once x 1 torch "
+                              f"threads each = {cores + 1} threads on {cores} usable cores; lower them so that "
+                              f"jobs x threads <= {cores}")
+    with pytest.raises(KdbenchError, match=f"--cpus-per-job {cores + 1}: 1 jobs at once x {cores + 1} torch"):
+        local(plan, None, "cpu", options=ExecutorOptions(cpus_per_job=cores + 1))  # one worker, too wide
+    assert local(plan, None, "cpu").size == cores  # the default: a one-thread job per core
+    with pytest.raises(KdbenchError, match=r"--executor ray --cpus-per-job 0.5 \(a local Ray\): "
+                                           f"{2 * cores} jobs at once"):
+        get_executor("ray")(plan, None, "cpu", options=ExecutorOptions(cpus_per_job=0.5))
+
+
+def test_the_command_line_refuses_oversubscription_with_exit_2_before_anything_is_written(write_suite, tmp_path):
+    cores = usable_cores()
+    done = subprocess.run(command(write_suite(), "--workers", str(cores + 1)), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [
+        f"kdbench: error: --workers {cores + 1} with --cpus-per-job 1: {cores + 1} jobs at once x 1 torch threads "
+        f"each = {cores + 1} threads on {cores} usable cores; lower them so that jobs x threads <= {cores}"]
+    assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow.db").exists()
+    wrong = subprocess.run(command(write_suite(), "--executor", "ray", "--workers", "2"), capture_output=True,
+                           text=True, timeout=300)
+    assert wrong.returncode == 2 and "--workers: only the local executor runs worker processes" in wrong.stderr
