@@ -29,11 +29,11 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
 SAFE_NAME_TEXT = "1 to 100 letters, digits and _ . + -, starting with a letter or digit"
 # Published split sizes of the fixed datasets: train_size/test_size above them are refused at validation.
 SPLIT_SIZES = {"cifar100": (50000, 10000), "cifar10": (50000, 10000), "mnist": (60000, 10000),
-               "fashion_mnist": (60000, 10000)}
+               "fashion_mnist": (60000, 10000), "imagenet": (1281167, 50000)}
 
 
 class DataConfig(Strict):
-    dataset: Literal["cifar100", "cifar10", "mnist", "fashion_mnist", "imagefolder", "synthetic"]
+    dataset: Literal["cifar100", "cifar10", "mnist", "fashion_mnist", "imagefolder", "imagenet", "synthetic"]
     path: str | None = None
     train_size: PositiveInt | None = None
     test_size: PositiveInt | None = None
@@ -41,6 +41,11 @@ class DataConfig(Strict):
     image_size: PositiveInt | None = None
     download: bool = False
     val_size: NonNegativeInt = 0  # held out of the training images for choices; train_size counts them too
+    # device: the whole split on the training device (default); stream: decoded from disk every epoch by loader
+    # processes, for image folders that do not fit on the device (imagenet must stream). kdbench.data.stream
+    loader: Literal["device", "stream"] = "device"
+    train_crop: Literal["exact", "random_resized"] = "exact"  # random_resized: ImageNet's RandomResizedCrop
+    eval_resize: PositiveInt | None = None  # evaluation: shorter side resized to this, centre crop of image_size
 
     def spec(self) -> DataSpec:
         return DataSpec(**self.model_dump())
@@ -205,6 +210,13 @@ class Suite(Strict):
     def _students_train(self):
         if self.train.epochs < 1:
             raise ValueError("train.epochs: expected at least 1 for students (0 is for teachers used as loaded)")
+        return self
+
+    @model_validator(mode="after")
+    def _cache_needs_resident_data(self):
+        if self.teacher_cache and self.data.loader == "stream":
+            raise ValueError("teacher_cache: expected false with data.loader stream (the cache gathers from the "
+                             "training split held on the device)")
         return self
 
     def teacher_train(self) -> TrainConfig:
