@@ -21,7 +21,7 @@ from kdbench.registry import get_method, method_hash
 from kdbench.storage.files import sha256
 from kdbench.config.schema import AugmentConfig, MethodEntry, Suite, TrainConfig
 from kdbench.zoo import ModelStats, known_models, meta_model, model_kwargs_problem, model_stats
-from kdbench.data.load import data_fingerprint
+from kdbench.data.sources import data_fingerprint
 
 STORE_VERSION = 2  # bump when a change to the engine changes what a given config trains to
 # 2: channels_last on CPU too (other convolution kernels, so other last bits)
@@ -29,6 +29,8 @@ TEACHER_METHOD = MethodEntry(method="baseline", label="baseline")
 # Roles whose trained models the store keeps and reuses. A "reference" is a model trained alone with the
 # teachers' recipe so that its accuracy can choose an assistant (it is the same job as that model's teacher job).
 STORED_ROLES = ("teacher", "reference", "assistant")
+# The data fields of the streaming loader, at the values that leave a job as it was before they existed.
+STREAM_DEFAULTS = {"loader": "device", "train_crop": "exact", "eval_resize": None}
 WAVES = {"teacher": 0, "reference": 0, "assistant": 1, "student": 2}  # jobs run wave by wave
 
 
@@ -246,6 +248,9 @@ def base_config(suite: Suite, data_fingerprint: str | None = None) -> dict[str, 
     data = suite.data.model_dump()
     if not data["val_size"]:  # no validation split trains on what suites before val_size trained on: same keys
         del data["val_size"]
+    for field, default in STREAM_DEFAULTS.items():  # likewise: device-resident data keeps the keys it had
+        if data[field] == default:
+            del data[field]
     config = {"store_version": STORE_VERSION, "data": data, "augment": suite.augment.model_dump()}
     if data_fingerprint is not None:  # data read from disk: its content, not only its name (see data.py)
         config["data_fingerprint"] = data_fingerprint
