@@ -22,6 +22,7 @@ from kdbench.method import Batch, Method, PassCounts, StepContext, TeacherRoute
 from kdbench.seeding import stream_seed
 from kdbench.config.schema import AugmentConfig, TrainConfig
 from kdbench.train.teacher_cache import TeacherCache
+from kdbench.train.parallel import mean_over_devices, sum_over_devices
 
 EXPLODED = 1e4  # an epoch's mean training loss above this ends the job as diverged
 
@@ -150,6 +151,7 @@ def evaluate(model: nn.Module, split: Split, data: DeviceData, opts: EngineOptio
             logits = model(x).float()
         correct += (logits.argmax(1) == labels).sum()
         loss += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+    correct, loss = sum_over_devices(split, correct, loss)  # one job on several devices: each read its part
     model.train(was_training)
     n = len(split)
     return {"acc": correct.item() / n * 100, "loss": loss.item() / n}
@@ -312,10 +314,10 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
         if resumed_totals is not None:
             totals, steps, images_seen = {k: v.to(opts.device) for k, v in resumed_totals[0].items()}, *resumed_totals[1:]
             resumed_totals = None
+        # a resumed epoch replays its draws up to where it stopped; the batches before are drawn, not read
         for batch, (images, labels, *drawn) in enumerate(epoch_batches(
-                data.train, train.batch_size, *generators(), augment.crop_padding, augment.flip, with_views=cached)):
-            if batch < skip_batches:  # replaying the draws of a resumed epoch up to where it stopped
-                continue
+                data.train, train.batch_size, *generators(), augment.crop_padding, augment.flip, with_views=cached,
+                start=skip_batches), start=skip_batches):
             x = normalize(images, data.info, channels_last=opts.channels_last)
             logits = teacher_cache.lookup(*drawn) if cached else None
             if graphs:  # a new iteration: CUDA-graph outputs of the last step may be overwritten from here on
@@ -326,10 +328,12 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
             steps += 1
             images_seen += labels.shape[0]
             if should_stop():
+                totals = mean_over_devices(data.train, totals)  # several devices save the same sums
                 if checkpoint is not None:
                     checkpoint(state(epoch, batch + 1, totals, steps, images_seen))
                 raise Interrupted(f"stopped in epoch {epoch + 1} after step {batch + 1}")
         skip_batches = 0
+        totals = mean_over_devices(data.train, totals)  # several devices log and check the same numbers
         train_loss = {f"train_{k}": (v / steps).item() for k, v in totals.items()}
         train_time = time.perf_counter() - start
         total_loss = sum(train_loss.values())
