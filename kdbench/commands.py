@@ -4,6 +4,7 @@ Imported by `kdbench.cli.main` once its signal handlers are installed.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -19,7 +20,10 @@ from kdbench.plan import STORED_ROLES, make_plan
 from kdbench.config.load import load_suite
 from kdbench.registry import methods as registry
 from kdbench.data.spec import DataError
-from kdbench.data.load import cached_fingerprint, resolve_data_root
+from kdbench.data.load import resolve_data_root
+from kdbench.data.sources import cached_fingerprint
+from kdbench.run.devices import follow_suite, join, launch, leading
+from kdbench.train import parallel
 from kdbench.run.executors import get_executor, load_options
 from kdbench.storage.files import check_writable, folder_size
 from kdbench.tracking import check_tracking, referenced_keys, tracking_uri
@@ -71,6 +75,48 @@ def _data_error(suite_path: Path, exc: Exception) -> KdbenchError:
              "data.test_size" if " test: asked for the first" in text else
              "data.path" if text.startswith("imagefolder") else "data")
     return KdbenchError(f"{suite_path}: field '{field}': {text}")
+
+
+def _check_devices(plan, executor: str, devices: Optional[int], compile: Optional[bool], teacher_cache: bool) -> int:
+    """How many devices each job trains on (--devices, or the processes torchrun started), refused in one line
+    where it cannot be: Ray, a batch that does not split, torch.compile, shared teacher outputs."""
+    launched = parallel.launched_world()
+    if devices is not None and devices < 1:
+        raise KdbenchError(f"--devices: expected a positive number of devices, got {devices}")
+    if launched > 1 and devices is not None and devices != launched:
+        raise KdbenchError(f"--devices {devices}: torchrun started {launched} processes; give the same number")
+    world = devices or launched
+    if plan.suite.data.loader == "stream" and teacher_cache:
+        raise KdbenchError("--teacher-cache: the shared teacher outputs need data held on the device; "
+                           f"{plan.suite_path} streams it (data.loader: stream)")
+    if world == 1:
+        return world
+    if executor == "ray" or (executor == "slurm" and launched > 1):
+        raise KdbenchError(f"--devices {world}: one job on several devices runs in-process (torchrun) or with "
+                           f"--executor slurm (started by kdbench, not by torchrun), not with --executor {executor}")
+    if compile:
+        raise KdbenchError("--compile: not with several devices yet (BatchNorm over the whole batch and the "
+                           "gradient averaging run eagerly); leave it out")
+    for job in plan.jobs:
+        if job.train.batch_size % world:
+            raise KdbenchError(f"{plan.suite_path}: field 'train.batch_size': {job.title} has batch_size "
+                               f"{job.train.batch_size}, which does not split over {world} devices (it is the "
+                               f"global batch: choose a multiple of {world})")
+    return world
+
+
+def _layout(plan, world: int) -> str:
+    sizes = sorted({j.train.batch_size for j in plan.jobs})
+    return "; ".join(f"global batch {b}, {b // world} per device" for b in sizes) + \
+        "; learning rates as the suite gives them (not scaled: they are the global batch's)"
+
+
+def _relaunch(suite: Path, world: int) -> None:
+    """This command again as `world` processes under torchrun; only from a command line that names the suite."""
+    argv = sys.argv[1:]
+    if "run" not in argv or str(suite) not in argv:
+        raise KdbenchError("--devices: start `kdbench run` from a shell (or start it under torchrun yourself)")
+    launch(world, argv)
 
 
 def _pairs_table(plan) -> Table:
@@ -162,6 +208,10 @@ def run(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the models for "
                                            "training steps (CUDA graphs on a GPU) [default: on for CUDA, off on CPU]"),
     store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP, show_default=False),
+    devices: Optional[int] = typer.Option(None, "--devices", help="train each job on N devices (data parallel, the "
+                                          "suite's batch_size the global batch): N processes through torchrun on "
+                                          "this machine, or with --executor slurm an N-task SLURM job per job "
+                                          "[default: 1, or the processes torchrun started]"),
 ) -> None:
     """Run every job of a suite: teachers, then students of every method and seed, logged to MLflow."""
     plan = load_plan(suite, methods, seeds, epochs)
@@ -170,18 +220,29 @@ def run(
     executor_cls = get_executor(executor)
     options = load_options(executor, executor_config, cpus_per_job=cpus_per_job, gpus_per_job=gpus_per_job,
                            address=ray_address, partition=partition, mem_gb=mem_gb, time_min=time_min,
-                           logs=slurm_logs)
+                           logs=slurm_logs, devices_per_job=devices)
+    world = _check_devices(plan, executor, options.devices_per_job, compile, teacher_cache)
     root = resolve_data_root(str(data_root) if data_root else None)
     if dry_run:  # keys as the run will make them where the data's fingerprint is known without reading the data
         _print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)), model_store)
+        if world > 1:
+            err.print(f"each job on {world} devices: " + _layout(plan, world), markup=False, highlight=False)
         return
 
     check_tracking()  # before any data is read: a dead server or a read-only database is one line, at once
     check_writable(model_store.root, "model store")
+    if executor == "inprocess" and world > 1:
+        if parallel.launched_world() == 1:  # this process becomes torchrun, which starts `world` of this command
+            _relaunch(suite, world)
+        device, compile = join(device), False
+        if not parallel.current().leads:  # the others train alongside the first process, which writes
+            follow_suite(model_store.root, root, device, download, err)
+            return
     try:
-        outcome = executor_cls(plan, root, device, console=err, fresh=fresh, download=download,
-                               teacher_cache=teacher_cache, compile=compile, store=model_store,
-                               options=options).run()
+        with leading():
+            outcome = executor_cls(plan, root, device, console=err, fresh=fresh, download=download,
+                                   teacher_cache=teacher_cache, compile=compile, store=model_store,
+                                   options=options).run()
     except DataError as exc:  # the data is loaded before anything is written: name the suite and its field
         raise _data_error(suite, exc) from None
     already = f" ({outcome.skipped} already done before)" if outcome.skipped else ""

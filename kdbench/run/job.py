@@ -30,6 +30,8 @@ from kdbench.storage.store import ModelStore
 from kdbench.train.teacher_cache import TeacherCache
 from kdbench.tracking import TAG, Tracker, flatten
 from kdbench.run.context import JobContext
+from kdbench.run.devices import lead
+from kdbench.train import parallel
 
 
 DIVERGED = "diverged: "  # prefix of the failure reason of a diverged job: deterministic, so never retried
@@ -278,13 +280,17 @@ def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
     cache = None
     if teacher is not None and (ctx.teacher_cache or plan.suite.teacher_cache) and method_cls.teacher_logits_only:
         cache = _shared_teacher_outputs(job, teacher, data, ctx)
+    should_stop = ctx.local.should_stop or _never
+    if parallel.current() is not None:  # one job on several devices: the other processes train it with this one
+        cache, should_stop = None, lead(plan, job, ctx, run_id, checkpoint_path if resume is not None else None,
+                                        model, teacher, method, should_stop)
     result = fit(model, method, teacher, data, job.train, job.augment, job.seed, opts,
                  eval_batch_size=plan.suite.eval_batch_size, on_epoch=on_epoch, keep_route=keep_route,
                  on_route=on_route, route=teacher_route(plan, job, store) if needs.route and job.teacher else None,
                  teacher_cache=cache,
                  guides=build_guides(plan, job, teacher, data, store, opts) if needs.dense and teacher is not None
                  else None,
-                 checkpoint=checkpoint, resume=resume, should_stop=ctx.local.should_stop or _never,
+                 checkpoint=checkpoint, resume=resume, should_stop=should_stop,
                  combine=job.method.combine)
     if method.record:  # procedure details the method chose while training (RCO's anchors, FitNets' layers)
         tracker.log_params(run_id, {f"procedure.{k}": v for k, v in method.record.items()})
