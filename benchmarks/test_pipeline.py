@@ -6,7 +6,8 @@ import torch
 from torch.utils.data import default_collate
 
 from conftest import synchronize
-from kdbench.tools.bench import PilDataset, bench_data, classic_transform
+from kdbench.tools.bench_loops import PilDataset, classic_transform
+from kdbench.tools.bench_setup import bench_data
 from kdbench.data.batches import epoch_batches, make_generator, normalize
 
 

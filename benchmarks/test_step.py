@@ -7,7 +7,7 @@ import torch
 from conftest import synchronize
 from kdbench.data.spec import DataSpec
 from kdbench.data.load import load_data
-from kdbench.train.engine import EngineOptions, fit
+from kdbench.train.engine import EngineOptions, Provided, fit
 from kdbench.registry import get_method, methods
 from kdbench.config.schema import AugmentConfig, TrainConfig
 from kdbench.train.teacher_cache import TeacherCache
@@ -40,7 +40,7 @@ def step_runner(opts, data, teacher, name, cache=None):
 
     def step():  # seed 0 each time: the same batch and views, like a warm teacher cache sees
         fit(student, method, teacher if cls.needs_teacher else None, data, train, augment, 0, opts,
-            teacher_cache=cache)
+            provided=Provided(teacher_cache=cache))
         synchronize(opts.device)
 
     return step

@@ -4,7 +4,6 @@ Imported by `kdbench.cli.main` once its signal handlers are installed.
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -16,19 +15,31 @@ from rich.table import Table
 
 from kdbench import KdbenchError
 from kdbench.storage.store import ModelStore
-from kdbench.plan import STORED_ROLES, make_plan
+from kdbench.plan import STORED_ROLES, make_plan, runtime_config
 from kdbench.config.load import load_suite
-from kdbench.registry import methods as registry
+from kdbench.config.schema import MAX_EPOCHS, MAX_SEEDS
+from kdbench.seeding import MAX_SEED
+from kdbench.registry import methods as registry, modifiers as modifier_registry
 from kdbench.data.spec import DataError
 from kdbench.data.load import resolve_data_root
 from kdbench.data.sources import cached_fingerprint
-from kdbench.run.devices import follow_suite, join, launch, leading
+from kdbench.run.devices import devices_for_run, layout_line, leading, start_processes
+from kdbench.run.job import follow_suite
 from kdbench.train import parallel
 from kdbench.run.executors import get_executor, load_options
+from kdbench.run.tune import tune_suite
+from kdbench.tracking import Tracker
 from kdbench.storage.files import check_writable, folder_size
-from kdbench.tracking import check_tracking, referenced_keys, tracking_uri
+from kdbench.mlflow_db import check_mlflow_db
+from kdbench.tracking import check_tracking, referenced_keys, sqlite_path, tracking_uri
 from kdbench.report.write import write_report
-from kdbench.tools.bench import BenchSettings, print_result, run_bench, write_result
+from kdbench.report.tuned import write_tuned_report
+from kdbench.report.rank import load_study, rank as make_ranking
+from kdbench.report.rank_output import write_ranking
+from kdbench.tools.bench_setup import BenchSettings
+from kdbench.tools.bench_output import print_result, write_result
+from kdbench.tools.bench import run_bench
+from kdbench.train.engine import EngineOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kdbench: knowledge distillation benchmarks on timm models, logged to MLflow.")
@@ -36,11 +47,29 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)  # log lines stay whole: paths must stay copyable
 
 SuiteArg = typer.Argument(..., help="suite file (YAML)", show_default=False)
+DRY_RUN_LISTED = 200  # a dry run lists plans of up to this many jobs; larger ones get a summary (--all lists them)
+SUMMARY_PAIRS = 50  # pairs shown in a summary's per-pair table
 STORE_HELP = "the model store: trained teachers, route checkpoints, assistants [default: $KDBENCH_STORE, else ./kdbench-store]"
 
 
 def _store(path: Optional[Path]):
     return ModelStore(path)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _say(line: str) -> None:
+    err.print(f"kdbench: {line}", markup=False, highlight=False)
+
+
+def _check_database() -> None:
+    """An MLflow SQLite database this MLflow cannot use (half-migrated, older, newer): refused in one line, or
+    moved aside when it holds no runs (kdbench.mlflow_db)."""
+    path = sqlite_path(tracking_uri())
+    if path is not None:
+        check_mlflow_db(path, notice=_say)
 
 
 def _csv(value: Optional[str]) -> Optional[list[str]]:
@@ -61,10 +90,12 @@ def load_plan(suite_path: Path, methods: Optional[str] = None, seeds: Optional[s
             seed_list = [int(s) for s in _csv(seeds) or []]
         except ValueError:
             seed_list = []
-        if not seed_list or any(s < 0 for s in seed_list) or len(set(seed_list)) != len(seed_list):
-            raise KdbenchError(f"--seeds: expected comma-separated non-negative integers, each once, got '{seeds}'")
-    if epochs is not None and epochs < 1:
-        raise KdbenchError(f"--epochs: expected a positive integer, got {epochs}")
+        if (not seed_list or any(not 0 <= s <= MAX_SEED for s in seed_list) or len(set(seed_list)) != len(seed_list)
+                or len(seed_list) > MAX_SEEDS):
+            raise KdbenchError(f"--seeds: expected comma-separated non-negative integers, each once, at most "
+                               f"{MAX_SEED} and {MAX_SEEDS} of them, got '{_short(seeds)}'")
+    if epochs is not None and not 1 <= epochs <= MAX_EPOCHS:
+        raise KdbenchError(f"--epochs: expected a positive integer of at most {MAX_EPOCHS}, got {epochs}")
     return make_plan(suite, suite_path, methods=_csv(methods), seeds=seed_list, epochs=epochs)
 
 
@@ -77,46 +108,21 @@ def _data_error(suite_path: Path, exc: Exception) -> KdbenchError:
     return KdbenchError(f"{suite_path}: field '{field}': {text}")
 
 
-def _check_devices(plan, executor: str, devices: Optional[int], compile: Optional[bool], teacher_cache: bool) -> int:
-    """How many devices each job trains on (--devices, or the processes torchrun started), refused in one line
-    where it cannot be: Ray, a batch that does not split, torch.compile, shared teacher outputs."""
-    launched = parallel.launched_world()
-    if devices is not None and devices < 1:
-        raise KdbenchError(f"--devices: expected a positive number of devices, got {devices}")
-    if launched > 1 and devices is not None and devices != launched:
-        raise KdbenchError(f"--devices {devices}: torchrun started {launched} processes; give the same number")
-    world = devices or launched
-    if plan.suite.data.loader == "stream" and teacher_cache:
-        raise KdbenchError("--teacher-cache: the shared teacher outputs need data held on the device; "
-                           f"{plan.suite_path} streams it (data.loader: stream)")
-    if world == 1:
-        return world
-    if executor == "ray" or (executor == "slurm" and launched > 1):
-        raise KdbenchError(f"--devices {world}: one job on several devices runs in-process (torchrun) or with "
-                           f"--executor slurm (started by kdbench, not by torchrun), not with --executor {executor}")
-    if compile:
-        raise KdbenchError("--compile: not with several devices yet (BatchNorm over the whole batch and the "
-                           "gradient averaging run eagerly); leave it out")
-    for job in plan.jobs:
-        if job.train.batch_size % world:
-            raise KdbenchError(f"{plan.suite_path}: field 'train.batch_size': {job.title} has batch_size "
-                               f"{job.train.batch_size}, which does not split over {world} devices (it is the "
-                               f"global batch: choose a multiple of {world})")
-    return world
-
-
-def _layout(plan, world: int) -> str:
-    sizes = sorted({j.train.batch_size for j in plan.jobs})
-    return "; ".join(f"global batch {b}, {b // world} per device" for b in sizes) + \
-        "; learning rates as the suite gives them (not scaled: they are the global batch's)"
-
-
-def _relaunch(suite: Path, world: int) -> None:
-    """This command again as `world` processes under torchrun; only from a command line that names the suite."""
-    argv = sys.argv[1:]
-    if "run" not in argv or str(suite) not in argv:
-        raise KdbenchError("--devices: start `kdbench run` from a shell (or start it under torchrun yourself)")
-    launch(world, argv)
+def _print_table(table: Table) -> None:
+    """A table on a terminal; into a file or a pipe, plain aligned text at full width: no cell cut to 80 columns,
+    no box lines, every column kept (model names, keys)."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    rows = [[str(c.header) for c in table.columns]] + [[str(cell) for cell in row]
+                                                        for row in zip(*(c.cells for c in table.columns))]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(table.columns))]
+    right = [c.justify == "right" for c in table.columns]
+    lines = [str(table.title)] if table.title else []
+    lines += ["  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip() for row in rows]
+    lines += [str(table.caption)] if table.caption else []
+    for line in lines:
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _pairs_table(plan) -> Table:
@@ -133,7 +139,7 @@ def _pairs_table(plan) -> Table:
 @app.command()
 def pairs(suite: Path = SuiteArg) -> None:
     """Print the suite's teacher-student pairs with parameters, MACs and capacity gap (needs no data)."""
-    out.print(_pairs_table(load_plan(suite)))
+    _print_table(_pairs_table(load_plan(suite)))
 
 
 @app.command()
@@ -158,7 +164,7 @@ def validate(
 
 @app.command()
 def methods() -> None:
-    """List the registered methods with their defaults."""
+    """List the registered methods and modifiers with their defaults."""
     table = Table(title="methods", box=box.SIMPLE_HEAD,
                   caption="any method's loss terms can be combined by PCGrad: {method: NAME, combine: pcgrad}")
     for col in ("name", "defaults", "needs", "what it does"):
@@ -172,7 +178,14 @@ def methods() -> None:
         needs = needs or "-"
         defaults = ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "-"
         table.add_row(name, defaults, needs, cls.summary)
-    out.print(table)
+    _print_table(table)
+    table = Table(title="modifiers", box=box.SIMPLE_HEAD,
+                  caption="with any method that declares logit losses: {method: kd, modify: logit_std} (label kd+logit_std)")
+    for col in ("name", "defaults", "what it does"):
+        table.add_column(col)
+    for name, cls in modifier_registry().items():
+        table.add_row(name, ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "-", cls.summary)
+    _print_table(table)
 
 
 @app.command()
@@ -184,6 +197,8 @@ def run(
     device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder [default: $KDBENCH_DATA]"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and exit; touches no data and no MLflow"),
+    every_job: bool = typer.Option(False, "--all", help=f"with --dry-run: list every job, also for plans of more "
+                                   f"than {DRY_RUN_LISTED} (otherwise summarised)"),
     fresh: bool = typer.Option(False, "--fresh", help="start a new parent run instead of continuing this plan's last one"),
     download: bool = typer.Option(False, "--download", help="let torchvision download a missing dataset"),
     teacher_cache: bool = typer.Option(False, "--teacher-cache", help="compute each teacher's logits once per image "
@@ -192,8 +207,8 @@ def run(
     executor_config: Optional[Path] = typer.Option(
         None, "--executor-config", help="per-machine executor options (YAML, a section per executor) "
         "[default: $KDBENCH_EXECUTOR_CONFIG, else ~/.config/kdbench/executor.yaml if present]"),
-    cpus_per_job: Optional[float] = typer.Option(None, "--cpus-per-job", help="ray, slurm: CPUs (and torch "
-                                                 "threads) per job [default: 1]"),
+    cpus_per_job: Optional[float] = typer.Option(None, "--cpus-per-job", help="CPUs and torch threads per job, "
+                                                 "in every executor (part of each job's key) [default: 1]"),
     gpus_per_job: Optional[float] = typer.Option(None, "--gpus-per-job", help="ray: GPUs per job, fractions pack "
                                                  "jobs (0.25: four per GPU); slurm: whole GPUs [default: 1 on "
                                                  "a GPU device, else 0]"),
@@ -208,10 +223,8 @@ def run(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the models for "
                                            "training steps (CUDA graphs on a GPU) [default: on for CUDA, off on CPU]"),
     store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP, show_default=False),
-    devices: Optional[int] = typer.Option(None, "--devices", help="train each job on N devices (data parallel, the "
-                                          "suite's batch_size the global batch): N processes through torchrun on "
-                                          "this machine, or with --executor slurm an N-task SLURM job per job "
-                                          "[default: 1, or the processes torchrun started]"),
+    devices: Optional[int] = typer.Option(None, "--devices", help="each job on N devices, data parallel (batch_size "
+                                          "the global batch): torchrun here, or --executor slurm's N-task jobs"),
 ) -> None:
     """Run every job of a suite: teachers, then students of every method and seed, logged to MLflow."""
     plan = load_plan(suite, methods, seeds, epochs)
@@ -221,23 +234,23 @@ def run(
     options = load_options(executor, executor_config, cpus_per_job=cpus_per_job, gpus_per_job=gpus_per_job,
                            address=ray_address, partition=partition, mem_gb=mem_gb, time_min=time_min,
                            logs=slurm_logs, devices_per_job=devices)
-    world = _check_devices(plan, executor, options.devices_per_job, compile, teacher_cache)
+    world = devices_for_run(plan, executor, options.devices_per_job, compile, teacher_cache)
     root = resolve_data_root(str(data_root) if data_root else None)
     if dry_run:  # keys as the run will make them where the data's fingerprint is known without reading the data
-        _print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)), model_store)
+        runtime = runtime_config(EngineOptions.for_device(device).device.type, options.threads)
+        _print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)).for_runtime(runtime),
+                    model_store, every_job)
         if world > 1:
-            err.print(f"each job on {world} devices: " + _layout(plan, world), markup=False, highlight=False)
+            err.print(layout_line(plan, world), markup=False, highlight=False)
         return
 
     check_tracking()  # before any data is read: a dead server or a read-only database is one line, at once
+    _check_database()
     check_writable(model_store.root, "model store")
-    if executor == "inprocess" and world > 1:
-        if parallel.launched_world() == 1:  # this process becomes torchrun, which starts `world` of this command
-            _relaunch(suite, world)
-        device, compile = join(device), False
+    if executor == "inprocess" and world > 1:  # torchrun's processes of this command (started here if need be)
+        device, compile = start_processes(suite, world, device), False
         if not parallel.current().leads:  # the others train alongside the first process, which writes
-            follow_suite(model_store.root, root, device, download, err)
-            return
+            return follow_suite(model_store.root, root, device, download, err)
     try:
         with leading():
             outcome = executor_cls(plan, root, device, console=err, fresh=fresh, download=download,
@@ -245,11 +258,70 @@ def run(
                                    options=options).run()
     except DataError as exc:  # the data is loaded before anything is written: name the suite and its field
         raise _data_error(suite, exc) from None
+    where = f"MLflow {tracking_uri()}, parent run {outcome.parent_run}"
+    if outcome.nothing_to_do:
+        collapsed = f" ({len(outcome.collapsed)} collapsed)" if outcome.collapsed else ""
+        err.print(f"nothing to do: {len(outcome.finished) + len(outcome.collapsed)} jobs already finished{collapsed}; "
+                  f"{where} (--fresh starts a new run)")
+        return
     already = f" ({outcome.skipped} already done before)" if outcome.skipped else ""
     err.print(f"{len(outcome.finished)} jobs finished{already}, {len(outcome.failed)} failed, "
-              f"{len(outcome.collapsed)} collapsed; MLflow {tracking_uri()}, parent run {outcome.parent_run}")
+              f"{len(outcome.collapsed)} collapsed; {where}")
     if outcome.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def tune(
+    suite: Path = SuiteArg,
+    methods: Optional[str] = typer.Option(None, help="only these method labels, comma-separated"),
+    epochs: Optional[int] = typer.Option(None, help="shrink every schedule to this many epochs (milestones scale)"),
+    device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="dataset folder [default: $KDBENCH_DATA]"),
+    executor: str = typer.Option("inprocess", "--executor", help="where the trials run: inprocess, ray, slurm"),
+    cpus_per_job: Optional[float] = typer.Option(None, "--cpus-per-job", help="ray, slurm: CPUs per job"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="ray: an existing cluster"),
+    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP, show_default=False),
+) -> None:
+    """Tune every method on validation with the suite's `tune:` budget, then run each at its default and its
+    tuned setting on the reporting seeds (MLflow experiments <suite>.tune and <suite>.tuned). Resumes."""
+    plan = load_plan(suite, methods, None, epochs)
+    if plan.suite.tune is None:
+        raise KdbenchError(f"{suite}: field 'tune': required by `kdbench tune` (trials, seeds, pairs, sampler)")
+    model_store = _store(store)
+    backend = get_executor(executor)
+    options = load_options(executor, None, cpus_per_job=cpus_per_job, gpus_per_job=None, address=ray_address,
+                           partition=None, mem_gb=None, time_min=None, logs=None)
+    root = resolve_data_root(str(data_root) if data_root else None)
+    check_tracking()
+    check_writable(model_store.root, "model store")
+    tracker = Tracker()
+
+    def make_executor(cls, batch_plan):
+        return cls(batch_plan, root, device, tracker=tracker, console=err, store=model_store, options=options)
+
+    try:
+        choices, outcome = tune_suite(plan, backend, make_executor, tracker, model_store, root, ray_address)
+    except DataError as exc:
+        raise _data_error(suite, exc) from None
+    for name, chosen in choices.items():
+        setting = ", ".join(f"{k} {v:.4g}" for k, v in chosen.params.items()) or "nothing to tune"
+        err.print(f"{name}: trial {chosen.trial}, validation {chosen.value:.2f}%: {setting}")
+    err.print(f"{len(outcome.finished)} reporting jobs finished, {len(outcome.failed)} failed; parent run "
+              f"{outcome.parent_run}")
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+@app.command(name="report-tuned")
+def report_tuned(
+    suite: Path = SuiteArg,
+    out: Path = typer.Option(Path("results"), help="output folder: the report goes to OUT/<suite>.tuned/"),
+) -> None:
+    """Write the tuned report of a suite run by `kdbench tune`: default and tuned side by side, the chosen
+    settings, the sensitivity of each method (tuned.md, CSVs, a figure)."""
+    folder = write_tuned_report(suite, out)
+    err.print(f"wrote {folder}")
 
 
 @app.command()
@@ -263,17 +335,42 @@ def report(
                                           help="method labels to plot, comma-separated (default: every method)"),
     title: Optional[str] = typer.Option(None, "--title", help="the figure's title (default: the suite's display "
                                         "title, else the dataset and what is plotted)"),
+    mlflow_artifacts: bool = typer.Option(True, "--mlflow-artifacts/--no-mlflow-artifacts", help="also log the "
+                                          "report's files as artifacts of the suite's parent run (report/)"),
 ) -> None:
-    """Tables (Markdown, LaTeX, CSV) with confidence intervals and paired tests, and the accuracy-vs-gap figure
-    (PNG, SVG, PDF) of a suite's run, read from MLflow."""
+    """Tables (Markdown, LaTeX, CSV) with confidence intervals and paired tests, agreement with the teacher and
+    calibration, and the accuracy-vs-gap figure (PNG, SVG, PDF) of a suite's run, read from MLflow; logged back to
+    the suite's parent run as artifacts."""
 
+    _check_database()
     try:
-        folder = write_report(suite, out_dir, run_id, x, methods=_csv(methods), title=title,
-                              notice=lambda line: err.print(f"kdbench: {line}", markup=False, highlight=False))
+        folder = write_report(suite, out_dir, run_id, x, methods=_csv(methods), title=title, notice=_say,
+                              log_artifacts=mlflow_artifacts)
     except PermissionError as exc:  # a results folder that cannot be written: one line naming it
         raise KdbenchError(f"{exc.filename or out_dir}: cannot be written ({exc.strerror}); choose another --out") from None
     err.print(f"report written to {folder}/ (report.md, comparison, cost, figure"
               f"{', paper_table' if (folder / 'paper_table.md').exists() else ''})")
+
+
+@app.command()
+def rank(
+    sources: list[Path] = typer.Argument(..., help="suite files (their runs in MLFLOW_TRACKING_URI's store) or "
+                                         "results folders holding their mlflow.db", show_default=False),
+    out_dir: Path = typer.Option(Path("results/ranking"), "--out", help="write the ranking into this folder"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="rank only these methods, comma-separated "
+                                          "(default: every method with a number in every task)"),
+) -> None:
+    """Rank methods over every pair of one suite or of several: average rank, Friedman and Nemenyi tests with a
+    critical-difference diagram, IQM gain over vanilla KD and probability of improving on it, with intervals."""
+    note = lambda line: err.print(f"kdbench: {line}", markup=False, highlight=False)  # noqa: E731
+    studies = [load_study(source, note) for source in sources]
+    names = [s.suite.name for s in studies]
+    if len(set(names)) < len(names):
+        raise KdbenchError(f"suite '{next(n for n in names if names.count(n) > 1)}' is given twice")
+    command = "kdbench rank " + " ".join(s.as_posix() for s in sources) + f" --out {out_dir.as_posix()}" + \
+        (f" --methods {methods}" if methods else "")
+    folder = write_ranking(make_ranking(studies, _csv(methods)), out_dir, command)
+    err.print(f"ranking written to {folder}/ (ranking.md, ranking.csv, scores.csv, critical_difference)")
 
 
 @app.command()
@@ -374,6 +471,7 @@ def store_gc(
     param, and no --keep suite needs; corrupted entries always go. Lists them unless --yes."""
 
     model_store = _store(store)
+    _check_database()
     referenced = referenced_keys()
     for path in keep or []:
         plan = load_plan(path)
@@ -395,8 +493,15 @@ def store_gc(
               + (f"; {len(busy)} in use by a running process, kept" if busy else ""), markup=False, highlight=False)
 
 
-def _print_plan(plan, store) -> None:
-    out.print(_pairs_table(plan))
+def _print_plan(plan, store, every_job: bool = False) -> None:
+    if every_job or len(plan.jobs) <= DRY_RUN_LISTED:
+        _print_table(_pairs_table(plan))
+        _print_table(_jobs_table(plan, store))
+        return
+    _print_summary(plan, store)
+
+
+def _jobs_table(plan, store) -> Table:
     table = Table(title=f"{len(plan.jobs)} jobs, {len(plan.cells)} cells", box=box.SIMPLE_HEAD)
     for col in ("#", "role", "model", "method", "seed", "teacher", "epochs", "key", "store"):
         table.add_column(col, no_wrap=col in ("model", "teacher", "method"))
@@ -406,6 +511,38 @@ def _print_plan(plan, store) -> None:
         teacher += "".join(f" > {a}" for a in job.assistants)
         table.add_row(str(i), job.role, job.model, job.method.label, str(job.seed), teacher,
                       str(job.train.epochs), job.key, stored)
-    out.print(table)
+    return table
 
 
+def _count_table(title: str, columns: tuple[str, ...], rows: dict[str, tuple[int, ...]], more: int = 0) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, caption=f"and {more} more (--all lists them)" if more else None)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="right" if i else "left", no_wrap=not i)
+    for name, counts in rows.items():
+        table.add_row(name, *map(str, counts))
+    return table
+
+
+def _print_summary(plan, store) -> None:
+    """A large plan in counts (jobs per role and stored models reused; cells and student jobs per method and per
+    pair), not one line per job: thousands of lines help no one see what will run."""
+    roles: dict[str, list[int]] = {}
+    for job in plan.jobs:
+        counts = roles.setdefault(job.role, [0, 0])
+        counts[0] += 1
+        counts[1] += int(job.role in STORED_ROLES and store.has(job.key))
+    groups: dict[str, dict[str, tuple[list, set]]] = {"method": {}, "pair": {}}
+    for cell in plan.cells:
+        for kind, name in (("method", cell.method), ("pair", cell.pair.name)):
+            cells, jobs = groups[kind].setdefault(name, ([], set()))
+            cells.append(cell)
+            jobs.add(cell.job)
+    methods, pairs = ({name: (len(c), len(j)) for name, (c, j) in groups[k].items()} for k in ("method", "pair"))
+    seeds = len({c.seed for c in plan.cells})
+    out.print(f"{plan.suite.name}: {len(plan.pairs)} pairs x {len(methods)} methods x {seeds} seeds = "
+              f"{len(plan.cells)} cells, {len(plan.jobs)} jobs; a summary: `--dry-run --all` lists every job",
+              markup=False, highlight=False, soft_wrap=True)
+    _print_table(_count_table("jobs by role", ("role", "jobs", "reuse"), {r: tuple(c) for r, c in roles.items()}))
+    _print_table(_count_table("by method", ("method", "cells", "student jobs"), methods))
+    shown = dict(list(pairs.items())[:SUMMARY_PAIRS])
+    _print_table(_count_table("by pair", ("pair", "cells", "student jobs"), shown, len(pairs) - len(shown)))

@@ -1,5 +1,6 @@
-"""Feature-map helpers shared by the feature-based methods (FitNets, attention over teacher layers): a model's
-feature shapes found by a probe forward, and the CRD benchmark's regressor from one feature shape to another."""
+"""Feature-map helpers shared by the feature-based methods (FitNets, DFA, attention over teacher layers): a
+model's feature shapes found by a probe forward, and the CRD benchmark's regressor from one feature shape to
+another (FitNets' hint regressor; DFA's per stage)."""
 
 from math import prod
 
@@ -15,13 +16,18 @@ def layer_name(model: nn.Module, layer) -> str:
 
 
 @torch.no_grad()
-def feature_shape(model: nn.Module, layer, input_shape) -> tuple[int, ...]:
+def feature_shapes(model: nn.Module, layers: list, input_shape) -> list[tuple[int, ...]]:
+    """The shapes of `layers`' outputs (stage indices or module names) for a batch of 2, by a probe forward."""
     was_training = model.training
     model.eval()  # a probe must not move BatchNorm statistics
     device = next(model.parameters()).device
-    out = run_model(model, torch.zeros(2, *input_shape, device=device), [layer])
+    out = run_model(model, torch.zeros(2, *input_shape, device=device), list(layers))
     model.train(was_training)
-    return tuple(out.features[0].shape)
+    return [tuple(f.shape) for f in out.features]
+
+
+def feature_shape(model: nn.Module, layer, input_shape) -> tuple[int, ...]:
+    return feature_shapes(model, [layer], input_shape)[0]
 
 
 def make_regressor(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> nn.Module:

@@ -6,7 +6,6 @@ reuse a trained teacher in another suite and can never reuse a stale one after a
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -15,12 +14,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kdbench import KdbenchError
-from kdbench.data.spec import dataset_info
-from kdbench.method import AUTO, BETWEEN
-from kdbench.registry import get_method, method_hash
+from kdbench.data.spec import DatasetInfo, dataset_info
+from kdbench.method import AUTO, BETWEEN, Needs
+from kdbench.registry import get_method, get_modifier, method_hash, modifier_hash
 from kdbench.storage.files import sha256
+from kdbench.config.checks import check_method_models
 from kdbench.config.schema import AugmentConfig, MethodEntry, Suite, TrainConfig
-from kdbench.zoo import ModelStats, known_models, meta_model, model_kwargs_problem, model_stats
+from kdbench.zoo import (ModelStats, known_models, matching_models, model_kwargs_problem, model_stats,
+                         models_between)
 from kdbench.data.sources import data_fingerprint
 
 STORE_VERSION = 2  # bump when a change to the engine changes what a given config trains to
@@ -31,6 +32,12 @@ TEACHER_METHOD = MethodEntry(method="baseline", label="baseline")
 STORED_ROLES = ("teacher", "reference", "assistant")
 # The data fields of the streaming loader, at the values that leave a job as it was before they existed.
 STREAM_DEFAULTS = {"loader": "device", "train_crop": "exact", "eval_resize": None}
+# What besides a job's own settings decides its numbers: torch's configuration on the device it runs on. Every job's
+# key holds it (`runtime_config`), and run_job sets torch to it before the job trains, whatever the executor: a model
+# trained under one configuration is never reused under another. On CPU the intra-op thread count changes how the
+# larger layers' sums are split, and so the last bits: one thread by default (jobs run side by side, not wide).
+DEFAULT_THREADS = 1
+MATMUL_PRECISION = "highest"  # float32 matmuls in float32 (no TF32, no bf16 passes), whatever a library set
 WAVES = {"teacher": 0, "reference": 0, "assistant": 1, "student": 2}  # jobs run wave by wave
 
 
@@ -69,11 +76,21 @@ class Job:
     teacher_epoch: int = 0  # "checkpoint": the route epoch, 0 = the final teacher
     assistants: tuple[str, ...] = ()  # models between the pair's teacher and this one; ("auto",) until chosen
     assistant_choice: str = ""  # how an "auto" assistant was chosen (filled in at run time)
+    trial: bool = False  # a tuning trial (kdbench.run.tune): evaluated on validation only, the test split never read
 
     @property
     def pending(self) -> bool:
         """An assistant still to be chosen (at run time, once the models it is chosen by are trained)."""
         return self.assistants == (AUTO,)
+
+    def keeps_route(self, epoch: int) -> bool:
+        """Whether the model after 1-based `epoch` is kept as a route checkpoint: every `route_every` epochs and
+        after the last (teachers and references; other jobs keep none)."""
+        return self.route_every is not None and (epoch % self.route_every == 0 or epoch == self.train.epochs)
+
+    @property
+    def route_epochs(self) -> list[int]:
+        return [e for e in range(1, self.train.epochs + 1) if self.keeps_route(e)]
 
     @property
     def title(self) -> str:
@@ -145,6 +162,14 @@ class Plan:
         plan = make_plan(self.suite, self.suite_path, **{**self.options, "data_fingerprint": fingerprint})
         return replace(plan, suite_hash=self.data_free_hash)
 
+    def for_runtime(self, runtime: dict[str, Any]) -> "Plan":
+        """This plan with the jobs keyed by `runtime` (runtime_config: the device kind and threads they will run
+        with); what a report matches (data_free_hash) stays that of the default runtime."""
+        if runtime == self.options.get("runtime"):
+            return self
+        plan = make_plan(self.suite, self.suite_path, **{**self.options, "runtime": runtime})
+        return replace(plan, suite_hash=self.data_free_hash)
+
     def for_data_root(self, root: Path | None) -> "Plan":
         """for_data with the fingerprint of the dataset under `root` (cached, or computed by reading it)."""
 
@@ -188,7 +213,8 @@ class Plan:
             target = (acc.pop("teacher") + acc.pop("student")) / 2
             chosen = min(acc, key=lambda name: (abs(acc[name] - target), name))
             chain = assistant_jobs(self.suite, self.student_train, job.teacher, job.teacher_model, (chosen,),
-                                   job.method, config["method_params"], self.options.get("data_fingerprint"))
+                                   job.method, config["method_params"], self.options.get("data_fingerprint"),
+                                   self.options.get("runtime"))
             for a in chain:
                 jobs.setdefault(a.key, a)
             choice = (f"auto: {chosen}, validation accuracy closest to {target:.2f}, the mean of teacher "
@@ -196,6 +222,19 @@ class Plan:
                       + ", ".join(f"{n} {a:.2f}" for n, a in sorted(acc.items())))
             jobs[job.key] = replace(job, teacher=chain[-1].key, assistants=(chosen,), assistant_choice=choice)
         return replace(self, jobs=in_waves(jobs.values())), failed
+
+
+def runtime_config(device: str = "cpu", threads: int = DEFAULT_THREADS) -> dict[str, Any]:
+    """The torch configuration a job on a `device` kind ("cpu", "cuda") with `threads` CPU threads runs under.
+
+    CPU: the thread count and deterministic algorithms; bit for bit the same numbers for the same key on the same
+    CPU and torch. CUDA: cuDNN's deterministic kernels, no autotuning; the thread count is left out (the data and
+    the models are on the GPU), and bit-identity is not promised there (README, "Same numbers")."""
+    if device == "cuda":
+        return {"device": "cuda", "cudnn_deterministic": True, "cudnn_benchmark": False,
+                "matmul_precision": MATMUL_PRECISION}
+    return {"device": "cpu", "threads": int(threads), "deterministic_algorithms": True,
+            "matmul_precision": MATMUL_PRECISION}
 
 
 def content_hash(config: dict[str, Any]) -> str:
@@ -234,9 +273,15 @@ def scale_epoch_params(method, params: dict[str, Any], old: int, new: int, teach
     return out
 
 
+ROUTE_CHECKPOINTS = 24  # at most this many route checkpoints by default
+
+
 def default_route_every(epochs: int) -> int:
-    """The smallest divisor of `epochs` that keeps at most 24 route checkpoints (240 epochs: every 10)."""
-    return next(d for d in range(1, epochs + 1) if epochs % d == 0 and epochs // d <= 24) if epochs else 1
+    """The smallest divisor of `epochs` that keeps at most 24 route checkpoints (240 epochs: every 10): `epochs`
+    over its largest divisor up to 24 (a prime number of epochs over 24: only the last)."""
+    if not epochs:
+        return 1
+    return epochs // max(q for q in range(1, ROUTE_CHECKPOINTS + 1) if epochs % q == 0)
 
 
 def in_waves(jobs) -> list[Job]:
@@ -244,14 +289,16 @@ def in_waves(jobs) -> list[Job]:
     return sorted(jobs, key=lambda j: WAVES[j.role])
 
 
-def base_config(suite: Suite, data_fingerprint: str | None = None) -> dict[str, Any]:
+def base_config(suite: Suite, data_fingerprint: str | None = None,
+                runtime: dict[str, Any] | None = None) -> dict[str, Any]:
     data = suite.data.model_dump()
     if not data["val_size"]:  # no validation split trains on what suites before val_size trained on: same keys
         del data["val_size"]
     for field, default in STREAM_DEFAULTS.items():  # likewise: device-resident data keeps the keys it had
         if data[field] == default:
             del data[field]
-    config = {"store_version": STORE_VERSION, "data": data, "augment": suite.augment.model_dump()}
+    config = {"store_version": STORE_VERSION, "data": data, "augment": suite.augment.model_dump(),
+              "runtime": runtime or runtime_config()}
     if data_fingerprint is not None:  # data read from disk: its content, not only its name (see data.py)
         config["data_fingerprint"] = data_fingerprint
     return config
@@ -259,7 +306,7 @@ def base_config(suite: Suite, data_fingerprint: str | None = None) -> dict[str, 
 
 def assistant_jobs(suite: Suite, student_train: TrainConfig, teacher_key: str, teacher_model: str,
                    chain: tuple[str, ...], entry: MethodEntry, params: dict[str, Any],
-                   data_fingerprint: str | None = None) -> list[Job]:
+                   data_fingerprint: str | None = None, runtime: dict[str, Any] | None = None) -> list[Job]:
     """One job per assistant of `chain`, each distilled from the one before (the first from the teacher).
 
     An assistant is keyed by what determines it (its model, its teacher's key, the loss params, the
@@ -269,11 +316,12 @@ def assistant_jobs(suite: Suite, student_train: TrainConfig, teacher_key: str, t
     jobs, prev_key, prev_model = [], teacher_key, teacher_model
     for name in chain:
         train = student_train.for_model(name)
-        config = {**base_config(suite, data_fingerprint), "role": "assistant", "model": name,
+        config = {**base_config(suite, data_fingerprint, runtime), "role": "assistant", "model": name,
                   "model_kwargs": suite.model_kwargs.get(name, {}), "seed": suite.teacher.seed,
                   "method": entry.method, "method_hash": method_hash(entry.method), "method_params": loss_params,
                   "train": train.model_dump(),
-                  "teacher": prev_key, **combine_config(entry)}
+                  "teacher": prev_key, **combine_config(entry),
+                  **modify_config(entry, suite.train.epochs, student_train.epochs)}
         job = Job(content_hash(config), "assistant", name, suite.teacher.seed, entry, train, suite.augment, config,
                   teacher=prev_key, teacher_model=prev_model, pair=f"{prev_model}->{name}")
         jobs.append(job)
@@ -286,194 +334,227 @@ def combine_config(entry: MethodEntry) -> dict[str, str]:
     return {"combine": entry.combine} if entry.combine != "sum" else {}
 
 
+def modify_config(entry: MethodEntry, suite_epochs: int, epochs: int) -> dict[str, Any]:
+    """The entry's modifier for a job's hash: its name, every param (defaults filled in; its epoch counts scaled
+    from the suite's schedule to the job's, as a method's) and its code's hash (a `method_hash`: left out of the
+    job's identity, like the method's). Absent without a modifier, so existing keys stay valid."""
+    if entry.modify is None:
+        return {}
+    modifier = get_modifier(entry.modify)
+    params = scale_epoch_params(modifier, {**modifier.defaults, **entry.modify_params}, suite_epochs, epochs, 0, 0, [])
+    return {"modify": {"name": entry.modify, "params": params, "method_hash": modifier_hash(entry.modify)}}
+
+
 CHAIN_PARAMS = ("assistants", "max_assistants")  # choose the chain (its keys say which): not an assistant's loss
 
 
-def models_between(models: dict[str, ModelStats], teacher: str, student: str, limit: int) -> tuple[str, ...]:
-    """The suite's models strictly between teacher and student in parameters, largest first (`Needs.assistants`
-    ("between",)); with more than `limit` (> 0), `limit` of them spread evenly over that order."""
-    low, high = models[student].params, models[teacher].params
-    found = sorted((m for m in models if low < models[m].params < high), key=lambda m: (-models[m].params, m))
-    if limit and len(found) > limit:
-        n = len(found)
-        found = [found[round((i + 1) * (n + 1) / (limit + 1)) - 1] for i in range(limit)]
-    return tuple(found)
-
-
-def expand(patterns: list[str], names: list[str]) -> list[str]:
-    out: list[str] = []
-    for pattern in patterns:
-        out += [n for n in sorted(fnmatch.filter(names, pattern)) if n not in out]
-    return out
-
-
-def check_methods(suite: Suite, suite_path: Path, entries: list[MethodEntry], pair_names: list[tuple[str, str]],
-                  info) -> None:
-    """Each method's `check_models` for every pair, on models built on the meta device (no data, no memory):
-    what a method can only check against the models (a FitNets hint_layer out of range) is refused now,
-    not after the teacher has trained."""
-    for entry in entries:
-        method = get_method(entry.method)
-        params = {**method.defaults, **entry.params}
-        uses_teacher = method.needs(params).teacher != "none"
-        for t, s in pair_names:
-            student = meta_model(s, info.num_classes, info.input_shape[0], suite.model_kwargs.get(s, {}))
-            teacher = meta_model(t, info.num_classes, info.input_shape[0],
-                                 {**suite.model_kwargs.get(t, {}), **suite.teacher.model_kwargs.get(t, {})})
-            problem = method.check_models(params, student, teacher if uses_teacher else None)
-            if problem:
-                raise KdbenchError(f"{suite_path}: field 'methods.{suite.methods.index(entry)}': method "
-                                   f"'{entry.label}' for the pair {t} -> {s}: {problem}")
-
-
 def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = None, seeds: list[int] | None = None,
-              epochs: int | None = None, data_fingerprint: str | None = None) -> Plan:
+              epochs: int | None = None, data_fingerprint: str | None = None,
+              runtime: dict[str, Any] | None = None) -> Plan:
     """Expand a suite. `methods`, `seeds` and `epochs` narrow or shrink it (the CLI's options); `data_fingerprint`
-    (known once the data is read: Plan.for_data) enters every job's key."""
-    options = {"methods": methods, "seeds": seeds, "epochs": epochs, "data_fingerprint": data_fingerprint}
-    if methods:
-        unknown = set(methods) - {m.label for m in suite.methods}
-        if unknown:
-            raise KdbenchError(f"--methods: {', '.join(sorted(unknown))} not in {suite_path} "
-                               f"(it has: {', '.join(m.label for m in suite.methods)})")
-    entries = [m for m in suite.methods if not methods or m.label in methods]
+    (known once the data is read: Plan.for_data) and `runtime` (the device kind and threads the jobs run with:
+    Plan.for_runtime; default one CPU thread) enter every job's key."""
+    runtime = runtime or runtime_config()
+    options = {"methods": methods, "seeds": seeds, "epochs": epochs, "data_fingerprint": data_fingerprint,
+               "runtime": runtime}
+    entries = chosen_methods(suite, suite_path, methods)
     seeds = seeds if seeds is not None else list(suite.seeds)
-    info = dataset_info(suite.data.spec())
-    names = known_models()
-
-    checked: set[str] = set()
-
-    def check_kwargs(name: str, kwargs: dict[str, Any], field: str) -> None:
-        """Model kwargs are checked against the model's constructor here, before anything is written."""
-        if (name, field) not in checked:
-            problem = model_kwargs_problem(name, info.num_classes, info.input_shape, kwargs)
-            if problem:
-                raise KdbenchError(f"{suite_path}: field '{field}.{name}': {problem}")
-            checked.add((name, field))
-
-    def stats(name: str) -> ModelStats:
-        check_kwargs(name, suite.model_kwargs.get(name, {}), "model_kwargs")
-        kwargs = tuple(sorted(suite.model_kwargs.get(name, {}).items()))
-        return model_stats(name, info.num_classes, info.input_shape, kwargs)
-
-    teachers, students = expand(suite.teachers, names), expand(suite.students, names)
-    models = {n: stats(n) for n in teachers + students if n not in ()}
-    if suite.pairs:
-        pair_names = [tuple(p) for p in suite.pairs]
-        models.update({n: stats(n) for p in pair_names for n in p if n not in models})
-    elif suite.pair_rule == "teacher_larger":
-        pair_names = [(t, s) for t in teachers for s in students if models[t].params > models[s].params]
-    else:
-        pair_names = [(t, s) for t in teachers for s in students if t != s]
-    if not pair_names:
-        raise KdbenchError(f"{suite_path}: no teacher-student pairs: rule '{suite.pair_rule}' keeps none of "
-                           f"teachers {teachers} x students {students}")
-    pairs = [Pair(models[t], models[s]) for t, s in pair_names]
-
-    student_train = suite.train if epochs is None else suite.train.scaled_to(epochs)
-    teacher_train = suite.teacher_train()
-    if epochs is not None and teacher_train.epochs > 0:
-        teacher_train = teacher_train.scaled_to(epochs)
-    base = base_config(suite, data_fingerprint)
-    teacher_augment = suite.teacher.augment or suite.augment
-
-    jobs: dict[str, Job] = {}
-    teacher_keys: dict[str, str] = {}
-
-    def stored_job(t: str, role: str = "teacher") -> str:
-        """The job that trains `t` with the teachers' recipe (a teacher, or a reference for choosing assistants)."""
-        if t in teacher_keys:
-            return teacher_keys[t]
-        train = teacher_train.for_model(t)
-        kwargs = {**suite.model_kwargs.get(t, {}), **suite.teacher.model_kwargs.get(t, {})}
-        config = {**base, "augment": teacher_augment.model_dump(), "model": t, "model_kwargs": kwargs, "seed": suite.teacher.seed,
-                  "method": TEACHER_METHOD.method, "method_hash": method_hash(TEACHER_METHOD.method),
-                  "method_params": {}, "train": train.model_dump(), "source": suite.teacher.source}
-        # Everything the store keeps for it is part of the key: the route checkpoints too (RCO distils from them).
-        route_every = suite.teacher.route_every or default_route_every(train.epochs)
-        config["route_every"] = route_every
-        checkpoint = None
-        if suite.teacher.source == "checkpoint":
-            checkpoint = str((suite_path.parent / suite.teacher.checkpoints[t]).resolve())
-            if not Path(checkpoint).is_file():
-                raise KdbenchError(f"{suite_path}: field 'teacher.checkpoints.{t}': no such file {checkpoint}")
-            config["checkpoint_sha256"] = sha256(Path(checkpoint))
-        key = content_hash(config)
-        teacher_keys[t] = key
-        jobs[key] = Job(key, role, t, suite.teacher.seed, TEACHER_METHOD, train, teacher_augment, config,
-                        source=suite.teacher.source, checkpoint=checkpoint,
-                        route_every=route_every)
-        return key
-
-    def teacher_route(epochs: int) -> list[int]:
-        """The epochs at which a teacher trained for `epochs` keeps route checkpoints (the executor's rule)."""
-        every = suite.teacher.route_every or default_route_every(epochs)
-        return [e for e in range(1, epochs + 1) if e % every == 0 or e == epochs]
-
+    planner = _Planner.start(suite, suite_path, epochs, data_fingerprint, runtime)
+    pair_names = planner.pair_names()
+    pairs = [Pair(planner.models[t], planner.models[s]) for t, s in pair_names]
     for t in dict.fromkeys(t for t, _ in pair_names):
-        check_kwargs(t, {**suite.model_kwargs.get(t, {}), **suite.teacher.model_kwargs.get(t, {})},
-                     "teacher.model_kwargs")
-        stored_job(t)
-    check_methods(suite, suite_path, entries, pair_names, info)  # after model kwargs: they build the models
-
-    def model_stats_of(name: str) -> int:
-        return (models[name] if name in models else stats(name)).params
-
+        planner.check_kwargs(t, planner.teacher_kwargs(t), "teacher.model_kwargs")
+        planner.stored_job(t)
+    check_method_models(suite_path, suite, entries, pair_names, planner.info)  # after the kwargs: they build them
     cells: list[Cell] = []
     for pair, (t, s) in zip(pairs, pair_names):
         for entry in entries:
-            method = get_method(entry.method)
-            params = {**method.defaults, **entry.params}
-            if epochs is not None:
-                params = scale_epoch_params(method, params, suite.train.epochs, student_train.epochs,
-                                            suite.teacher_train().epochs, teacher_train.for_model(t).epochs,
-                                            teacher_route(teacher_train.for_model(t).epochs))
-            needs = method.needs(params)
-            extra: dict[str, Any] = {}  # what else determines this job's numbers, from the method's needs
-            chain: list[Job] = []
-            assistants = needs.assistants
-            choice = ""
-            if assistants == (BETWEEN,):
-                assistants = models_between(models, t, s, needs.max_assistants)
-                choice = (f"between: {', '.join(assistants)}" if assistants
+            distillation = planner.distillation(entry, t, s)
+            cells += [Cell(pair, entry.label, seed, planner.student_job(distillation, seed)) for seed in seeds]
+    return Plan(suite, suite_path, planner.models, pairs, cells, in_waves(planner.jobs.values()),
+                planner.student_train, options)
+
+
+def chosen_methods(suite: Suite, suite_path: Path, labels: list[str] | None) -> list[MethodEntry]:
+    """The suite's method entries, narrowed to `labels` (--methods) when given."""
+    if labels:
+        unknown = set(labels) - {m.label for m in suite.methods}
+        if unknown:
+            raise KdbenchError(f"--methods: {', '.join(sorted(unknown))} not in {suite_path} "
+                               f"(it has: {', '.join(m.label for m in suite.methods)})")
+    return [m for m in suite.methods if not labels or m.label in labels]
+
+
+@dataclass
+class Distillation:
+    """How one method entry distils one pair: what the student jobs of every seed share."""
+    entry: MethodEntry
+    params: dict[str, Any]  # the method's params, defaults filled in (epoch params scaled by --epochs)
+    needs: Needs  # what the method needs with these params
+    teacher: str  # the pair's teacher model
+    student: str
+    teacher_key: str | None  # the job whose trained model teaches the student: the last assistant's, or the teacher's
+    assistants: tuple[str, ...]
+    choice: str  # how the assistants were chosen, for the record
+    extra: dict[str, Any]  # what else determines the students' numbers, from the method's needs
+
+
+@dataclass
+class _Planner:
+    """What make_plan builds up while it expands a suite: the models, the jobs by key (in creation order, which
+    orders the plan), the job that trains each teacher, the model kwargs already checked."""
+    suite: Suite
+    suite_path: Path
+    info: DatasetInfo
+    student_train: TrainConfig
+    teacher_train: TrainConfig
+    base: dict[str, Any]
+    data_fingerprint: str | None
+    epochs: int | None  # --epochs, or None
+    runtime: dict[str, Any]  # runtime_config: the torch configuration the jobs run under, in every key
+    models: dict[str, ModelStats] = field(default_factory=dict)
+    jobs: dict[str, Job] = field(default_factory=dict)
+    teacher_keys: dict[str, str] = field(default_factory=dict)
+    checked: set[tuple[str, str]] = field(default_factory=set)
+
+    @classmethod
+    def start(cls, suite: Suite, suite_path: Path, epochs: int | None, data_fingerprint: str | None,
+              runtime: dict[str, Any]) -> "_Planner":
+        student_train = suite.train if epochs is None else suite.train.scaled_to(epochs)
+        teacher_train = suite.teacher_train()
+        if epochs is not None and teacher_train.epochs > 0:
+            teacher_train = teacher_train.scaled_to(epochs)
+        return cls(suite, suite_path, dataset_info(suite.data.spec()), student_train, teacher_train,
+                   base_config(suite, data_fingerprint, runtime), data_fingerprint, epochs, runtime)
+
+    def check_kwargs(self, name: str, kwargs: dict[str, Any], field: str) -> None:
+        """Model kwargs are checked against the model's constructor here, before anything is written."""
+        if (name, field) not in self.checked:
+            problem = model_kwargs_problem(name, self.info.num_classes, self.info.input_shape, kwargs)
+            if problem:
+                raise KdbenchError(f"{self.suite_path}: field '{field}.{name}': {problem}")
+            self.checked.add((name, field))
+
+    def stats(self, name: str) -> ModelStats:
+        kwargs = self.suite.model_kwargs.get(name, {})
+        self.check_kwargs(name, kwargs, "model_kwargs")
+        return model_stats(name, self.info.num_classes, self.info.input_shape, tuple(sorted(kwargs.items())))
+
+    def teacher_kwargs(self, name: str) -> dict[str, Any]:
+        return {**self.suite.model_kwargs.get(name, {}), **self.suite.teacher.model_kwargs.get(name, {})}
+
+    def pair_names(self) -> list[tuple[str, str]]:
+        """The (teacher, student) pairs: the suite's explicit `pairs`, else its rule over teachers x students.
+        Fills in `models` (the suite's teachers, students and paired models)."""
+        suite, names = self.suite, known_models()
+        teachers, students = matching_models(suite.teachers, names), matching_models(suite.students, names)
+        self.models.update({n: self.stats(n) for n in teachers + students})
+        if suite.pairs:
+            pair_names = [tuple(p) for p in suite.pairs]
+            self.models.update({n: self.stats(n) for p in pair_names for n in p if n not in self.models})
+        elif suite.pair_rule == "teacher_larger":
+            pair_names = [(t, s) for t in teachers for s in students if self.models[t].params > self.models[s].params]
+        else:
+            pair_names = [(t, s) for t in teachers for s in students if t != s]
+        if not pair_names:
+            raise KdbenchError(f"{self.suite_path}: no teacher-student pairs: rule '{suite.pair_rule}' keeps none of "
+                               f"teachers {teachers} x students {students}")
+        return pair_names
+
+    def stored_job(self, t: str, role: str = "teacher") -> str:
+        """The job that trains `t` with the teachers' recipe (a teacher, or a reference for choosing assistants)."""
+        if t in self.teacher_keys:
+            return self.teacher_keys[t]
+        suite, train = self.suite, self.teacher_train.for_model(t)
+        augment = suite.teacher.augment or suite.augment
+        config = {**self.base, "augment": augment.model_dump(), "model": t, "model_kwargs": self.teacher_kwargs(t),
+                  "seed": suite.teacher.seed, "method": TEACHER_METHOD.method,
+                  "method_hash": method_hash(TEACHER_METHOD.method), "method_params": {}, "train": train.model_dump(),
+                  "source": suite.teacher.source}
+        # Everything the store keeps for it is part of the key: the route checkpoints too (RCO distils from them).
+        config["route_every"] = suite.teacher.route_every or default_route_every(train.epochs)
+        checkpoint = None
+        if suite.teacher.source == "checkpoint":
+            checkpoint = str((self.suite_path.parent / suite.teacher.checkpoints[t]).resolve())
+            if not Path(checkpoint).is_file():
+                raise KdbenchError(f"{self.suite_path}: field 'teacher.checkpoints.{t}': no such file {checkpoint}")
+            config["checkpoint_sha256"] = sha256(Path(checkpoint))
+        key = content_hash(config)
+        self.teacher_keys[t] = key
+        self.jobs[key] = Job(key, role, t, suite.teacher.seed, TEACHER_METHOD, train, augment, config,
+                             source=suite.teacher.source, checkpoint=checkpoint, route_every=config["route_every"])
+        return key
+
+    def method_params(self, method, entry: MethodEntry, t: str) -> dict[str, Any]:
+        """The entry's params with the method's defaults, epoch-counted ones moved to the --epochs schedule."""
+        params = {**method.defaults, **entry.params}
+        if self.epochs is None:
+            return params
+        teacher = self.jobs[self.teacher_keys[t]]
+        return scale_epoch_params(method, params, self.suite.train.epochs, self.student_train.epochs,
+                                  self.suite.teacher_train().epochs, teacher.train.epochs, teacher.route_epochs)
+
+    def distillation(self, entry: MethodEntry, t: str, s: str) -> Distillation:
+        """What the method needs for the pair t -> s: its teacher, assistants (their jobs created), extra keys."""
+        method = get_method(entry.method)
+        params = self.method_params(method, entry, t)
+        needs = method.needs(params)
+        teacher_key = self.teacher_keys[t] if needs.teacher in ("trained", "checkpoint") else None
+        d = Distillation(entry, params, needs, t, s, teacher_key, needs.assistants, "", {})
+        if needs.teacher == "random":  # no stored teacher: the architecture and its kwargs determine it
+            d.extra.update(teacher_model=t, teacher_model_kwargs=self.teacher_kwargs(t))
+        if d.assistants == (BETWEEN,):
+            d.assistants = models_between(self.models, t, s, needs.max_assistants)
+            d.choice = (f"between: {', '.join(d.assistants)}" if d.assistants
                           else "between: no suite model between teacher and student")
-            teacher_key = teacher_keys[t] if needs.teacher in ("trained", "checkpoint") else None
-            if needs.teacher == "random":  # no stored teacher: the architecture and its kwargs determine it
-                extra["teacher_model"] = t
-                extra["teacher_model_kwargs"] = {**suite.model_kwargs.get(t, {}), **suite.teacher.model_kwargs.get(t, {})}
-            if assistants == (AUTO,):
-                candidates = [m for m in models if models[s].params < models[m].params < models[t].params]
-                if suite.teacher.source != "train":
-                    raise KdbenchError(f"{suite_path}: method '{entry.label}': assistants 'auto' compares models "
-                                       f"trained by the suite (teacher.source: train); name the assistant instead")
-                if candidates:
-                    extra["assistant_candidates"] = {m: stored_job(m, "reference") for m in candidates}
-                    extra["student_reference"] = stored_job(s, "reference")
-                else:  # nothing between teacher and student in size: no assistant, recorded as such
-                    assistants = ()
-                extra["assistants"] = AUTO
-            elif assistants:
-                sizes = [models[t].params] + [model_stats_of(a) for a in assistants] + [models[s].params]
-                if any(a <= b for a, b in zip(sizes, sizes[1:])):
-                    raise KdbenchError(f"{suite_path}: method '{entry.label}': assistants {list(assistants)} must shrink "
-                                       f"from teacher {t} to student {s} in size; use 'auto' or list `pairs`")
-                chain = assistant_jobs(suite, student_train, teacher_key, t, assistants, entry, params, data_fingerprint)
-                for a in chain:
-                    jobs.setdefault(a.key, a)
-            for seed in seeds:
-                train = student_train.for_model(s)
-                config = {**base, "model": s, "model_kwargs": suite.model_kwargs.get(s, {}), "seed": seed,
-                          "method": entry.method, "method_hash": method_hash(entry.method),
-                          "method_params": params, "train": train.model_dump(),
-                          "teacher": chain[-1].key if chain else teacher_key, **extra, **combine_config(entry)}
-                key = content_hash(config)
-                if key not in jobs:
-                    has_teacher = needs.teacher != "none"
-                    jobs[key] = Job(key, "student", s, seed, entry, train, suite.augment, config,
-                                    teacher=config["teacher"], teacher_model=t if has_teacher else None,
-                                    pair=f"{t}->{s}" if has_teacher else None, teacher_init=needs.teacher,
-                                    teacher_epoch=needs.teacher_epoch, assistants=assistants,
-                                    assistant_choice=choice or ("auto: no suite model between teacher and student"
-                                                                if extra.get("assistants") == AUTO and not assistants else ""))
-                cells.append(Cell(pair, entry.label, seed, key))
-    return Plan(suite, suite_path, models, pairs, cells, in_waves(jobs.values()), student_train, options)
+        if d.assistants == (AUTO,):
+            self.auto_assistants(d)
+        elif d.assistants:
+            self.assistant_chain(d)
+        return d
+
+    def auto_assistants(self, d: Distillation) -> None:
+        """An assistant chosen at run time: the reference jobs it is chosen by (none between: no assistant)."""
+        t, s = d.teacher, d.student
+        candidates = [m for m in self.models if self.models[s].params < self.models[m].params < self.models[t].params]
+        if self.suite.teacher.source != "train":
+            raise KdbenchError(f"{self.suite_path}: method '{d.entry.label}': assistants 'auto' compares models "
+                               f"trained by the suite (teacher.source: train); name the assistant instead")
+        if candidates:
+            d.extra["assistant_candidates"] = {m: self.stored_job(m, "reference") for m in candidates}
+            d.extra["student_reference"] = self.stored_job(s, "reference")
+        else:  # nothing between teacher and student in size: no assistant, recorded as such
+            d.assistants = ()
+            d.choice = "auto: no suite model between teacher and student"
+        d.extra["assistants"] = AUTO
+
+    def assistant_chain(self, d: Distillation) -> None:
+        """Named assistants: they must shrink from teacher to student; their jobs teach the student."""
+        t, s = d.teacher, d.student
+        between = [(self.models[a] if a in self.models else self.stats(a)).params for a in d.assistants]
+        sizes = [self.models[t].params, *between, self.models[s].params]
+        if any(a <= b for a, b in zip(sizes, sizes[1:])):
+            raise KdbenchError(f"{self.suite_path}: method '{d.entry.label}': assistants {list(d.assistants)} "
+                               f"must shrink from teacher {t} to student {s} in size; use 'auto' or list `pairs`")
+        chain = assistant_jobs(self.suite, self.student_train, d.teacher_key, t, d.assistants, d.entry,
+                               d.params, self.data_fingerprint, self.runtime)
+        for a in chain:
+            self.jobs.setdefault(a.key, a)
+        d.teacher_key = chain[-1].key
+
+    def student_job(self, d: Distillation, seed: int) -> str:
+        """The key of the student job of `d` for `seed`, the job created unless another cell has it."""
+        s, entry, train = d.student, d.entry, self.student_train.for_model(d.student)
+        config = {**self.base, "model": s, "model_kwargs": self.suite.model_kwargs.get(s, {}), "seed": seed,
+                  "method": entry.method, "method_hash": method_hash(entry.method), "method_params": d.params,
+                  "train": train.model_dump(), "teacher": d.teacher_key, **d.extra, **combine_config(entry),
+                  **modify_config(entry, self.suite.train.epochs, self.student_train.epochs)}
+        key = content_hash(config)
+        if key not in self.jobs:
+            has_teacher = d.needs.teacher != "none"
+            self.jobs[key] = Job(key, "student", s, seed, entry, train, self.suite.augment, config,
+                                 teacher=d.teacher_key, teacher_model=d.teacher if has_teacher else None,
+                                 pair=f"{d.teacher}->{s}" if has_teacher else None, teacher_init=d.needs.teacher,
+                                 teacher_epoch=d.needs.teacher_epoch, assistants=d.assistants,
+                                 assistant_choice=d.choice)
+        return key

@@ -1,4 +1,5 @@
-"""The method registry: every `Method` subclass found in the `methods/` folders and in installed packages.
+"""The method registry: every `Method` subclass found in the `methods/` folders and in installed packages, and
+every `Modifier` subclass (kdbench.modifier) found in the same places, by the same rules.
 
 Sources, from the one that wins a name to the one that yields it: `./methods` of the working directory,
 folders listed in KDBENCH_METHODS (os.pathsep-separated, in order), the entry-point group
@@ -27,8 +28,9 @@ from pathlib import Path
 from types import ModuleType
 
 from kdbench import KdbenchError
-from kdbench import losses, method
+from kdbench import losses, method, modifier
 from kdbench.method import Method
+from kdbench.modifier import Modifier, check_modifier
 
 _PACKAGED = Path(__file__).resolve().parent / "builtin_methods"  # a wheel install: methods/ mapped there
 BUILTIN_METHODS = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[1] / "methods"
@@ -50,9 +52,9 @@ def method_dirs() -> list[Path]:
     return unique + [BUILTIN_METHODS] if BUILTIN_METHODS.is_dir() else unique
 
 
-def _classes_in(module: ModuleType) -> list[type[Method]]:
+def _classes_in(module: ModuleType, base: type = Method) -> list[type]:
     return [c for _, c in inspect.getmembers(module, inspect.isclass)
-            if issubclass(c, Method) and c is not Method and c.__module__ == module.__name__ and c.name]
+            if issubclass(c, base) and c is not base and c.__module__ == module.__name__ and c.name]
 
 
 def _load_file(path: Path, builtin: bool) -> ModuleType:
@@ -72,6 +74,7 @@ def _load_file(path: Path, builtin: bool) -> ModuleType:
 
 
 _broken: dict[Path, str] = {}  # plugin file -> why it failed to import (filled by methods())
+_modifiers: dict[str, type[Modifier]] = {}  # the modifiers found in the same files (filled by methods())
 
 
 def broken_plugins() -> dict[Path, str]:
@@ -86,13 +89,15 @@ def methods() -> dict[str, type[Method]]:
     origin: dict[str, str] = {}
     sources: set[str] = set()
     _broken.clear()
+    _modifiers.clear()
 
-    def add(cls: type[Method], where: str) -> None:
-        if cls.name in found and found[cls.name] is not cls:
-            _say(f"kdbench: notice: method '{cls.name}': {origin[cls.name]} is used, not {where} "
+    def add(cls: type, where: str) -> None:
+        kind, table = ("modifier", _modifiers) if issubclass(cls, Modifier) else ("method", found)
+        if cls.name in table and table[cls.name] is not cls:
+            _say(f"kdbench: notice: {kind} '{cls.name}': {origin[kind + cls.name]} is used, not {where} "
                  f"(sources differ; the first of ./methods, KDBENCH_METHODS, entry points, built-ins wins)")
             return
-        found[cls.name], origin[cls.name] = cls, where
+        table[cls.name], origin[kind + cls.name] = cls, where
 
     def load_folder(folder: Path) -> None:
         builtin = folder == BUILTIN_METHODS
@@ -109,7 +114,7 @@ def methods() -> dict[str, type[Method]]:
                 _broken[path] = str(exc)
                 _say(f"kdbench: warning: {exc}; skipped")
                 continue
-            for cls in _classes_in(module):
+            for cls in _classes_in(module) + _classes_in(module, Modifier):
                 add(cls, str(path))
 
     dirs = method_dirs()
@@ -123,7 +128,7 @@ def methods() -> dict[str, type[Method]]:
             _say(f"kdbench: warning: entry point {ep.name} ({ep.value}) failed to import: "
                  f"{type(exc).__name__}: {' '.join(str(exc).split())}; skipped")
             continue
-        for cls in ([obj] if inspect.isclass(obj) else _classes_in(obj)):
+        for cls in ([obj] if inspect.isclass(obj) else _classes_in(obj) + _classes_in(obj, Modifier)):
             add(cls, f"entry point {ep.name}")
     if BUILTIN_METHODS in dirs:
         load_folder(BUILTIN_METHODS)
@@ -183,6 +188,10 @@ def _class_hash(cls: type[Method]) -> str:
     files = [inspect.getsourcefile(c) for c in cls.__mro__ if isinstance(c, type) and issubclass(c, Method)
              and c is not Method]
     files += [m.__file__ for m in CONTRACT_MODULES]
+    return _files_hash(files, cls)
+
+
+def _files_hash(files: list, cls: type) -> str:
     digest = hashlib.sha256()
     for f in dict.fromkeys(files):
         try:
@@ -190,3 +199,32 @@ def _class_hash(cls: type[Method]) -> str:
         except (OSError, TypeError):  # no source (a compiled plugin): its module name stands in
             digest.update(f"{cls.__module__}.{cls.__qualname__}".encode())
     return digest.hexdigest()[:16]
+
+
+def modifiers() -> dict[str, type[Modifier]]:
+    """The registered modifiers (kdbench.modifier), by name: found where the methods are, by the same rules."""
+    methods()
+    return dict(sorted(_modifiers.items()))
+
+
+def get_modifier(name: str) -> type[Modifier]:
+    registry = modifiers()
+    if name not in registry:
+        raise KdbenchError(f"unknown modifier '{name}' (known: {', '.join(registry) or 'none'})")
+    return registry[name]
+
+
+def modifier_problem(name: str, params: dict, method_cls: type[Method], method_params: dict) -> str | None:
+    """Why modifier `name` with `params` cannot modify this method (defaults filled in); None if it can."""
+    if name not in modifiers():
+        return f"unknown modifier '{name}' (known: {', '.join(modifiers()) or 'none'})"
+    return check_modifier(get_modifier(name), params, method_cls, method_params)
+
+
+def modifier_hash(name: str) -> str:
+    """A hash of the code that decides a modifier's effect: its plugin file (and those of the Modifier classes it
+    derives from) and kdbench/modifier.py, which applies it. In the hash of every job that uses it."""
+    cls = get_modifier(name)
+    files = [inspect.getsourcefile(c) for c in cls.__mro__ if isinstance(c, type) and issubclass(c, Modifier)
+             and c is not Modifier] + [modifier.__file__]
+    return _files_hash(files, cls)

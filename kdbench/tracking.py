@@ -2,6 +2,11 @@
 
 The embedded default is a SQLite database in the working directory (sqlite:///mlflow.db) unless
 MLFLOW_TRACKING_URI names another store. Writes happen once per epoch, never per step.
+
+The run schema is defined here, once, for the side that writes it (kdbench.run) and the side that reads it
+back (kdbench.report.runs): the tags of a suite's parent run (`SuiteTags`), of a job's child run (`JobTags`),
+and how a run ended (`RunEnd`: MLflow's status, the failure and collapse tags, the failure prefixes). Tag names
+and values are a file format: committed stores under results/ are read back byte for byte, so never rename one.
 """
 
 from __future__ import annotations
@@ -10,23 +15,177 @@ import os
 import platform
 import subprocess
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from kdbench import KdbenchError, __version__
 from kdbench.storage.files import check_writable
 
-DEFAULT_URI = "sqlite:///mlflow.db"
-TAG = "kdbench."  # prefix of kdbench's own tags
+SQLITE = "sqlite:///"  # the start of a SQLite tracking URI; the file's path follows
+DEFAULT_URI = f"{SQLITE}mlflow.db"
 PROBE_TIMEOUT_S = 5.0  # a tracking server that has not answered in this time is reported as down
 
+
+# ---------------------------------------------------------------------------------------------- the run schema
+
+TAG_PREFIX = "kdbench."  # kdbench's own tags are kdbench.<field>; MLflow's are mlflow.<field>
+
+
+def tag(name: str) -> str:
+    """The MLflow tag that holds kdbench's field `name` on a run."""
+    return TAG_PREFIX + name
+
+
+SUITE_ROLE = "suite"  # the role tag of a suite's parent run (a job's child run has its job's role)
+FAILURE_TAG = tag("failure")  # why a run did not finish: the whole message (a traceback for a bug)
+COLLAPSED_TAG = tag("collapsed")  # why a finished job's number means nothing (kdbench.train.engine.collapse_reason)
+STATUS_TAG = tag("status")  # on such a job only, with one value:
+COLLAPSED_STATUS = "collapsed"
+
+# The start of the failure tag of a job that failed for a reason the report names (others are just "failed").
+DIVERGED = "diverged: "  # its loss exploded: deterministic, so never retried
+TEACHER_FAILED = "its teacher failed: "  # it never ran: the job that teaches it failed
+
+
+class RunStatus:
+    """A run's status as MLflow names it, and COLLAPSED: the report's status of a FINISHED run tagged collapsed."""
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    KILLED = "KILLED"
+    RUNNING = "RUNNING"
+    SCHEDULED = "SCHEDULED"
+    COLLAPSED = "COLLAPSED"
+
+
+@dataclass(frozen=True)
+class SuiteTags:
+    """The tags of a suite's parent run: which suite and plan it ran, and on what code and machine."""
+    suite: str
+    suite_file: str = ""
+    plan: str = ""  # the plan's hash (with the data's fingerprint): the run `kdbench run` continues
+    suite_plan: str = ""  # the data-free plan hash: what `kdbench report` matches the suite file with
+    env: Mapping[str, str] = field(default_factory=dict)  # code and machine: git_commit, device, torch_version...
+
+    def to_tags(self) -> dict[str, str]:
+        return {tag("suite"): self.suite, tag("role"): SUITE_ROLE, tag("suite_file"): self.suite_file,
+                **{tag(k): v for k, v in self.env.items()}, tag("plan"): self.plan, tag("suite_plan"): self.suite_plan}
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str]) -> "SuiteTags":
+        mine = {k[len(TAG_PREFIX):]: v for k, v in tags.items() if k.startswith(TAG_PREFIX)}
+        named = {f.name: mine.pop(f.name, "") for f in fields(cls) if f.name != "env"}
+        for other in ("role", "failure"):
+            mine.pop(other, None)
+        return cls(**named, env=mine)
+
+    @property
+    def report_plan(self) -> str:
+        """The hash `kdbench report` matches the suite file with (a run of an older kdbench has only its plan's)."""
+        return self.suite_plan or self.plan
+
+
+# Tuning (kdbench.run.tune): where a search and its tuned runs live, and how a tuned entry is labelled.
+SEARCH_SUFFIX = ".tune"  # the tuning parent's experiment, <suite>.tune: the trials' runs are its children
+TUNED_SUFFIX = ".tuned"  # the experiment of the tuned settings' reporting runs, <suite>.tuned
+TUNED_LABEL = " tuned"  # a method's label at its tuned setting: "kd tuned" beside "kd"
+TUNING_TAG = tag("tuning")  # on the tuning parent: "search"
+
+
+WRITTEN_WHEN_SET = ("assistant", "protocol", "reused", "trial")  # the job tags a run without them does not have
+
+
+@dataclass(frozen=True)
+class JobTags:
+    """The tags of a job's child run, set when it starts: what the job is. A run of an older kdbench may lack some
+    (read back as empty)."""
+    suite: str = ""
+    role: str = ""  # teacher, reference, assistant or student
+    student: str = ""  # the student model ("" on a teacher's or reference run: its model is `teacher`)
+    teacher: str = ""  # the teacher model ("" for the student alone)
+    method: str = ""  # the method's label in the suite
+    method_name: str = ""  # the registered method
+    seed: int = -1
+    job: str = ""  # the job key
+    pair: str = ""  # teacher->student ("" for runs every pair shares: the student alone)
+    identity: str = ""  # the job's key without its method's code: which runs a method edit retrains
+    assistant: str = ""  # the assistant chain "a > b" (TAKD, DGKD); written only when there is one
+    protocol: str = ""  # the method's protocol note (e.g. "protocol assumed"); written only when there is one
+    reused: bool = False  # a stored model reported, not trained in this run; written only when true
+    trial: bool = False  # a tuning trial (validation only, under a tuning parent); written only when true
+
+    def to_tags(self) -> dict[str, str]:
+        return {tag(f.name): "true" if value is True else str(value) for f in fields(self)
+                if (value := getattr(self, f.name)) or f.name not in WRITTEN_WHEN_SET}
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str]) -> "JobTags":
+        texts = {f.name: tags.get(tag(f.name), "") for f in fields(cls) if f.name not in ("seed", "reused", "trial")}
+        return cls(**texts, seed=int(tags.get(tag("seed"), "-1")), reused=tags.get(tag("reused"), "") == "true",
+                   trial=tags.get(tag("trial"), "") == "true")
+
+
+@dataclass(frozen=True)
+class LayoutTags:
+    """How a job's batch was laid out over several devices (kdbench.run.devices), set when it trains on them; a run
+    on one device has none. A global batch or learning rate that silently changes with the number of GPUs is a
+    frequent source of numbers that cannot be reproduced: these say what it was."""
+    devices: int
+    global_batch: int  # train.batch_size: the batch a step's gradient is the mean over
+    per_device_batch: int
+    lr_scaling: str  # how the learning rate follows the number of devices (it does not)
+    batchnorm: str  # which images BatchNorm's statistics are taken over
+
+    def to_tags(self) -> dict[str, str]:
+        return {tag(f.name): str(getattr(self, f.name)) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """How a run ended: MLflow's status, and why it has no number when it has none."""
+    status: str  # a RunStatus, as MLflow has it
+    failure: str = ""  # FAILURE_TAG: why it did not finish
+    collapsed: str = ""  # COLLAPSED_TAG: why its number means nothing, though it finished
+
+    @classmethod
+    def of(cls, run) -> "RunEnd":
+        tags = run.data.tags
+        return cls(run.info.status, tags.get(FAILURE_TAG, ""), tags.get(COLLAPSED_TAG, ""))
+
+    @property
+    def diverged(self) -> bool:
+        return self.status == RunStatus.FAILED and self.failure.startswith(DIVERGED)
+
+    @property
+    def report_status(self) -> str:
+        """MLflow's status, but COLLAPSED for a finished run that collapsed: it has no number, as a failed run."""
+        return RunStatus.COLLAPSED if self.status == RunStatus.FINISHED and self.collapsed else self.status
+
+    @property
+    def why(self) -> str:
+        """The whole message of why the run has no number ("" when it has one)."""
+        return self.failure or self.collapsed
+
+
+# ---------------------------------------------------------------------------------------------- the tracking store
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
 def sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    """The database file of a SQLite tracking URI; None for any other store (a server)."""
+    return Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
+
+
+def sqlite_uri(path: Path) -> str:
+    return f"{SQLITE}{path}"
+
+
+def absolute_uri(uri: str) -> str:
+    """A relative SQLite tracking URI made absolute, so it names the same file from a worker's folder."""
+    path = sqlite_path(uri)
+    return sqlite_uri(path.resolve()) if path is not None and not path.is_absolute() else uri
 
 
 def check_tracking(uri: str | None = None) -> None:
@@ -64,6 +223,16 @@ def check_tracking(uri: str | None = None) -> None:
                                f"another store")
 
 
+def check_store_exists(uri: str, hint: str) -> None:
+    """For a reader: fail in one line, ending with `hint`, on a SQLite store that does not exist (reading would
+    create an empty one) or a server that does not answer. Creates nothing."""
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise KdbenchError(f"no MLflow store at {path} (MLFLOW_TRACKING_URI={uri}): {hint}")
+    if path is None:
+        check_tracking(uri)  # a server that does not answer: one line now, not minutes of retries
+
+
 def create_sqlite_store(path: Path) -> None:
     """Create and migrate a new MLflow SQLite database under a temporary name, then rename it into place: a kill
     at any moment leaves no database or a complete one, never a half-migrated one on which every run fails."""
@@ -71,7 +240,7 @@ def create_sqlite_store(path: Path) -> None:
 
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
     try:
-        client = MlflowClient(f"sqlite:///{tmp}")
+        client = MlflowClient(sqlite_uri(tmp))
         client.search_experiments(max_results=1)  # creates the schema
         engine = getattr(client._tracking_client.store, "engine", None)
         if engine is not None:
@@ -150,9 +319,9 @@ class Tracker:
         found = self.client.get_experiment_by_name(suite_name)
         if found is None:
             return None
-        runs = self.client.search_runs([found.experiment_id], filter_string=f"tags.`{TAG}plan` = '{plan_hash}' and "
-                                       f"tags.`{TAG}role` = 'suite'", order_by=["attributes.start_time DESC"],
-                                       max_results=1)
+        mine = f"tags.`{tag('plan')}` = '{plan_hash}' and tags.`{tag('role')}` = '{SUITE_ROLE}'"
+        runs = self.client.search_runs([found.experiment_id], filter_string=mine,
+                                       order_by=["attributes.start_time DESC"], max_results=1)
         return runs[0] if runs else None
 
     def finished_identities(self, suite_name: str) -> dict[str, set[str]]:
@@ -161,12 +330,13 @@ class Tracker:
         out: dict[str, set[str]] = {}
         token = None
         while found is not None:
-            page = self.client.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'",
+            page = self.client.search_runs([found.experiment_id],
+                                           filter_string=f"attributes.status = '{RunStatus.FINISHED}'",
                                            max_results=1000, page_token=token)
             for run in page:
-                identity = run.data.tags.get(f"{TAG}identity")
-                if identity:
-                    out.setdefault(identity, set()).add(run.data.tags.get(f"{TAG}job", ""))
+                job = JobTags.from_tags(run.data.tags)
+                if job.identity:
+                    out.setdefault(job.identity, set()).add(job.job)
             token = page.token
             if not token:
                 break
@@ -176,27 +346,40 @@ class Tracker:
         """This parent run's child run for a job, or None."""
         exp = self.client.get_run(parent_id).info.experiment_id
         runs = self.client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
-                                       f"tags.`{TAG}job` = '{job_key}'", order_by=["attributes.start_time DESC"])
-        finished = [r for r in runs if r.info.status == "FINISHED"]
+                                       f"tags.`{tag('job')}` = '{job_key}'", order_by=["attributes.start_time DESC"])
+        finished = [r for r in runs if r.info.status == RunStatus.FINISHED]
         return (finished or runs or [None])[0]
+
+    def finished_jobs(self, parent_id: str) -> dict[str, str]:
+        """Job key -> why it collapsed ("" if it did not), for every finished child run of this parent run."""
+        exp = self.client.get_run(parent_id).info.experiment_id
+        out: dict[str, str] = {}
+        token = None
+        while True:
+            page = self.client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                                           f"attributes.status = '{RunStatus.FINISHED}'", max_results=1000, page_token=token)
+            out.update({r.data.tags.get(tag("job"), ""): r.data.tags.get(COLLAPSED_TAG, "") for r in page})
+            token = page.token
+            if not token:
+                return out
 
     def last_step(self, run_id: str, metric: str = "test_acc") -> int:
         history = self.client.get_metric_history(run_id, metric)
         return max((m.step for m in history), default=0)
 
     def reopen(self, run_id: str) -> None:
-        self.client.update_run(run_id, status="RUNNING")
+        self.client.update_run(run_id, status=RunStatus.RUNNING)
 
-    def start_suite(self, suite_name: str, suite_path: str, tags: dict[str, str], params: dict[str, str]) -> str:
-        exp = self.experiment(suite_name)
-        run = self.client.create_run(exp, run_name=f"{suite_name} {time.strftime('%Y-%m-%d %H:%M:%S')}", tags={
-            f"{TAG}suite": suite_name, f"{TAG}role": "suite", f"{TAG}suite_file": suite_path, **tags})
+    def start_suite(self, tags: SuiteTags, params: dict[str, str]) -> str:
+        exp = self.experiment(tags.suite)
+        run = self.client.create_run(exp, run_name=f"{tags.suite} {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                                     tags=tags.to_tags())
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
-    def start_job(self, parent_id: str, name: str, tags: dict[str, str], params: dict[str, str]) -> str:
+    def start_job(self, parent_id: str, name: str, tags: JobTags, params: dict[str, str]) -> str:
         exp = self.client.get_run(parent_id).info.experiment_id
-        run = self.client.create_run(exp, run_name=name, tags={"mlflow.parentRunId": parent_id, **tags})
+        run = self.client.create_run(exp, run_name=name, tags={"mlflow.parentRunId": parent_id, **tags.to_tags()})
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
@@ -218,12 +401,16 @@ class Tracker:
 
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
-    def end(self, run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
+    def collapsed(self, run_id: str, why: str) -> None:
+        """Tag a finished job whose number means nothing (it is shown as a dash with `why`, never averaged)."""
+        self.set_tags(run_id, {STATUS_TAG: COLLAPSED_STATUS, COLLAPSED_TAG: why})
+
+    def end(self, run_id: str, status: str = RunStatus.FINISHED, reason: str | None = None) -> None:
         if reason:
-            self.set_tags(run_id, {f"{TAG}failure": reason[:5000]})
-        elif status == "FINISHED" and f"{TAG}failure" in self.client.get_run(run_id).data.tags:
+            self.set_tags(run_id, {FAILURE_TAG: reason[:5000]})
+        elif status == RunStatus.FINISHED and FAILURE_TAG in self.client.get_run(run_id).data.tags:
             # Finished after a resume: the failure of an earlier attempt no longer describes this run.
-            self.client.delete_tag(run_id, f"{TAG}failure")
+            self.client.delete_tag(run_id, FAILURE_TAG)
         self.client.set_terminated(run_id, status)
 
 
@@ -235,12 +422,8 @@ def referenced_keys(uri: str | None = None) -> set[str]:
     from mlflow.tracking import MlflowClient
 
     uri = uri or tracking_uri()
-    path = sqlite_path(uri)
-    if path is not None and not path.is_file():
-        raise KdbenchError(f"no MLflow store at {path} (MLFLOW_TRACKING_URI={uri}): without it no run can be checked, "
-                           f"so nothing is removed; point MLFLOW_TRACKING_URI at the store your runs are in")
-    if path is None:
-        check_tracking(uri)
+    check_store_exists(uri, "without it no run can be checked, so nothing is removed; point MLFLOW_TRACKING_URI at "
+                            "the store your runs are in")
     client = MlflowClient(uri)
     experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
     keys: set[str] = set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import json
 import types
@@ -130,3 +131,22 @@ def _kwargs_problem(name: str, num_classes: int, input_shape: tuple[int, int, in
             names = " or ".join(k.__name__ for k in kinds if k is not type(None))
             return f"{key}: expected {names} (as {type(model).__name__} declares it), got {value!r}"
     return None
+
+
+def matching_models(patterns: list[str], names: list[str]) -> list[str]:
+    """The names matching each pattern (a suite's teachers or students), sorted per pattern, each once."""
+    out: list[str] = []
+    for pattern in patterns:
+        out += [n for n in sorted(fnmatch.filter(names, pattern)) if n not in out]
+    return out
+
+
+def models_between(models: dict[str, ModelStats], teacher: str, student: str, limit: int) -> tuple[str, ...]:
+    """The suite's models strictly between teacher and student in parameters, largest first (`Needs.assistants`
+    ("between",)); with more than `limit` (> 0), `limit` of them spread evenly over that order."""
+    low, high = models[student].params, models[teacher].params
+    found = sorted((m for m in models if low < models[m].params < high), key=lambda m: (-models[m].params, m))
+    if limit and len(found) > limit:
+        n = len(found)
+        found = [found[round((i + 1) * (n + 1) / (limit + 1)) - 1] for i in range(limit)]
+    return tuple(found)

@@ -4,7 +4,8 @@ For each of the last `stages` stages of the student (paired with the teacher's l
 order), the hint is a softmax-weighted sum of the candidate layers of the matching teacher stage: the
 outputs of its blocks (a CIFAR ResNet's layer2.0, layer2.1, ...; WRN's blockN.layer.i), those shaped like
 the stage's output; a stage without several blocks (an MLP layer, a VGG stage) is its own single
-candidate (then nothing is searched: FitNets on several stages). A FitNets regressor (the CRD benchmark's, `methods/fitnets.py`) maps the student stage onto it.
+candidate (then nothing is searched: FitNets on several stages). The FitNets regressor (the CRD benchmark's,
+`kdbench.features.make_regressor`, which FitNets uses too) maps the student stage onto it.
   L = ce_weight CE + hint_weight * mean over stages of MSE(r_m(S_m), sum_i softmax(alpha_m)_i T_{m,i})
 Search (DARTS-style, bilevel), during the first ceil(search_fraction x epochs) epochs: at every step the
 aggregation weights alpha take one Adam step (DARTS's architecture optimiser: betas 0.5/0.999, weight decay
@@ -27,20 +28,14 @@ gradient, the hypergradient's double backward, the update); afterwards as FitNet
 """
 
 import math
-import sys
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from kdbench.features import feature_shapes, make_regressor
 from kdbench.losses import cross_entropy, hint_mse
 from kdbench.method import Method, Needs, Outputs, run_model
-from kdbench.registry import get_method
-
-
-def fitnets_plugin():
-    """The FitNets plugin module: one definition of the CRD regressor, shared rather than copied."""
-    return sys.modules[get_method("fitnets").__module__]
 
 
 def stage_candidates(model: nn.Module, stage: str) -> list[str]:
@@ -80,19 +75,13 @@ class DFA(Method):
 
     def __init__(self, params, student, teacher, input_shape):
         super().__init__(params, student, teacher, input_shape)
-        fitnets = fitnets_plugin()
         k = min(self.params["stages"], len(student.feature_info), len(teacher.feature_info))
         s_stages = list(range(len(student.feature_info) - k, len(student.feature_info)))
         t_stages = list(range(len(teacher.feature_info) - k, len(teacher.feature_info)))
         self.student_features = s_stages
-        probe = torch.zeros(2, *input_shape, device=next(student.parameters()).device)
-        with torch.no_grad():
-            modes = student.training, teacher.training
-            student.eval(), teacher.eval()  # a probe must not move BatchNorm statistics
-            t_names = [n for t in t_stages for n in stage_candidates(teacher, teacher.feature_info[t]["module"])]
-            t_shapes = dict(zip(t_names, (f.shape for f in run_model(teacher, probe, t_names).features)))
-            s_shapes = [f.shape for f in run_model(student, probe, s_stages).features]
-            student.train(modes[0]), teacher.train(modes[1])
+        t_names = [n for t in t_stages for n in stage_candidates(teacher, teacher.feature_info[t]["module"])]
+        t_shapes = dict(zip(t_names, feature_shapes(teacher, t_names, input_shape)))
+        s_shapes = feature_shapes(student, s_stages, input_shape)
         self.candidates: list[list[str]] = []
         for m, t in enumerate(t_stages):
             names = stage_candidates(teacher, teacher.feature_info[t]["module"])
@@ -101,7 +90,7 @@ class DFA(Method):
             self.record[f"stage{m + 1}"] = (f"student {student.feature_info[s_stages[m]]['module']} "
                                             f"<- teacher {', '.join(names)}")
         self.teacher_features = [n for names in self.candidates for n in names]
-        self.regressors = nn.ModuleList(fitnets.make_regressor(tuple(s_shapes[m]), tuple(t_shapes[names[-1]]))
+        self.regressors = nn.ModuleList(make_regressor(s_shapes[m], t_shapes[names[-1]])
                                         for m, names in enumerate(self.candidates))
         self.alpha = nn.ParameterList(nn.Parameter(torch.zeros(len(names))) for names in self.candidates)
         # Adam's moments for alpha, as buffers: they travel in the method's state_dict (checkpoints, resume)

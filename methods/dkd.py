@@ -34,6 +34,8 @@ class DKD(Method):
     summary = "decoupled KD: alpha TCKD + beta NCKD (target / non-target KL), warmed up, + CE"
     defaults = {"alpha": 1.0, "beta": 8.0, "T": 4.0, "ce_weight": 1.0, "warmup": 20}
     epoch_params = ("warmup",)  # --epochs scales the warm-up with the schedule
+    search_space = {"alpha": {"low": 0.5, "high": 2.0}, "beta": {"low": 1.0, "high": 10.0, "log": True},
+                    "T": {"low": 1.0, "high": 8.0, "log": True}}  # what `kdbench tune` searches
     teacher_logits_only = True  # reads only the (frozen) teacher's logits: shared teacher outputs apply
 
     @classmethod

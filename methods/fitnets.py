@@ -37,6 +37,7 @@ class FitNets(Method):
     defaults = {"hint_layer": None, "guided_layer": None, "hint_weight": 100.0, "ce_weight": 1.0, "kd_weight": 0.0,
                 "T": 4.0, "two_stage": False, "hint_fraction": 0.25}
     param_types = {"hint_layer": (int, str), "guided_layer": (int, str)}
+    search_space = {"hint_weight": {"low": 1.0, "high": 1000.0, "log": True}}  # what `kdbench tune` searches
 
     @classmethod
     def check_params(cls, params):

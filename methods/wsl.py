@@ -31,6 +31,7 @@ class WSL(Method):
     name = "wsl"
     summary = "weighted soft labels: per-example KD weight 1 - exp(-CE_s / CE_t) (detached), + CE"
     defaults = {"T": 4.0, "alpha": 2.25, "ce_weight": 1.0}
+    search_space = {"T": {"low": 1.0, "high": 8.0, "log": True}, "alpha": {"low": 0.5, "high": 4.0, "log": True}}
     teacher_logits_only = True  # reads only the frozen teacher's logits: shared teacher outputs apply
 
     def losses(self, batch, student, teacher):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 # One thread per process: the tests run tiny models, where a second thread costs more than it gives, and
@@ -76,3 +77,42 @@ def finished_jobs(uri: str, parent: str, experiment: str = "tiny") -> dict[str, 
                               filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
     return {r.data.tags["kdbench.job"]: (r.data.tags["kdbench.role"], r.data.metrics["test_acc"],
                                          r.data.metrics["train_loss"]) for r in runs if r.info.status == "FINISHED"}
+
+
+def float64_measures(logits, labels, teacher=None) -> dict[str, float]:
+    """ECE (15 equal-width bins, %), NLL, Brier and accuracy, and against a teacher's logits agreement (%) and
+    KL(teacher || student), each from its textbook definition in float64: what kdbench's measures are checked by."""
+    import math
+
+    import torch
+
+    logits = logits.double()
+    n, classes = logits.shape
+    p = torch.softmax(logits, 1)
+    confidence, predicted = p.max(1)
+    correct = (predicted == labels).double()
+    ece = 0.0
+    for k in range(1, 16):  # bin k holds (k-1)/15 < confidence <= k/15
+        inside = (confidence > (k - 1) / 15) & (confidence <= k / 15)
+        if inside.any():
+            ece += inside.sum().item() / n * abs(correct[inside].mean().item() - confidence[inside].mean().item())
+    onehot = torch.nn.functional.one_hot(labels, classes).double()
+    out = {"acc": correct.mean().item() * 100, "ece": ece * 100,
+           "nll": -sum(math.log(p[i, labels[i]].item()) for i in range(n)) / n,
+           "brier": ((p - onehot) ** 2).sum(1).mean().item()}
+    if teacher is not None:
+        q = torch.softmax(teacher.double(), 1)
+        out["agreement"] = (q.argmax(1) == predicted).double().mean().item() * 100
+        out["kl"] = sum((q[i] * (q[i].log() - p[i].log())).sum().item() for i in range(n)) / n
+    return out
+
+
+def slurm_missing() -> str | None:
+    """Why SLURM cannot be used here (None when sinfo answers): the reason a SLURM test is skipped with."""
+    try:
+        answer = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"sinfo does not run ({exc}); start SLURM with scripts/slurm_setup.sh"
+    if answer.returncode != 0 or not answer.stdout.strip():
+        return f"sinfo does not answer ({answer.stderr.strip()[:200]}); start SLURM with scripts/slurm_setup.sh"
+    return None

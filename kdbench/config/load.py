@@ -5,14 +5,14 @@ does not validate leaves no trace.
 """
 
 from __future__ import annotations
-import difflib
 import math
 import re
 from pathlib import Path
 from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
-from kdbench.config.checks import _check_names
+from kdbench.config.checks import check_suite, did_you_mean
+from kdbench.config.tuning import check_tune
 from kdbench.config.schema import Suite, SuiteError, TrainConfig
 
 
@@ -48,12 +48,6 @@ def _describe(err: dict, prefix: tuple = ()) -> str:
     return f"field '{loc}': {msg}, got {_short(got)}"
 
 
-def _suggest_key(loc: tuple, known: list[str]) -> str:
-    key = str(loc[-1])
-    close = difflib.get_close_matches(key, known, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def _model_fields_at(loc: tuple) -> list[str]:
     model: Any = Suite
     for part in loc[:-1]:
@@ -72,7 +66,7 @@ def _first_error(path: Path, exc: ValidationError, prefix: tuple = (), known: li
     err = exc.errors()[0]
     line = _describe(err, prefix)
     if err["type"] == "extra_forbidden":
-        line += _suggest_key(err["loc"], known if known is not None else _model_fields_at(err["loc"]))
+        line += did_you_mean(str(err["loc"][-1]), known if known is not None else _model_fields_at(err["loc"]))
     return SuiteError(f"{path}: {line}")
 
 
@@ -193,7 +187,8 @@ def load_suite(path: str | Path) -> Suite:
     if suite.teacher.source == "train" and teacher_train.epochs < 1:
         raise SuiteError(f"{path}: field 'teacher.train.epochs': expected at least 1 with teacher.source 'train' "
                          f"(0 epochs is a random teacher; 0 is for source checkpoint or pretrained)")
-    _check_names(path, suite)
+    check_suite(path, suite)
+    check_tune(path, suite)
     return suite
 
 

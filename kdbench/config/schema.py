@@ -5,10 +5,11 @@ from __future__ import annotations
 import fnmatch
 import re
 from typing import Any, Literal
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator,
-                      model_validator)
+from typing import Annotated
+from pydantic import BaseModel, ConfigDict, Field, Strict as StrictType, field_validator, model_validator
 from kdbench import KdbenchError
-from kdbench.data.spec import DataSpec
+from kdbench.data.spec import DATASETS, MAX_CLASSES, MAX_IMAGE_SIDE, MAX_IMAGES, DataSpec
+from kdbench.seeding import MAX_SEED
 
 
 class SuiteError(KdbenchError):
@@ -16,6 +17,33 @@ class SuiteError(KdbenchError):
 
     def __init__(self, message: object) -> None:
         super().__init__(" ".join(str(message).splitlines()))
+
+
+# Every number that sizes work has a bound: generous for any real study, refused beyond it in one line at
+# validation, so no typo (epochs: 999999937) sizes a loop, a list or an allocation before training starts.
+MAX_EPOCHS = 100_000  # KD schedules run 240 epochs (CRD), MNIST studies a few thousand: 100,000 is far past them
+MAX_BATCH = 65_536  # 2**16 images a step: above the largest batches of large-batch training
+MAX_SEEDS = 10_000  # seeds in one suite (each is a student job per pair and method)
+MAX_TRIALS = 10_000  # tuning trials per method and pair (each is a training job)
+
+
+def _int(**bounds):
+    """An integer the user typed as one (not a bool, a float or a string), within `bounds` (ge, gt, le)."""
+    return Annotated[int, StrictType(), Field(**bounds)]
+
+
+# A number is a number: strict types refuse `true` for 1 and "7" for 7 (pydantic's default would convert them).
+Flag = Annotated[bool, StrictType()]
+Epochs = _int(ge=0, le=MAX_EPOCHS)
+PositiveEpochs = _int(gt=0, le=MAX_EPOCHS)
+Images = _int(gt=0, le=MAX_IMAGES)
+BatchSize = _int(gt=0, le=MAX_BATCH)
+Seed = _int(ge=0, le=MAX_SEED)  # the range the seed streams take (kdbench.seeding)
+
+
+def _float(**bounds):
+    """A float the user typed as a number (an integer is one; a bool or a string is not)."""
+    return Annotated[float, StrictType(), Field(**bounds)]
 
 
 class Strict(BaseModel):
@@ -27,48 +55,45 @@ class Strict(BaseModel):
 # refused rather than sanitised (two names sanitised alike would share a report folder).
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
 SAFE_NAME_TEXT = "1 to 100 letters, digits and _ . + -, starting with a letter or digit"
-# Published split sizes of the fixed datasets: train_size/test_size above them are refused at validation.
-SPLIT_SIZES = {"cifar100": (50000, 10000), "cifar10": (50000, 10000), "mnist": (60000, 10000),
-               "fashion_mnist": (60000, 10000), "imagenet": (1281167, 50000)}
 
 
 class DataConfig(Strict):
-    dataset: Literal["cifar100", "cifar10", "mnist", "fashion_mnist", "imagefolder", "imagenet", "synthetic"]
+    dataset: Literal[DATASETS]  # the names of data/spec.py's table
     path: str | None = None
-    train_size: PositiveInt | None = None
-    test_size: PositiveInt | None = None
-    num_classes: PositiveInt | None = None
-    image_size: PositiveInt | None = None
-    download: bool = False
-    val_size: NonNegativeInt = 0  # held out of the training images for choices; train_size counts them too
+    train_size: Images | None = None
+    test_size: Images | None = None
+    num_classes: _int(gt=0, le=MAX_CLASSES) | None = None
+    image_size: _int(gt=0, le=MAX_IMAGE_SIDE) | None = None
+    download: Flag = False
+    val_size: _int(ge=0, le=MAX_IMAGES) = 0  # held out of the training images for choices; train_size counts them too
     # device: the whole split on the training device (default); stream: decoded from disk every epoch by loader
     # processes, for image folders that do not fit on the device (imagenet must stream). kdbench.data.stream
     loader: Literal["device", "stream"] = "device"
     train_crop: Literal["exact", "random_resized"] = "exact"  # random_resized: ImageNet's RandomResizedCrop
-    eval_resize: PositiveInt | None = None  # evaluation: shorter side resized to this, centre crop of image_size
+    eval_resize: _int(gt=0, le=MAX_IMAGE_SIDE) | None = None  # evaluation: shorter side resized, centre crop
 
     def spec(self) -> DataSpec:
         return DataSpec(**self.model_dump())
 
 
 class AugmentConfig(Strict):
-    crop_padding: NonNegativeInt = 0  # random crop of the original size from the zero-padded image
-    flip: bool = False  # random horizontal flip
+    crop_padding: _int(ge=0, le=MAX_IMAGE_SIDE) = 0  # random crop of the original size from the zero-padded image
+    flip: Flag = False  # random horizontal flip
 
 
 class TrainConfig(Strict):
-    epochs: NonNegativeInt  # 0 only makes sense for a teacher used as loaded (checkpoint, pretrained)
-    batch_size: PositiveInt = 64
+    epochs: Epochs  # 0 only makes sense for a teacher used as loaded (checkpoint, pretrained)
+    batch_size: BatchSize = 64
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: PositiveFloat = 0.05
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(5e-4, ge=0)
+    lr: _float(gt=0) = 0.05
+    momentum: _float(ge=0, lt=1) = 0.9
+    nesterov: Flag = False
+    weight_decay: _float(ge=0) = 5e-4
     schedule: Literal["step", "cosine", "constant"] = "step"
-    milestones: list[PositiveInt] = []  # epochs at which a step schedule multiplies the rate by gamma
-    gamma: float = Field(0.1, gt=0, le=1)
-    warmup_epochs: NonNegativeInt = 0
-    lr_by_model: dict[str, PositiveFloat] = {}  # model-name pattern -> lr (CRD: 0.01 for MobileNetV2, ShuffleNets)
+    milestones: list[PositiveEpochs] = []  # epochs at which a step schedule multiplies the rate by gamma
+    gamma: _float(gt=0, le=1) = 0.1
+    warmup_epochs: Epochs = 0
+    lr_by_model: dict[str, _float(gt=0)] = {}  # model-name pattern -> lr (CRD: 0.01 for MobileNetV2, ShuffleNets)
 
     @model_validator(mode="after")
     def _milestones_inside(self):
@@ -91,10 +116,10 @@ class TrainConfig(Strict):
 class TeacherConfig(Strict):
     source: Literal["train", "checkpoint", "pretrained"] = "train"
     train: dict[str, Any] = {}  # overrides of the suite's `train` for teachers (e.g. more epochs)
-    seed: NonNegativeInt = 0  # teachers are shared by every student seed of a pair
+    seed: Seed = 0  # teachers are shared by every student seed of a pair
     checkpoints: dict[str, str] = {}  # source checkpoint: model name -> state_dict file
     augment: AugmentConfig | None = None  # teachers' own augmentation (Hinton: jittered teacher); default: the suite's
-    route_every: PositiveInt | None = None  # keep a route checkpoint every N epochs (default: about 10 along the run)
+    route_every: PositiveEpochs | None = None  # keep a route checkpoint every N epochs (default: about 10 along the run)
     model_kwargs: dict[str, dict[str, Any]] = {}  # teacher-only model kwargs (e.g. dropout), by model name
 
 
@@ -104,6 +129,9 @@ class MethodEntry(Strict):
     params: dict[str, Any] = {}
     # How the method's named loss terms make the student's update: summed, or PCGrad (kdbench.combine).
     combine: Literal["sum", "pcgrad"] = "sum"
+    # A modifier of the method's logit losses (kdbench.modifier: logit_std, ctkd), and its params.
+    modify: str | None = None
+    modify_params: dict[str, Any] = {}
 
     @field_validator("method", "label")
     @classmethod
@@ -120,7 +148,7 @@ class ReferenceConfig(Strict):
     table: str  # which table of the CSV
     title: str  # the paper and table, as the report's caption names them
     metric: Literal["top1", "test_errors"] = "top1"  # top-1 accuracy (%) or a count of test errors
-    test_images: PositiveInt | None = None  # test set size, to turn accuracy into errors (metric test_errors)
+    test_images: Images | None = None  # test set size, to turn accuracy into errors (metric test_errors)
     protocol: str = ""  # what had to be assumed or differs from the paper; printed under the table
     models: dict[str, str | None] = {}  # paper model name -> timm name (null: not in our zoo)
     methods: dict[str, str | None] = {}  # paper row -> our method label, or `teacher` (null: not implemented)
@@ -140,6 +168,41 @@ class DisplayConfig(Strict):
     methods: dict[str, str] = {}  # method label -> display name (e.g. kd: "KD (Hinton et al.)")
 
 
+class SearchRange(Strict):
+    """One hyper-parameter's range in a method's `search_space` (kdbench.run.tune draws from it)."""
+    low: _float()
+    high: _float()
+    log: Flag = False  # drawn uniformly in log space (a temperature, a loss weight spanning decades)
+    integer: Flag = False  # drawn as an integer (an epoch count, a layer index)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high:
+            raise ValueError(f"expected low < high, got low {self.low} and high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+
+class TuneConfig(Strict):
+    """An equal-budget search of every method's `search_space` on validation (kdbench.run.tune)."""
+    trials: _int(gt=0, le=MAX_TRIALS)  # per method and tuned pair: the same for every method, the student alone included
+    seeds: list[Seed] = Field(min_length=1, max_length=MAX_SEEDS)  # the tuning seeds: never reporting seeds
+    # "each": every pair tuned on its own; [teacher, student]: tuned on that pair, its setting frozen for the rest
+    pairs: Literal["each"] | tuple[str, str] = "each"
+    sampler: Literal["tpe", "random"] = "tpe"
+    sampler_seed: Seed = 0
+    batch: _int(gt=0, le=MAX_TRIALS) = 4  # trials asked at once and run in parallel (then told): part of what is drawn
+    search_space: dict[str, dict[str, SearchRange]] = {}  # by method label: replaces the method's own ranges
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, value):
+        if len(set(value)) != len(value):
+            raise ValueError("tuning seeds must be distinct")
+        return value
+
+
 class Suite(Strict):
     name: str
     description: str = ""
@@ -152,21 +215,24 @@ class Suite(Strict):
     pairs: list[tuple[str, str]] | None = None  # explicit (teacher, student) pairs instead of the rule
     model_kwargs: dict[str, dict[str, Any]] = {}  # extra kwargs for timm.create_model, by model name
     methods: list[MethodEntry] = Field(min_length=1)
-    seeds: list[NonNegativeInt] = Field(min_length=1)
+    seeds: list[Seed] = Field(min_length=1, max_length=MAX_SEEDS)
     train: TrainConfig
     teacher: TeacherConfig = TeacherConfig()
-    eval_batch_size: PositiveInt = 1000
+    eval_batch_size: BatchSize = 1000
     reference: ReferenceConfig | None = None  # paper suites (suites/papers/): the published table to compare with
     # Speed only, numbers unchanged (so in no job's hash): methods that read only the teacher's logits get
     # them from one cache per teacher, data and augmentation, shared across epochs, methods and seeds.
-    teacher_cache: bool = False
+    teacher_cache: Flag = False
+    tune: TuneConfig | None = None  # `kdbench tune`: search each method's setting on validation first
 
     @field_validator("methods", mode="before")
     @classmethod
     def _method_forms(cls, value):
-        """Accept `kd`, `{kd: {T: 8}}` or `{method: kd, label: kd_T8, params: {T: 8}, combine: pcgrad}`.
+        """Accept `kd`, `{kd: {T: 8}}` or `{method: kd, label: kd_T8, params: {T: 8}, combine: pcgrad}`, and
+        `modify: logit_std` or `modify: {ctkd: {curriculum_epochs: 20}}` in the last form.
 
-        Without a label, an entry is labelled by its method, plus `+pcgrad` when it combines its terms so.
+        Without a label, an entry is labelled by its method, plus `+<modifier>` when it has one and `+pcgrad` when
+        it combines its terms so (`kd+logit_std`, `dkd+ctkd+pcgrad`).
         """
         if not isinstance(value, list):
             return value
@@ -178,8 +244,13 @@ class Suite(Strict):
                 (name, params), = item.items()
                 out.append({"method": name, "label": name, "params": params if params is not None else {}})
             elif isinstance(item, dict) and "method" in item:
-                combine = item.get("combine", "sum")
-                out.append({"label": f"{item['method']}+{combine}" if combine != "sum" else item["method"], **item})
+                item = dict(item)
+                modify = item.get("modify")
+                if isinstance(modify, dict) and len(modify) == 1:  # `modify: {ctkd: {curriculum_epochs: 20}}`
+                    (item["modify"], params), = modify.items()
+                    item["modify_params"] = params if params is not None else {}
+                parts = [item["method"], item.get("modify"), item.get("combine", "sum")]
+                out.append({"label": "+".join(str(p) for p in parts if p not in (None, "sum")), **item})
             else:
                 out.append(item)
         return out
@@ -210,6 +281,18 @@ class Suite(Strict):
     def _students_train(self):
         if self.train.epochs < 1:
             raise ValueError("train.epochs: expected at least 1 for students (0 is for teachers used as loaded)")
+        return self
+
+    @model_validator(mode="after")
+    def _tuning_apart(self):
+        if self.tune is None:
+            return self
+        shared = sorted(set(self.tune.seeds) & set(self.seeds))
+        if shared:
+            raise ValueError(f"tune.seeds: expected seeds apart from the reporting seeds, {shared[0]} is both "
+                             f"(a setting chosen on a seed would be reported on it)")
+        if not self.data.val_size:
+            raise ValueError("tune: the search chooses on validation accuracy: set data.val_size")
         return self
 
     @model_validator(mode="after")

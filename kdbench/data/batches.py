@@ -228,6 +228,13 @@ def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, 
         yield split.images[start : start + batch_size], split.labels[start : start + batch_size]
 
 
+def eval_labels(split: Split, batch_size: int) -> torch.Tensor:
+    """The labels in the order eval_batches gives the images (of a split shared among devices: this one's part)."""
+    if not isinstance(split, Split):
+        return split.eval_labels(batch_size)
+    return split.labels
+
+
 def make_generator(device: torch.device | str, seed: int) -> torch.Generator:
     """A ``torch.Generator`` on ``device`` seeded with ``seed``."""
     g = torch.Generator(device=torch.device(device))

@@ -94,8 +94,22 @@ def carve_validation(images: torch.Tensor, labels: torch.Tensor, spec: DataSpec)
 # --- Fingerprints -----------------------------------------------------------------------------------
 # A dataset read from disk is fingerprinted by the sha256 of its loaded uint8 tensors (labels included), so a
 # teacher trained on damaged images is never reused once they are fixed (the fingerprint is part of its key).
-# Hashing is cheap (about a second for CIFAR); it is cached under a key of the files' names, sizes and times,
-# so it is computed once per version of the files.
+# Hashing is cheap (about a second for CIFAR); it is cached under a key of the files' stamps (_stamp), so it
+# is computed once per version of the files. The image-folder tensor cache is keyed by the same stamps.
+#
+# What a stamp trusts: a file of at most SMALL_FILE bytes is identified by its content (a digest: reading it
+# costs less than reusing a model trained on other bytes, and damage that keeps its size and times is seen);
+# a larger one by its size, modification time, change time and inode. Writing a file moves its change time,
+# which no tool sets back (touch and copy tools set only the modification time), so a rewrite that keeps size
+# and modification time is still seen; only a filesystem without change times, or a clock set back, can hide
+# one: after repairing a large file there, delete $KDBENCH_CACHE/fingerprints (default ~/.cache/kdbench).
+SMALL_FILE = 1 << 20
+
+
+def _stamp(path: Path, st: os.stat_result) -> list:
+    if st.st_size <= SMALL_FILE:
+        return [st.st_size, file_digest(path, "sha256")]
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def _source_files(spec: DataSpec, root: Path | None) -> list[Path] | None:
@@ -115,8 +129,8 @@ def _fingerprint_cache(spec: DataSpec, root: Path | None) -> Path | None:
     files = _source_files(spec, root)
     if files is None:
         return None
-    stats = [(str(p), *(lambda st: (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))(p.stat())) for p in files]
-    return _cache_dir() / "fingerprints" / f"{spec.dataset}-{_key({'dataset': spec.dataset, 'files': stats})}.txt"
+    stamps = [(str(p), *_stamp(p, p.stat())) for p in files]
+    return _cache_dir() / "fingerprints" / f"{spec.dataset}-{_key({'dataset': spec.dataset, 'files': stamps})}.txt"
 
 
 def _fingerprint(spec: DataSpec, root: Path | None, splits) -> str | None:
@@ -292,9 +306,8 @@ def _load_imagefolder(spec: DataSpec, info: DatasetInfo, root: Path | None):
     if path.is_file():
         if path.suffix.lower() != ".zip":
             raise DataError(f"imagefolder: {path} is a file but not a .zip; give a folder with train/ and test/ or a .zip of one")
-        st = path.stat()
-        # A zip is keyed by itself (path, size, mtime): a cache hit then needs neither unpacking nor a file listing.
-        key = _key({"zip": str(path.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns, "image_size": size})
+        # A zip is keyed by itself (its path and stamp): a cache hit then needs neither unpacking nor a file listing.
+        key = _key({"zip": str(path.resolve()), "stamp": _stamp(path, path.stat()), "image_size": size})
         tensor_file = cache / "imagefolder" / f"{path.stem}-{key}.pt"
         cached = _read_tensor_cache(tensor_file)
         if cached is None:
@@ -303,7 +316,7 @@ def _load_imagefolder(spec: DataSpec, info: DatasetInfo, root: Path | None):
             _write_tensor_cache(tensor_file, cached)
     else:
         folder = _tree_root(path, path)
-        listing = [(str(p.relative_to(folder)), s.st_size, s.st_mtime_ns) for p, s in _list_files(folder)]
+        listing = [(str(p.relative_to(folder)), *_stamp(p, st)) for p, st in _list_files(folder)]
         key = _key({"folder": str(folder.resolve()), "files": listing, "image_size": size})
         tensor_file = cache / "imagefolder" / f"{folder.name}-{key}.pt"
         cached = _read_tensor_cache(tensor_file)

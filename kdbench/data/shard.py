@@ -92,6 +92,9 @@ class ShardedSplit:
             lo, hi = start + part.start, start + part.stop
             yield self.split.images[lo:hi], self.split.labels[lo:hi]
 
+    def eval_labels(self, batch_size: int) -> torch.Tensor:
+        return torch.cat([labels for _, labels in self.eval_batches(batch_size)])  # views: no images copied
+
 
 def shard_data(data: DeviceData, shard: Shard) -> DeviceData:
     """`data` with its training and test splits shared among the devices. The validation split stays whole on

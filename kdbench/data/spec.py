@@ -23,6 +23,14 @@ class DataError(KdbenchError):
 # ----------------------------------------------------------------------------------------------------
 # Static knowledge
 
+# Bounds on what a suite may ask for (the suite schema refuses more): a split of up to ten million images
+# (ImageNet-21k's size), classes up to 100,000, square images up to 4096 pixels a side. Generated data is
+# made in memory: at most 4 GiB of it (a million CIFAR-sized images).
+MAX_IMAGES = 10_000_000
+MAX_CLASSES = 100_000
+MAX_IMAGE_SIDE = 4096
+MAX_SYNTHETIC_BYTES = 4 << 30
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -64,6 +72,8 @@ class DataSpec:
                 raise DataError(f"{self.dataset}: {field} must be a positive integer, got {value!r}")
         if isinstance(self.val_size, bool) or not isinstance(self.val_size, int) or self.val_size < 0:
             raise DataError(f"{self.dataset}: val_size must be a non-negative integer, got {self.val_size!r}")
+        if self.dataset == "synthetic":
+            _check_synthetic_size(self)
         _check_stream_fields(self)
         pool = training_pool(self)
         if pool is not None and self.val_size >= pool:
@@ -97,40 +107,75 @@ def _check_stream_fields(spec: "DataSpec") -> None:
                         f"{spec.dataset} fits on the device: leave loader out")
 
 
-# Per-channel mean/std of the training split. CIFAR-100 values are those of the CRD protocol
-# (Tian et al., "Contrastive Representation Distillation"), which most KD papers reuse.
-_FIXED: dict[str, DatasetInfo] = {
-    "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
-    "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "mnist": DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,)),
-    "fashion_mnist": DatasetInfo("fashion_mnist", 10, (1, 28, 28), (0.2860,), (0.3530,)),
+# The fixed datasets: classes, input shape (C, H, W), per-channel mean and std of the training split (what
+# training normalises with: data/batches.normalize; the models' timm metadata reads them from here too), and
+# the published train and test split sizes (train_size/test_size above them are refused at validation).
+# CIFAR-100's mean/std are those of the CRD protocol (Tian et al., "Contrastive Representation Distillation"),
+# which most KD papers reuse.
+_FIXED: dict[str, tuple[DatasetInfo, int, int]] = {
+    "cifar100": (DatasetInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+                 50000, 10000),
+    "cifar10": (DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+                50000, 10000),
+    "mnist": (DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,)), 60000, 10000),
+    "fashion_mnist": (DatasetInfo("fashion_mnist", 10, (1, 28, 28), (0.2860,), (0.3530,)), 60000, 10000),
 }
 # An image folder's statistics are unknown without reading it; natural images are close to ImageNet's.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
-IMAGENET_IMAGE_SIZE = 224  # the standard training and evaluation crop
+# ImageNet (ILSVRC-2012): 1000 classes, its published train and validation sizes (the validation set is the test
+# split every paper reports); the crop side may be chosen (224, the standard, unless image_size says).
 IMAGENET_CLASSES = 1000
+IMAGENET_IMAGE_SIZE = 224
+IMAGENET_SPLITS = (1281167, 50000)
+
 _SYNTHETIC_DEFAULTS = {"num_classes": 10, "image_size": 32, "train_size": 512, "test_size": 256}
 _SYNTHETIC_SEED = 20240611  # fixed: the synthetic dataset is the same everywhere
 
-DATASETS = ("cifar100", "cifar10", "mnist", "fashion_mnist", "imagefolder", "imagenet", "synthetic")
-_TRAIN_IMAGES = {"cifar100": 50000, "cifar10": 50000, "mnist": 60000, "fashion_mnist": 60000, "imagenet": 1281167,
-                 "synthetic": _SYNTHETIC_DEFAULTS["train_size"]}
+DATASETS = (*_FIXED, "imagefolder", "imagenet", "synthetic")
 VAL_SEED = 0  # the cell seed of the validation stream: the held-out images depend only on the dataset
+
+
+def _check_synthetic_size(spec: DataSpec) -> None:
+    side = spec.image_size or _SYNTHETIC_DEFAULTS["image_size"]
+    images = (spec.train_size or _SYNTHETIC_DEFAULTS["train_size"]) + (spec.test_size or _SYNTHETIC_DEFAULTS["test_size"])
+    size = images * 3 * side * side
+    if size > MAX_SYNTHETIC_BYTES:
+        raise DataError(f"synthetic: {images} images of 3x{side}x{side} would take {size / (1 << 30):.1f} GiB of memory; "
+                        f"at most {MAX_SYNTHETIC_BYTES >> 30} GiB of data is generated (lower train_size, test_size or "
+                        f"image_size)")
+
+
+def fixed_info(name: str) -> DatasetInfo:
+    """Classes, input shape, mean and std of a fixed dataset (cifar100, cifar10, mnist, fashion_mnist)."""
+    return _FIXED[name][0]
+
+
+def split_sizes(name: str) -> tuple[int, int] | None:
+    """The published (train, test) split sizes of a fixed dataset or ImageNet; None for generated data and image
+    folders."""
+    if name == "imagenet":
+        return IMAGENET_SPLITS
+    return _FIXED[name][1:] if name in _FIXED else None
 
 
 def training_pool(spec: DataSpec) -> int | None:
     """How many training images the spec uses, validation included (train_size, else the split's size; None: an
     image folder's, unknown until read)."""
-    return spec.train_size or _TRAIN_IMAGES.get(spec.dataset)
+    if spec.train_size:
+        return spec.train_size
+    if spec.dataset == "synthetic":
+        return _SYNTHETIC_DEFAULTS["train_size"]
+    sizes = split_sizes(spec.dataset)
+    return sizes[0] if sizes else None
 
 
 def dataset_info(spec: DataSpec) -> DatasetInfo:
     """Classes, input shape and normalisation of ``spec``'s dataset. Never touches files."""
     name = spec.dataset
     if name in _FIXED:
-        info = _FIXED[name]
+        info = fixed_info(name)
         # A declaration that contradicts the real dataset is a suite error, not something to ignore.
         if spec.num_classes is not None and spec.num_classes != info.num_classes:
             raise DataError(f"{name} has {info.num_classes} classes, but the suite declares num_classes: {spec.num_classes}")
@@ -143,7 +188,7 @@ def dataset_info(spec: DataSpec) -> DatasetInfo:
         if n_cls < 2:
             raise DataError(f"synthetic: num_classes must be at least 2, got {n_cls}")
         return DatasetInfo("synthetic", n_cls, (3, size, size), (0.5,) * 3, (0.25,) * 3)
-    if name == "imagenet":  # ILSVRC-2012: 1000 classes; the crop side may be chosen (224 unless image_size says)
+    if name == "imagenet":
         if spec.num_classes is not None and spec.num_classes != IMAGENET_CLASSES:
             raise DataError(f"imagenet has {IMAGENET_CLASSES} classes, but the suite declares num_classes: "
                             f"{spec.num_classes} (a subset of ImageNet is an imagefolder)")

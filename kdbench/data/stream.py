@@ -136,16 +136,19 @@ class Reader(torch.utils.data.Dataset):
 
 
 def default_workers() -> int:
-    """Loader processes per training process: `KDBENCH_DATA_WORKERS`, else the cores this process may use, shared
-    by the training processes of this machine (one each kept for training), at most 8."""
+    """Loader processes per training process: `KDBENCH_DATA_WORKERS`, else the cores this process may use (a SLURM
+    task's own; the machine's shared by torchrun's processes), one kept for training, at most 8."""
     if os.environ.get("KDBENCH_DATA_WORKERS"):
         try:
             return max(0, int(os.environ["KDBENCH_DATA_WORKERS"]))
         except ValueError:
             raise DataError(f"KDBENCH_DATA_WORKERS: expected a number of processes, got "
                             f"{os.environ['KDBENCH_DATA_WORKERS']!r}") from None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():  # a SLURM task: these cores are its own
+        per_process = int(os.environ["SLURM_CPUS_PER_TASK"])
+    else:  # torchrun's processes share the machine's cores
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(0, min(8, per_process - 1))
 
 
@@ -199,19 +202,23 @@ class StreamSplit:
                 self.requests(batch_size, order_gen, aug_gen, padding, flip, drop_last, start)):
             yield (images, labels, positions, views) if with_views else (images, labels)
 
-    def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The split in order, cropped for evaluation; this device's part of each batch (nothing: skipped)."""
+    def eval_requests(self, batch_size: int) -> Iterator[Request]:
+        """The split in order, in batches; this device's part of each (a device with nothing in one skips it)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for first in range(0, len(self), batch_size):
+            part = self._part(min(batch_size, len(self) - first))
+            if part.start < part.stop:
+                yield Request(torch.arange(first + part.start, first + part.stop), "eval")
 
-        def requests() -> Iterator[Request]:
-            for first in range(0, len(self), batch_size):
-                part = self._part(min(batch_size, len(self) - first))
-                if part.start < part.stop:
-                    yield Request(torch.arange(first + part.start, first + part.stop), "eval")
-
-        for images, labels, _, _ in self.load(requests()):
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The split in order, cropped for evaluation (this device's part of each batch)."""
+        for images, labels, _, _ in self.load(self.eval_requests(batch_size)):
             yield images, labels
+
+    def eval_labels(self, batch_size: int) -> torch.Tensor:
+        """The labels eval_batches gives, without reading an image."""
+        return torch.cat([self.labels[r.positions] for r in self.eval_requests(batch_size)]).to(self.device)
 
     def load(self, requests: Iterator[Request]) -> Iterator[tuple]:
         """The requests carried out by the loader processes, in order, moved to the training device."""

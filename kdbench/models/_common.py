@@ -10,7 +10,7 @@ calling them in order is the network's trunk, and the output of callable
 same callables, so the maps returned by ``forward_intermediates`` are the
 very tensors the ordinary forward computes.
 
-:func:`build_model` is what the ``@register_model`` entry functions call: it
+:func:`timm_entry_model` is what the ``@register_model`` entry functions call: it
 absorbs the extra keyword arguments :func:`timm.create_model` passes to entry
 functions (``pretrained``, ``pretrained_cfg``, ``pretrained_cfg_overlay``,
 ``cache_dir``; plus ``device``/``dtype`` and ``features_only``).
@@ -24,12 +24,14 @@ import torch.nn as nn
 
 from timm.models._features import feature_take_indices
 
-__all__ = ['StagedNet', 'build_model', 'CIFAR100_MEAN', 'CIFAR100_STD', 'MNIST_MEAN', 'MNIST_STD']
+from kdbench.data.spec import fixed_info
 
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-MNIST_MEAN = (0.1307,)
-MNIST_STD = (0.3081,)
+__all__ = ['StagedNet', 'timm_entry_model', 'CIFAR100_MEAN', 'CIFAR100_STD', 'MNIST_MEAN', 'MNIST_STD']
+
+# The models' timm metadata (pretrained_cfg mean/std) says what their inputs are normalised with: the values
+# training uses, read from the one table of dataset facts.
+CIFAR100_MEAN, CIFAR100_STD = fixed_info("cifar100").mean, fixed_info("cifar100").std
+MNIST_MEAN, MNIST_STD = fixed_info("mnist").mean, fixed_info("mnist").std
 
 
 class StagedNet(nn.Module):
@@ -140,7 +142,7 @@ def _as_feature_info(info: Sequence[Tuple[int, int, str]]) -> List[Dict[str, Any
     return [dict(num_chs=c, reduction=r, module=m) for c, r, m in info]
 
 
-def build_model(
+def timm_entry_model(
         cls: Type[nn.Module],
         variant: str,
         pretrained: bool = False,

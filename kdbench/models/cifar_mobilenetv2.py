@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from timm.models import register_model
 
-from ._common import CIFAR100_MEAN, CIFAR100_STD, StagedNet, _as_feature_info, build_model
+from ._common import CIFAR100_MEAN, CIFAR100_STD, StagedNet, _as_feature_info, timm_entry_model
 
 __all__ = ['CifarMobileNetV2']
 
@@ -163,12 +163,12 @@ _CFG = dict(
 @register_model
 def cifar_mobilenetv2(pretrained: bool = False, **kwargs) -> CifarMobileNetV2:
     """RepDistiller's ``mobile_half``: MobileNetV2, T=6, width 0.5."""
-    return build_model(CifarMobileNetV2, 'cifar_mobilenetv2', pretrained, data_cfg=_CFG,
-                       **dict(dict(expand_ratio=6, width_mult=0.5), **kwargs))
+    return timm_entry_model(CifarMobileNetV2, 'cifar_mobilenetv2', pretrained, data_cfg=_CFG,
+                            **dict(dict(expand_ratio=6, width_mult=0.5), **kwargs))
 
 
 @register_model
 def cifar_mobilenetv2_half(pretrained: bool = False, **kwargs) -> CifarMobileNetV2:
     """Alias of ``cifar_mobilenetv2`` (RepDistiller's ``mobile_half``)."""
-    return build_model(CifarMobileNetV2, 'cifar_mobilenetv2_half', pretrained, data_cfg=_CFG,
-                       **dict(dict(expand_ratio=6, width_mult=0.5), **kwargs))
+    return timm_entry_model(CifarMobileNetV2, 'cifar_mobilenetv2_half', pretrained, data_cfg=_CFG,
+                            **dict(dict(expand_ratio=6, width_mult=0.5), **kwargs))

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import register_model
 
-from ._common import CIFAR100_MEAN, CIFAR100_STD, StagedNet, _as_feature_info, build_model
+from ._common import CIFAR100_MEAN, CIFAR100_STD, StagedNet, _as_feature_info, timm_entry_model
 
 __all__ = ['CifarResNet', 'BasicBlock']
 
@@ -124,7 +124,8 @@ _CFG = dict(
 
 
 def _create(variant: str, depth: int, num_filters: Sequence[int], pretrained: bool, **kwargs) -> CifarResNet:
-    return build_model(CifarResNet, variant, pretrained, data_cfg=_CFG, depth=depth, num_filters=num_filters, **kwargs)
+    return timm_entry_model(CifarResNet, variant, pretrained, data_cfg=_CFG, depth=depth, num_filters=num_filters,
+                            **kwargs)
 
 
 @register_model

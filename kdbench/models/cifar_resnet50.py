@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import register_model
 
-from ._common import CIFAR100_MEAN, CIFAR100_STD, StagedNet, _as_feature_info, build_model
+from ._common import CIFAR100_MEAN, CIFAR100_STD, StagedNet, _as_feature_info, timm_entry_model
 
 __all__ = ['CifarResNetV2', 'Bottleneck']
 
@@ -114,4 +114,5 @@ _CFG = dict(
 
 @register_model
 def cifar_resnet50(pretrained: bool = False, **kwargs) -> CifarResNetV2:
-    return build_model(CifarResNetV2, 'cifar_resnet50', pretrained, data_cfg=_CFG, num_blocks=(3, 4, 6, 3), **kwargs)
+    return timm_entry_model(CifarResNetV2, 'cifar_resnet50', pretrained, data_cfg=_CFG, num_blocks=(3, 4, 6, 3),
+                            **kwargs)

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import register_model
 
-from ._common import CIFAR100_MEAN, CIFAR100_STD, StagedNet, _as_feature_info, build_model
+from ._common import CIFAR100_MEAN, CIFAR100_STD, StagedNet, _as_feature_info, timm_entry_model
 
 __all__ = ['CifarShuffleNetV1', 'channel_shuffle']
 
@@ -133,4 +133,4 @@ _CFG = dict(
 @register_model
 def cifar_shufflenetv1(pretrained: bool = False, **kwargs) -> CifarShuffleNetV1:
     """RepDistiller's ``ShuffleV1``: groups 3, stages (240, 480, 960) x (4, 8, 4)."""
-    return build_model(CifarShuffleNetV1, 'cifar_shufflenetv1', pretrained, data_cfg=_CFG, **kwargs)
+    return timm_entry_model(CifarShuffleNetV1, 'cifar_shufflenetv1', pretrained, data_cfg=_CFG, **kwargs)

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import register_model
 
-from ._common import CIFAR100_MEAN, CIFAR100_STD, StagedNet, _as_feature_info, build_model
+from ._common import CIFAR100_MEAN, CIFAR100_STD, StagedNet, _as_feature_info, timm_entry_model
 from .cifar_shufflenetv1 import ShuffleBlock
 
 __all__ = ['CifarShuffleNetV2', 'SHUFFLENETV2_CFGS']
@@ -159,4 +159,4 @@ _CFG = dict(
 @register_model
 def cifar_shufflenetv2(pretrained: bool = False, **kwargs) -> CifarShuffleNetV2:
     """RepDistiller's ``ShuffleV2`` (net_size 1.0)."""
-    return build_model(CifarShuffleNetV2, 'cifar_shufflenetv2', pretrained, data_cfg=_CFG, **kwargs)
+    return timm_entry_model(CifarShuffleNetV2, 'cifar_shufflenetv2', pretrained, data_cfg=_CFG, **kwargs)

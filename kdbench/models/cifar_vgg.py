@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from timm.models import register_model
 
-from ._common import CIFAR100_MEAN, CIFAR100_STD, StagedNet, _as_feature_info, build_model
+from ._common import CIFAR100_MEAN, CIFAR100_STD, StagedNet, _as_feature_info, timm_entry_model
 
 __all__ = ['CifarVGG', 'VGG_CFGS']
 
@@ -126,7 +126,7 @@ _CFG = dict(
 
 
 def _create(variant: str, arch: str, pretrained: bool, **kwargs) -> CifarVGG:
-    return build_model(CifarVGG, variant, pretrained, data_cfg=_CFG, cfg=VGG_CFGS[arch], **kwargs)
+    return timm_entry_model(CifarVGG, variant, pretrained, data_cfg=_CFG, cfg=VGG_CFGS[arch], **kwargs)
 
 
 @register_model

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import register_model
 
-from ._common import CIFAR100_MEAN, CIFAR100_STD, StagedNet, _as_feature_info, build_model
+from ._common import CIFAR100_MEAN, CIFAR100_STD, StagedNet, _as_feature_info, timm_entry_model
 
 __all__ = ['WideResNet']
 
@@ -129,7 +129,8 @@ _CFG = dict(
 
 
 def _create(variant: str, depth: int, widen_factor: int, pretrained: bool, **kwargs) -> WideResNet:
-    return build_model(WideResNet, variant, pretrained, data_cfg=_CFG, depth=depth, widen_factor=widen_factor, **kwargs)
+    return timm_entry_model(WideResNet, variant, pretrained, data_cfg=_CFG, depth=depth, widen_factor=widen_factor,
+                            **kwargs)
 
 
 @register_model

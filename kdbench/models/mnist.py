@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from timm.models import register_model
 
-from ._common import MNIST_MEAN, MNIST_STD, StagedNet, _as_feature_info, build_model
+from ._common import MNIST_MEAN, MNIST_STD, StagedNet, _as_feature_info, timm_entry_model
 
 __all__ = ['MnistMLP', 'MnistCNN', 'MnistConvNet']
 
@@ -224,14 +224,14 @@ _CFG = dict(
 
 
 def _mlp(variant: str, hidden: Sequence[int], pretrained: bool, **kwargs) -> MnistMLP:
-    return build_model(MnistMLP, variant, pretrained, data_cfg=dict(_CFG, first_conv='hidden.0.fc'),
-                       hidden=hidden, **kwargs)
+    return timm_entry_model(MnistMLP, variant, pretrained, data_cfg=dict(_CFG, first_conv='hidden.0.fc'),
+                            hidden=hidden, **kwargs)
 
 
 @register_model
 def mnist_mlp(pretrained: bool = False, **kwargs) -> MnistMLP:
     """MLP with configurable ``hidden=(w1, w2, ...)`` (default 1200x2)."""
-    return build_model(MnistMLP, 'mnist_mlp', pretrained, data_cfg=dict(_CFG, first_conv='hidden.0.fc'), **kwargs)
+    return timm_entry_model(MnistMLP, 'mnist_mlp', pretrained, data_cfg=dict(_CFG, first_conv='hidden.0.fc'), **kwargs)
 
 
 @register_model
@@ -265,12 +265,12 @@ def mnist_mlp_30x2(pretrained: bool = False, **kwargs) -> MnistMLP:
 @register_model
 def mnist_cnn(pretrained: bool = False, **kwargs) -> MnistCNN:
     """Small CNN: conv32-conv64-fc128 (~0.42M parameters)."""
-    return build_model(MnistCNN, 'mnist_cnn', pretrained, data_cfg=dict(_CFG, first_conv='conv1'), **kwargs)
+    return timm_entry_model(MnistCNN, 'mnist_cnn', pretrained, data_cfg=dict(_CFG, first_conv='conv1'), **kwargs)
 
 
 def _convnet(width: int, depth: int, pretrained: bool, **kwargs) -> MnistConvNet:
-    return build_model(MnistConvNet, f'mnist_convnet_{width}x{depth}', pretrained,
-                       data_cfg=dict(_CFG, first_conv='stages.0.0'), width=width, depth=depth, **kwargs)
+    return timm_entry_model(MnistConvNet, f'mnist_convnet_{width}x{depth}', pretrained,
+                            data_cfg=dict(_CFG, first_conv='stages.0.0'), width=width, depth=depth, **kwargs)
 
 
 @register_model

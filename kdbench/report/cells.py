@@ -1,5 +1,6 @@
-"""What the suite asked for (the layout) and the cells that answer it: last-epoch test accuracy
-per seed, its mean, spread and interval, paired differences; a missing number says why.
+"""What the suite asked for (`ReportScope`: its pairs, methods, seeds and names) and the cells that answer it
+(`SeedValues`: last-epoch test accuracy per seed, its mean, spread and interval), paired differences; a missing
+number says why.
 """
 
 from __future__ import annotations
@@ -7,9 +8,10 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 import pandas as pd
-from kdbench.report.stats import ALPHA, NO_TEST, Paired, holm, mean_ci
+from kdbench.report.stats import ALPHA, NO_TEST, Paired, holm, mean_ci, sample_std
 from kdbench.report.runs import PASSES
 from kdbench.data.spec import dataset_info
+from kdbench.tracking import RunStatus
 from kdbench.zoo import model_stats
 
 
@@ -18,7 +20,7 @@ DATASET_NAMES = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10", "mnist": "MNIST
                  "synthetic": "synthetic data", "imagefolder": "image folder"}
 
 
-# ---------------------------------------------------------------------------------------------- layout
+# ---------------------------------------------------------------------------------------------- scope
 
 @dataclass(frozen=True)
 class PairInfo:
@@ -32,8 +34,9 @@ class PairInfo:
 
 
 @dataclass(frozen=True)
-class Layout:
-    """What the suite asked for, plus anything its runs hold beyond that (a suite edited since its run)."""
+class ReportScope:
+    """What a report covers, and how it names it: what the suite asked for (pairs, methods, seeds), plus anything
+    its runs hold beyond that (a suite edited since its run)."""
     suite: str
     pairs: tuple[PairInfo, ...]
     methods: tuple[str, ...]  # student method labels, in the suite's order
@@ -53,7 +56,7 @@ class Layout:
         return list(dict.fromkeys(p.student for p in self.pairs))
 
 
-def layout_for(plan, runs: pd.DataFrame) -> Layout:
+def report_scope(plan, runs: pd.DataFrame) -> ReportScope:
     suite = plan.suite
     info = dataset_info(suite.data.spec())
 
@@ -73,20 +76,23 @@ def layout_for(plan, runs: pd.DataFrame) -> Layout:
     baselines = [m.label for m in suite.methods if m.method == "baseline"]
     baselines += sorted(set(students[students.method_name == "baseline"].method) - set(baselines))
     seeds = sorted(set(suite.seeds) | set(students.seed))
-    kd = [m.label for m in suite.methods if m.method == "kd" and m.combine == "sum"]  # not kd+pcgrad: plain KD
+    # plain KD: not kd+pcgrad, not kd+logit_std
+    kd = [m.label for m in suite.methods if m.method == "kd" and m.combine == "sum" and m.modify is None]
     kd.sort(key=lambda label: bool(next(m for m in suite.methods if m.label == label).params))  # defaults first
     display = suite.display
     names = {**display.models, **display.methods}
-    return Layout(suite.name, tuple(pairs), tuple(methods), baselines[0] if baselines else None, tuple(seeds),
-                  kd[0] if kd else None, display.dataset or DATASET_NAMES.get(suite.data.dataset, suite.data.dataset),
-                  tuple(sorted(names.items())), display.title)
+    return ReportScope(suite.name, tuple(pairs), tuple(methods), baselines[0] if baselines else None,
+                       tuple(seeds), kd[0] if kd else None,
+                       display.dataset or DATASET_NAMES.get(suite.data.dataset, suite.data.dataset),
+                       tuple(sorted(names.items())), display.title)
 
 
 # ---------------------------------------------------------------------------------------------- cells
 
 @dataclass(frozen=True)
-class Cell:
-    """One table cell: the last-epoch test accuracy per seed, and why the other asked-for seeds have none."""
+class SeedValues:
+    """What one table cell holds: the last-epoch test accuracy per seed, and why the other asked-for seeds have none.
+    (Not kdbench.plan.Cell, the job that a pair, method and seed plan.)"""
     values: dict[int, float]  # seed -> number, finished runs only
     missing: dict[int, str]  # seed -> not run, failed, diverged, teacher failed, killed, running
     protocol: str = ""  # a protocol note from the runs' method (e.g. "protocol assumed")
@@ -123,57 +129,52 @@ class Cell:
             counts[why] = counts.get(why, 0) + 1
         return ", ".join(f"{k} {why}" for why, k in counts.items())
 
-    def map(self, fn) -> "Cell":
-        return Cell({s: fn(v) for s, v in self.values.items()}, self.missing, self.protocol)
+    def map(self, fn) -> "SeedValues":
+        return SeedValues({s: fn(v) for s, v in self.values.items()}, self.missing, self.protocol)
 
 
-def sample_std(values: list[float]) -> float:
-    """Standard deviation over seeds with Bessel's correction (n - 1); undefined for one seed."""
-    n = len(values)
-    if n < 2:
-        return math.nan
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-
-
-def pick(runs: pd.DataFrame, seeds: Iterable[int]) -> Cell:
+def pick(runs: pd.DataFrame, seeds: Iterable[int], metric: str = "test_acc") -> SeedValues:
     """Per seed, the latest finished run; a seed without one says why (its latest run's status, or not run).
 
     A cell never mixes method code: only runs with the method_hash of its latest finished run count; a seed
-    finished only by other code shows as "other method code" (rerun the suite to retrain it).
+    finished only by other code shows as "other method code" (rerun the suite to retrain it). `metric`: the
+    run column to take from the runs so chosen (another measure than accuracy: "not logged" where it is nan).
     """
     values, missing = {}, {}
     if "method_hash" not in runs:
         runs = runs.assign(method_hash="")
-    finished = runs[(runs.status == "FINISHED") & runs.test_acc.notna()]
+    finished = runs[(runs.status == RunStatus.FINISHED) & runs.test_acc.notna()]
     code = finished.sort_values("start_time", kind="stable").iloc[-1].method_hash if len(finished) else None
     for seed in sorted(set(seeds) | set(runs.seed)):
         mine = runs[runs.seed == seed]
-        done = mine[(mine.status == "FINISHED") & mine.test_acc.notna()]
+        done = mine[(mine.status == RunStatus.FINISHED) & mine.test_acc.notna()]
         if len(done) and not len(done[done.method_hash == code]):
             missing[seed] = "other method code"
             continue
         done = done[done.method_hash == code]
-        if len(done):
-            values[seed] = float(done.iloc[-1].test_acc)
+        if len(done) and math.isnan(done.iloc[-1][metric]):
+            missing[seed] = "not logged"
+        elif len(done):
+            values[seed] = float(done.iloc[-1][metric])
         elif len(mine):
             missing[seed] = mine.sort_values("start_time", kind="stable").iloc[-1].reason or "no test_acc"
         else:
             missing[seed] = "not run"
     protocol = "; ".join(sorted(set(runs.protocol) - {""}))
-    return Cell(values, missing, protocol)
+    return SeedValues(values, missing, protocol)
 
 
-def teacher_cell(runs: pd.DataFrame, teacher: str) -> Cell:
+def teacher_cell(runs: pd.DataFrame, teacher: str, metric: str = "test_acc") -> SeedValues:
     mine = runs[(runs.role == "teacher") & (runs.teacher == teacher)].sort_values("start_time", kind="stable")
-    return pick(mine, [])
+    return pick(mine, [], metric)
 
 
-def student_cell(runs: pd.DataFrame, label: str, teacher: str, student: str, seeds: Iterable[int]) -> Cell:
+def student_cell(runs: pd.DataFrame, label: str, teacher: str, student: str, seeds: Iterable[int],
+                 metric: str = "test_acc") -> SeedValues:
     """A method's cell for a pair: its distilled runs, or the student-alone runs shared by every pair."""
     mine = runs[(runs.role == "student") & (runs.method == label) & (runs.student == student)
                 & runs.pair.isin([f"{teacher}->{student}", ""])].sort_values("start_time", kind="stable")
-    return pick(mine, seeds)
+    return pick(mine, seeds, metric)
 
 
 COMPARISON_COLUMNS = ["row", "method", "role", "teacher", "student", "gap", "n", "mean", "std", "ci_low", "ci_high",
@@ -185,7 +186,7 @@ COMPARISON_COLUMNS = ["row", "method", "role", "teacher", "student", "gap", "n",
 REFERENCES = ("delta", "kd")
 
 
-def comparison_frame(runs: pd.DataFrame, layout: Layout) -> pd.DataFrame:
+def comparison_frame(runs: pd.DataFrame, scope: ReportScope) -> pd.DataFrame:
     """The comparison table in long form: one row per (row of the table, pair).
 
     Every paired test of the table (both references, every method and pair) is one family for Holm's correction:
@@ -193,7 +194,7 @@ def comparison_frame(runs: pd.DataFrame, layout: Layout) -> pd.DataFrame:
     """
     records = []
 
-    def add(row: str, role: str, pair: PairInfo, cell: Cell, refs: dict[str, Paired], teacher: Cell):
+    def add(row: str, role: str, pair: PairInfo, cell: SeedValues, refs: dict[str, Paired], teacher: SeedValues):
         record = {"row": row, "method": row if role == "student" else "", "role": role, "teacher": pair.teacher,
                   "student": pair.student, "gap": pair.gap, "n": cell.n, "mean": cell.mean, "std": cell.std,
                   "ci_low": cell.ci[0], "ci_high": cell.ci[1], "seeds": " ".join(map(str, sorted(cell.values))),
@@ -206,18 +207,18 @@ def comparison_frame(runs: pd.DataFrame, layout: Layout) -> pd.DataFrame:
                            f"{ref}_ci_high": d.ci_high, f"{ref}_p": d.p})
         records.append(record)
 
-    for pair in layout.pairs:
+    for pair in scope.pairs:
         teacher = teacher_cell(runs, pair.teacher)
         add(TEACHER, "teacher", pair, teacher, {}, teacher)
-        base = (student_cell(runs, layout.baseline, pair.teacher, pair.student, layout.seeds) if layout.baseline
+        base = (student_cell(runs, scope.baseline, pair.teacher, pair.student, scope.seeds) if scope.baseline
                 else None)
-        kd = student_cell(runs, layout.kd, pair.teacher, pair.student, layout.seeds) if layout.kd else None
-        for label in layout.methods:
-            cell = student_cell(runs, label, pair.teacher, pair.student, layout.seeds)
+        kd = student_cell(runs, scope.kd, pair.teacher, pair.student, scope.seeds) if scope.kd else None
+        for label in scope.methods:
+            cell = student_cell(runs, label, pair.teacher, pair.student, scope.seeds)
             refs = {}
-            if base is not None and label != layout.baseline:
+            if base is not None and label != scope.baseline:
                 refs["delta"] = Paired.of(cell.values, base.values)
-            if kd is not None and label not in (layout.kd, layout.baseline):
+            if kd is not None and label not in (scope.kd, scope.baseline):
                 refs["kd"] = Paired.of(cell.values, kd.values)
             add(label, "student", pair, cell, refs, teacher)
     table = pd.DataFrame(records, columns=COMPARISON_COLUMNS)
@@ -231,14 +232,14 @@ def comparison_frame(runs: pd.DataFrame, layout: Layout) -> pd.DataFrame:
     return table
 
 
-def cost_frame(runs: pd.DataFrame, layout: Layout) -> pd.DataFrame:
+def cost_frame(runs: pd.DataFrame, scope: ReportScope) -> pd.DataFrame:
     """Per job kind (a teacher, a method on a pair, the student alone): runs, accuracy, time, speed, passes."""
-    groups = [("teacher", TEACHER, t, "") for t in dict.fromkeys(p.teacher for p in layout.pairs)]
-    for label in layout.methods:
-        for pair in layout.pairs:
+    groups = [("teacher", TEACHER, t, "") for t in dict.fromkeys(p.teacher for p in scope.pairs)]
+    for label in scope.methods:
+        for pair in scope.pairs:
             alone = runs[(runs.role == "student") & (runs.method == label) & (runs.student == pair.student)
                          & (runs.pair == "")]
-            key = ("student", label, "" if len(alone) or label == layout.baseline else pair.teacher, pair.student)
+            key = ("student", label, "" if len(alone) or label == scope.baseline else pair.teacher, pair.student)
             if key not in groups:
                 groups.append(key)
     others = runs[~runs.role.isin(["teacher", "student"])]  # e.g. assistants, where a method trains them
@@ -254,7 +255,7 @@ def cost_frame(runs: pd.DataFrame, layout: Layout) -> pd.DataFrame:
             pair = f"{teacher}->{student}" if teacher else ""
             mine = runs[(runs.role == "student") & (runs.method == label) & (runs.student == student)
                         & (runs.pair == pair)]
-        done = mine[mine.status == "FINISHED"]
+        done = mine[mine.status == RunStatus.FINISHED]
         timed = done[done.wall_time.notna()]
         status = "ok" if len(done) else (", ".join(dict.fromkeys(mine.reason)) if len(mine) else "not run")
         if len(done) and not len(timed):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from kdbench.tracking import RunStatus
+
 CURVE_METRICS = {"val_acc": "validation accuracy (%)", "test_acc": "test accuracy (%)",
                  "train_loss": "training loss (log scale)"}
 CURVE_COLUMNS = ["role", "model", "seed", "run_id", "metric", "epoch", "value"]
@@ -17,7 +19,7 @@ CURVE_COLUMNS = ["role", "model", "seed", "run_id", "metric", "epoch", "value"]
 def curves_frame(client, runs: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
     """Per-epoch history of every finished teacher run and every run of the student alone (all seeds)."""
     alone = (runs.role == "student") & (runs.method == baseline)  # not the reference run: it is their seed 0
-    chosen = runs[runs.status.isin(["FINISHED", "COLLAPSED"]) & ((runs.role == "teacher") | alone)]
+    chosen = runs[runs.status.isin([RunStatus.FINISHED, RunStatus.COLLAPSED]) & ((runs.role == "teacher") | alone)]
     rows = []
     for _, run in chosen.iterrows():
         model = run.teacher if run.role == "teacher" else run.student
@@ -32,7 +34,7 @@ def curves_frame(client, runs: pd.DataFrame, baseline: str | None) -> pd.DataFra
                 .reset_index(drop=True)
 
 
-def curves_figure(curves: pd.DataFrame, layout):
+def curves_figure(curves: pd.DataFrame, scope):
     """One panel per metric; a line per teacher and per seed of the student alone, the student's dashed."""
     import matplotlib
     from matplotlib.figure import Figure
@@ -42,7 +44,7 @@ def curves_figure(curves: pd.DataFrame, layout):
     fig = Figure(figsize=(4 * len(metrics), 3.9), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     teachers = set(curves[curves.role == "teacher"].model)
-    in_suite = [p.teacher for p in sorted(layout.pairs, key=lambda p: p.gap)]  # growing capacity
+    in_suite = [p.teacher for p in sorted(scope.pairs, key=lambda p: p.gap)]  # growing capacity
     models = [t for t in dict.fromkeys(in_suite) if t in teachers] + sorted(teachers - set(in_suite)) + \
         list(dict.fromkeys(curves[curves.role != "teacher"].model))
     colours = matplotlib.colormaps["viridis"]
@@ -52,7 +54,7 @@ def curves_figure(curves: pd.DataFrame, layout):
             student = model not in teachers
             colour = "black" if student else colours(i / max(len(models) - 1, 1) * 0.85)
             for j, (_, run) in enumerate(points[points.model == model].groupby("run_id", sort=False)):
-                name = layout.name(model) + (" (student alone, each seed)" if student else " (teacher)")
+                name = scope.name(model) + (" (student alone, each seed)" if student else " (teacher)")
                 ax.plot(run.epoch, run.value, color=colour, linestyle="--" if student else "-",
                         linewidth=1.0 if student else 1.6, marker="." if len(run) < 30 else None,
                         label=name if j == 0 else None)
@@ -68,5 +70,5 @@ def curves_figure(curves: pd.DataFrame, layout):
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize="small",
                frameon=False)
-    fig.suptitle(f"{layout.dataset}: learning curves of the teachers and of the student trained alone")
+    fig.suptitle(f"{scope.dataset}: learning curves of the teachers and of the student trained alone")
     return fig

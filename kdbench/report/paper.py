@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 import pandas as pd
 from kdbench.report.format import DASH, latex_escape, latex_table, markdown_table, number, spread
-from kdbench.report.cells import TEACHER, Cell, Layout, student_cell, teacher_cell
+from kdbench.report.cells import TEACHER, ReportScope, SeedValues, student_cell, teacher_cell
 from kdbench.config.schema import ReferenceConfig, Suite
 from kdbench.config.reference import read_reference
 
@@ -21,23 +21,23 @@ PAPER_COLUMNS = ["dataset", "paper_teacher", "paper_student", "paper_method", "p
                  "n", "mean", "std", "seeds", "values", "diff", "status", "note", "protocol"]
 
 
-def to_metric(cell: Cell, ref: ReferenceConfig) -> Cell:
+def to_metric(cell: SeedValues, ref: ReferenceConfig) -> SeedValues:
     if ref.metric == "test_errors":  # errors are whole images: accuracy x test size is exact up to rounding
         return cell.map(lambda acc: float(round(ref.test_images * (100 - acc) / 100)))
     return cell
 
 
-def paper_frame(suite: Suite, suite_path: Path, runs: pd.DataFrame, layout: Layout) -> pd.DataFrame:
+def paper_frame(suite: Suite, suite_path: Path, runs: pd.DataFrame, scope: ReportScope) -> pd.DataFrame:
     """One row per published number: the paper's value, ours (mean, sd, n per seed) and ours minus the paper's."""
     ref = suite.reference
-    students = set(layout.students)
-    pairs = {(p.teacher, p.student) for p in layout.pairs}
+    students = set(scope.students)
+    pairs = {(p.teacher, p.student) for p in scope.pairs}
     records = []
     for _, row in read_reference(suite_path, ref).iterrows():
         teacher, student = ref.models.get(row.teacher), ref.models.get(row.student)
         label = ref.methods.get(row.method)
         cell, why = None, ""
-        needed = {TEACHER: [row.teacher], layout.baseline: [row.student]}.get(label, [row.teacher, row.student])
+        needed = {TEACHER: [row.teacher], scope.baseline: [row.student]}.get(label, [row.teacher, row.student])
         absent = [name for name in needed if ref.models.get(name) is None]
         if row.dataset != suite.data.dataset:
             why = f"other dataset: {row.dataset}"
@@ -46,18 +46,18 @@ def paper_frame(suite: Suite, suite_path: Path, runs: pd.DataFrame, layout: Layo
         elif absent:
             why = f"{absent[0]} not in our zoo"
         elif label == TEACHER:
-            if teacher in {p.teacher for p in layout.pairs}:
+            if teacher in {p.teacher for p in scope.pairs}:
                 cell = teacher_cell(runs, teacher)
             else:
                 why = f"teacher {teacher} not in suite"
-        elif label not in layout.methods:
+        elif label not in scope.methods:
             why = f"{label} not in suite"
-        elif label == layout.baseline and student not in students:
+        elif label == scope.baseline and student not in students:
             why = f"student {student} not in suite"
-        elif label != layout.baseline and (teacher, student) not in pairs:
+        elif label != scope.baseline and (teacher, student) not in pairs:
             why = "pair not in suite"
         else:
-            cell = student_cell(runs, label, teacher, student, layout.seeds)
+            cell = student_cell(runs, label, teacher, student, scope.seeds)
         if cell is not None:
             cell = to_metric(cell, ref)
             why = "ok" if cell.n else cell.reason

@@ -4,16 +4,18 @@ of kdbench.tracking.
 
 from __future__ import annotations
 import math
-from pathlib import Path
 import pandas as pd
 from kdbench import KdbenchError
-from kdbench.tracking import TAG, check_tracking, tracking_uri
+from kdbench.tracking import (DIVERGED, SUITE_ROLE, TEACHER_FAILED, JobTags, RunEnd, RunStatus, SuiteTags,
+                              check_store_exists, tag, tracking_uri)
 
 
 PASSES = ("teacher_forward", "teacher_backward", "student_forward", "student_backward")
+# The measures beyond accuracy (kdbench.train.measures), test split, last epoch; nan where a run did not log one.
+MEASURES = ("agreement", "kl", "ece", "nll", "brier")
 RUN_COLUMNS = ["run_id", "role", "method", "method_name", "teacher", "student", "pair", "seed", "status", "reason",
                "failure", "protocol", "reused", "method_hash", "epochs", "test_acc", "wall_time", "images_per_sec",
-               *PASSES, "start_time"]
+               *PASSES, *(f"test_{m}" for m in MEASURES), "start_time"]
 
 
 # ---------------------------------------------------------------------------------------------- MLflow
@@ -23,11 +25,7 @@ def open_client(uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
     uri = uri or tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise KdbenchError(f"no MLflow store at {uri[len('sqlite:///'):]} (MLFLOW_TRACKING_URI={uri}): "
-                           f"run the suite first, or point MLFLOW_TRACKING_URI at the store that has it")
-    if not uri.startswith("sqlite:///"):
-        check_tracking(uri)  # a server that does not answer: one line now, not minutes of retries
+    check_store_exists(uri, "run the suite first, or point MLFLOW_TRACKING_URI at the store that has it")
     return MlflowClient(uri)
 
 
@@ -45,20 +43,19 @@ def find_parent(client, suite_name: str, run_id: str | None = None, plan_hash: s
             run = client.get_run(run_id)
         except MlflowException:
             raise KdbenchError(f"--run {run_id}: no such run in {where}") from None
-        role = run.data.tags.get(f"{TAG}role")
-        if role != "suite":
+        role = run.data.tags.get(tag("role"))
+        if role != SUITE_ROLE:
             raise KdbenchError(f"--run {run_id}: not a suite's parent run (its role is {role or 'unset'}); "
                                f"pass the parent run's id")
-        if run.data.tags.get(f"{TAG}suite") != suite_name:
-            raise KdbenchError(f"--run {run_id}: a run of suite '{run.data.tags.get(f'{TAG}suite')}', "
-                               f"not of '{suite_name}'")
+        if (ran := SuiteTags.from_tags(run.data.tags).suite) != suite_name:
+            raise KdbenchError(f"--run {run_id}: a run of suite '{ran}', not of '{suite_name}'")
         if plan_hash and plan_of(run) != plan_hash:
             notice(f"reporting run {run_id} as asked; it ran another version of the suite (or other --methods, "
                    f"--seeds, --epochs) than the suite file is now")
         return run
     exp = client.get_experiment_by_name(suite_name)
     runs = [] if exp is None else client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`{TAG}role` = 'suite'",
+        [exp.experiment_id], filter_string=f"tags.`{tag('role')}` = '{SUITE_ROLE}'",
         order_by=["attributes.start_time DESC"], max_results=1000)
     if not runs:
         raise KdbenchError(f"suite '{suite_name}' has no runs in {where}: run it first (kdbench run SUITE)")
@@ -67,8 +64,9 @@ def find_parent(client, suite_name: str, run_id: str | None = None, plan_hash: s
     matching = [r for r in runs if plan_of(r) == plan_hash]
     if not matching:
         notice(f"no run of suite '{suite_name}' as its file is now (plan {plan_hash}); reporting the latest run "
-               f"{runs[0].info.run_id} (plan {plan_of(runs[0]) or 'unknown'}), of another version of the suite or "
-               f"made with --methods, --seeds or --epochs: run the suite again, or pass --run to choose")
+               f"{runs[0].info.run_id} (plan {plan_of(runs[0]) or 'unknown'}), of another version of the suite, made "
+               f"with --methods, --seeds or --epochs, or by a kdbench with other job keys (before the jobs' runtime "
+               f"entered them): run the suite again, or pass --run to choose")
         return runs[0]
     if matching[0] is not runs[0]:
         notice(f"reporting run {matching[0].info.run_id}, the latest of the suite as its file is now; the newer run "
@@ -78,42 +76,40 @@ def find_parent(client, suite_name: str, run_id: str | None = None, plan_hash: s
 
 def plan_of(parent) -> str:
     """The data-free plan hash a parent run was made with (older runs: their plan hash)."""
-    tags = parent.data.tags
-    return tags.get(f"{TAG}suite_plan") or tags.get(f"{TAG}plan", "")
+    return SuiteTags.from_tags(parent.data.tags).report_plan
 
 
 def failure_reason(status: str, failure: str) -> str:
     """Why a run has no number, in a word or two (the full message is in the run's kdbench.failure tag)."""
-    if status == "FINISHED":
+    if status == RunStatus.FINISHED:
         return ""
-    if status == "COLLAPSED":
+    if status == RunStatus.COLLAPSED:
         return "collapsed"
-    if status == "FAILED":
-        if failure.startswith("diverged"):
+    if status == RunStatus.FAILED:
+        if failure.startswith(DIVERGED):
             return "diverged"
-        if failure.startswith("its teacher failed"):
+        if failure.startswith(TEACHER_FAILED):
             return "teacher failed"
         return "failed"
-    return {"KILLED": "killed", "RUNNING": "running", "SCHEDULED": "running"}.get(status, status.lower())
+    return {RunStatus.KILLED: "killed", RunStatus.RUNNING: "running",
+            RunStatus.SCHEDULED: "running"}.get(status, status.lower())
 
 
 def run_record(client, run) -> dict:
-    tags, metrics = run.data.tags, run.data.metrics
-    finished = run.info.status == "FINISHED"
+    job, ended, metrics = JobTags.from_tags(run.data.tags), RunEnd.of(run), run.data.metrics
+    finished = ended.status == RunStatus.FINISHED
     # A finished run that collapsed (chance accuracy, a loss that never fell) has no number: shown as a dash
     # with its reason, as a failed run is, and never part of a mean.
-    status = "COLLAPSED" if finished and tags.get(f"{TAG}collapsed") else run.info.status
+    status = ended.report_status
     history = client.get_metric_history(run.info.run_id, "test_acc") if finished else []
     rates = [m.value for m in client.get_metric_history(run.info.run_id, "images_per_sec")] if finished else []
-    failure = tags.get(f"{TAG}failure", "") or tags.get(f"{TAG}collapsed", "")
+    failure = ended.why
     return {
-        "run_id": run.info.run_id, "role": tags.get(f"{TAG}role", ""), "method": tags.get(f"{TAG}method", ""),
-        "method_name": tags.get(f"{TAG}method_name", ""), "teacher": tags.get(f"{TAG}teacher", ""),
-        "student": tags.get(f"{TAG}student", ""), "pair": tags.get(f"{TAG}pair", ""),
-        "seed": int(tags.get(f"{TAG}seed", "-1")), "status": status,
+        "run_id": run.info.run_id, "role": job.role, "method": job.method, "method_name": job.method_name,
+        "teacher": job.teacher, "student": job.student, "pair": job.pair, "seed": job.seed, "status": status,
         "reason": failure_reason(status, failure),
         "failure": failure.strip().splitlines()[-1] if failure else "",  # a traceback's last line says what
-        "protocol": tags.get(f"{TAG}protocol", ""), "reused": tags.get(f"{TAG}reused", "") == "true",
+        "protocol": job.protocol, "reused": job.reused,
         "method_hash": run.data.params.get("method_hash", ""),
         "epochs": max((m.step for m in history), default=math.nan),
         # The headline: the test accuracy of the last epoch (the latest step), never the best epoch.
@@ -121,6 +117,9 @@ def run_record(client, run) -> dict:
         "wall_time": metrics.get("wall_time", math.nan),
         "images_per_sec": sum(rates) / len(rates) if rates else math.nan,
         **{p: metrics.get(p, math.nan) for p in PASSES},
+        # test_loss has always been the NLL: runs logged before test_nll existed keep that number.
+        **{f"test_{m}": metrics.get(f"test_{m}", metrics.get("test_loss", math.nan) if m == "nll" else math.nan)
+           for m in MEASURES},
         "start_time": run.info.start_time,
     }
 

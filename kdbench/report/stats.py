@@ -13,6 +13,15 @@ CONFIDENCE = 0.95
 ALPHA = 1 - CONFIDENCE
 
 
+def sample_std(values: list[float]) -> float:
+    """Standard deviation over seeds with Bessel's correction (n - 1); undefined (nan) below two values."""
+    n = len(values)
+    if n < 2:
+        return math.nan
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
 def mean_ci(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
     """The two-sided t interval of the mean; (nan, nan) for fewer than two values or no spread to speak of."""
     from scipy import stats
@@ -21,8 +30,7 @@ def mean_ci(values: list[float], confidence: float = CONFIDENCE) -> tuple[float,
     if n < 2:
         return math.nan, math.nan
     mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sample_std(values) / math.sqrt(n)
     return mean - half, mean + half
 
 
@@ -44,7 +52,7 @@ class Paired:
         diffs = [values[s] - reference[s] for s in seeds]
         n = len(diffs)
         mean = sum(diffs) / n if n else math.nan
-        std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else math.nan
+        std = sample_std(diffs)
         low, high = mean_ci(diffs)
         p = math.nan
         if n > 1 and std > 0:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 import math
 import pandas as pd
-from kdbench.report.cells import Layout, TEACHER
+from kdbench.report.cells import TEACHER, ReportScope
 from kdbench.report.format import DASH, interval, latex_escape, latex_table, markdown_table, number, p_value, spread
 from kdbench.report.runs import PASSES
 
@@ -38,14 +38,14 @@ def row_title(row: str, baseline: str | None) -> str:
     return f"{row} (student alone)" if row == baseline else row
 
 
-def comparison_markdown(table: pd.DataFrame, layout: Layout) -> str:
+def comparison_markdown(table: pd.DataFrame, scope: ReportScope) -> str:
     pairs = list(dict.fromkeys(zip(table.teacher, table.student)))
     header = ["method"] + [pair_header(t, s) for t, s in pairs]
     gaps = table.drop_duplicates(["teacher", "student"]).gap
     rows = [["capacity gap (params)"] + [f"{g:.1f}×" for g in gaps]]
     for row in dict.fromkeys(table.row):
         cells = table[table.row == row]
-        rows.append([row_title(row, layout.baseline)] + [md_cell(r, layout.baseline) for _, r in cells.iterrows()])
+        rows.append([row_title(row, scope.baseline)] + [md_cell(r, scope.baseline) for _, r in cells.iterrows()])
     text = markdown_table(header, rows, "l" + "r" * len(pairs))
     text += ("\nLast-epoch test accuracy (%), mean ± standard deviation over seeds [95 % confidence interval of the "
              "mean, t distribution] (n seeds); Δ: difference to the student alone, paired by seed, with its 95 % "
@@ -68,68 +68,68 @@ def tex_cell(r, baseline: str | None) -> str:
     return text + (r"$^\dagger$" if r.protocol else "")
 
 
-def comparison_latex(table: pd.DataFrame, layout: Layout) -> str:
+def comparison_latex(table: pd.DataFrame, scope: ReportScope) -> str:
     pairs = list(dict.fromkeys(zip(table.teacher, table.student)))
     header = ["method"] + [latex_escape(pair_header(t, s)) for t, s in pairs]
     rows = []
     for row in dict.fromkeys(table.row):
         cells = table[table.row == row]
-        rows.append([latex_escape(row_title(row, layout.baseline))] + [tex_cell(r, layout.baseline)
-                                                                        for _, r in cells.iterrows()])
-    caption = (f"{latex_escape(layout.suite)}: last-epoch test accuracy (\\%), mean $\\pm$ standard deviation over "
+        rows.append([latex_escape(row_title(row, scope.baseline))] + [tex_cell(r, scope.baseline)
+                                                                       for _, r in cells.iterrows()])
+    caption = (f"{latex_escape(scope.suite)}: last-epoch test accuracy (\\%), mean $\\pm$ standard deviation over "
                "seeds (number of seeds); small: difference to the student alone, paired by seed; bold: best.")
     return latex_table(header, rows, "l" + "r" * len(pairs), caption)
 
 
-def difference_rows(table: pd.DataFrame, layout: Layout) -> pd.DataFrame:
+def difference_rows(table: pd.DataFrame, scope: ReportScope) -> pd.DataFrame:
     """The rows of the differences table: every method on every pair except the student alone."""
-    return table[(table.role == "student") & (table.row != layout.baseline)]
+    return table[(table.role == "student") & (table.row != scope.baseline)]
 
 
-def differences_caption(table: pd.DataFrame, layout: Layout) -> str:
+def differences_caption(table: pd.DataFrame, scope: ReportScope) -> str:
     tests = int(table.delta_p.notna().sum() + table.kd_p.notna().sum())
-    kd = f" and against vanilla KD (`{layout.kd}`)" if layout.kd else ""
-    return (f"Each method against the student alone (`{layout.baseline}`){kd}: mean difference in last-epoch test "
+    kd = f" and against vanilla KD (`{scope.kd}`)" if scope.kd else ""
+    return (f"Each method against the student alone (`{scope.baseline}`){kd}: mean difference in last-epoch test "
             f"accuracy (percentage points), paired by seed, with its 95 % t interval; p: two-sided paired t-test "
             f"(scipy); p (Holm): adjusted for the {tests} tests of this table (Holm's step-down correction); *: "
             f"p (Holm) < 0.05. A dash: fewer than two paired seeds, or no spread to test.")
 
 
-def differences_markdown(table: pd.DataFrame, layout: Layout) -> str:
+def differences_markdown(table: pd.DataFrame, scope: ReportScope) -> str:
     header = ["pair", "method", "n", "Δ vs student alone [95 % CI]", "p", "p (Holm)"]
-    if layout.kd:
+    if scope.kd:
         header += ["Δ vs KD [95 % CI]", "p", "p (Holm)"]
     rows = []
-    for _, r in difference_rows(table, layout).iterrows():
+    for _, r in difference_rows(table, scope).iterrows():
         row = [pair_header(r.teacher, r.student), r.row, str(r.delta_n or r.n)]
-        for ref in ("delta", "kd") if layout.kd else ("delta",):
+        for ref in ("delta", "kd") if scope.kd else ("delta",):
             if r[f"{ref}_n"]:
                 row += [delta_text(r, ref), p_value(r[f"{ref}_p"]), p_value(r[f"{ref}_p_holm"])]
             else:
                 row += [DASH, DASH, DASH]
         rows.append(row)
-    text = markdown_table(header, rows, "llr" + "rrr" * (2 if layout.kd else 1))
-    return text + "\n" + differences_caption(table, layout) + "\n"
+    text = markdown_table(header, rows, "llr" + "rrr" * (2 if scope.kd else 1))
+    return text + "\n" + differences_caption(table, scope) + "\n"
 
 
-def by_gap_markdown(table: pd.DataFrame, layout: Layout) -> str:
+def by_gap_markdown(table: pd.DataFrame, scope: ReportScope) -> str:
     """The differences table turned into the study's answer: a method per row, a pair per column (growing gap),
     each cell a method's paired difference to vanilla KD (and, in a second table, to the student alone)."""
     pairs = list(dict.fromkeys(zip(table.teacher, table.student)))
     gaps = table.drop_duplicates(["teacher", "student"]).gap.tolist()
-    header = ["method"] + [f"{layout.name(t)} ({g:.1f}×)" for (t, _), g in zip(pairs, gaps)]
-    rows = difference_rows(table, layout)
+    header = ["method"] + [f"{scope.name(t)} ({g:.1f}×)" for (t, _), g in zip(pairs, gaps)]
+    rows = difference_rows(table, scope)
     parts = []
-    for ref, against in (("kd", f"vanilla KD (`{layout.kd}`)"), ("delta", f"the student alone (`{layout.baseline}`)")):
-        if ref == "kd" and not layout.kd:
+    for ref, against in (("kd", f"vanilla KD (`{scope.kd}`)"), ("delta", f"the student alone (`{scope.baseline}`)")):
+        if ref == "kd" and not scope.kd:
             continue
         body = []
         for method in dict.fromkeys(rows.row):
-            if ref == "kd" and method == layout.kd:
+            if ref == "kd" and method == scope.kd:
                 continue
             cells = rows[rows.row == method]
-            body.append([layout.name(method)] + [delta_text(r, ref) if r[f"{ref}_n"] else DASH
-                                                 for _, r in cells.iterrows()])
+            body.append([scope.name(method)] + [delta_text(r, ref) if r[f"{ref}_n"] else DASH
+                                                for _, r in cells.iterrows()])
         parts.append(f"Against {against}: percentage points, teacher (capacity gap) per column\n\n"
                      + markdown_table(header, body, "l" + "r" * len(pairs)))
     note = ("\nMean paired difference in last-epoch test accuracy [95 % t interval]; *: significant after Holm's "
@@ -138,21 +138,21 @@ def by_gap_markdown(table: pd.DataFrame, layout: Layout) -> str:
     return "\n".join(parts) + note
 
 
-def differences_latex(table: pd.DataFrame, layout: Layout) -> str:
+def differences_latex(table: pd.DataFrame, scope: ReportScope) -> str:
     header = ["pair", "method", "$n$", r"$\Delta$ alone [95\% CI]", r"$p_\mathrm{Holm}$"]
-    if layout.kd:
+    if scope.kd:
         header += [r"$\Delta$ KD [95\% CI]", r"$p_\mathrm{Holm}$"]
     rows = []
-    for _, r in difference_rows(table, layout).iterrows():
+    for _, r in difference_rows(table, scope).iterrows():
         row = [latex_escape(pair_header(r.teacher, r.student)), latex_escape(r.row), str(r.delta_n or r.n)]
-        for ref in ("delta", "kd") if layout.kd else ("delta",):
+        for ref in ("delta", "kd") if scope.kd else ("delta",):
             if r[f"{ref}_n"]:
                 row += [latex_escape(delta_text(r, ref)).replace("*", r"$^*$"), latex_escape(p_value(r[f"{ref}_p_holm"]))]
             else:
                 row += ["--", "--"]
         rows.append(row)
-    caption = latex_escape(differences_caption(table, layout).replace("`", ""))
-    return latex_table(header, rows, "llr" + "rr" * (2 if layout.kd else 1), caption)
+    caption = latex_escape(differences_caption(table, scope).replace("`", ""))
+    return latex_table(header, rows, "llr" + "rr" * (2 if scope.kd else 1), caption)
 
 
 def cost_markdown(cost: pd.DataFrame) -> str:

@@ -2,7 +2,7 @@
 cache), how it reports progress, and how Ctrl-C and SIGTERM ask the running job to stop.
 
 A `JobContext` is plain, picklable settings; whatever a process builds from them lives in
-`ctx.local`, made on first use in that process and never pickled.
+`ctx.local` (a `ProcessCache`), made on first use in that process and never pickled.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
+import torch
 from rich.console import Console
-from kdbench import Stopped
+from kdbench import KdbenchError, Stopped
 from kdbench.storage.claims import Claim
 from kdbench.data.batches import DeviceData
 from kdbench.data.sources import load_splits
@@ -74,8 +75,35 @@ class StopRequest:
                 signal.signal(s, handler)
 
 
+@contextmanager
+def job_runtime(runtime: dict[str, Any], device: torch.device):
+    """torch set to a job's runtime (plan.runtime_config, part of its key) while it runs, then put back: the one
+    place every executor's jobs get their threads and deterministic settings, so a key means one set of numbers."""
+    if runtime["device"] != device.type:  # the plan was keyed for another device than this worker's
+        raise KdbenchError(f"job keyed for {runtime['device']} runs on {device.type}: plan with Plan.for_runtime")
+    cudnn, fill = torch.backends.cudnn, torch.utils.deterministic
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), fill.fill_uninitialized_memory,
+              torch.get_float32_matmul_precision(), cudnn.deterministic, cudnn.benchmark)
+    if "threads" in runtime:
+        torch.set_num_threads(runtime["threads"])
+    # CPU: raises on the few ops without a deterministic kernel instead of giving other numbers; free otherwise
+    # (torch.empty is not NaN-filled: that would cost a pass over every new tensor).
+    torch.use_deterministic_algorithms(runtime.get("deterministic_algorithms", False))
+    fill.fill_uninitialized_memory = False
+    torch.set_float32_matmul_precision(runtime["matmul_precision"])
+    cudnn.deterministic = runtime.get("cudnn_deterministic", False)
+    cudnn.benchmark = runtime.get("cudnn_benchmark", False)
+    try:
+        yield
+    finally:
+        threads, deterministic, fill.fill_uninitialized_memory, precision, cudnn.deterministic, cudnn.benchmark = before
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_float32_matmul_precision(precision)
+
+
 @dataclass
-class Local:
+class ProcessCache:
     """What one process builds from a JobContext; set fields to share objects the caller already has."""
 
     opts: EngineOptions | None = None
@@ -88,7 +116,7 @@ class Local:
     claim: Claim | None = None  # the running job's claim
 
 
-_LAST_LOCAL: tuple[str, Local] | None = None  # this process's unpickled contexts' Local, one suite at a time
+_LAST_CACHE: tuple[str, ProcessCache] | None = None  # what unpickled contexts share in this process: one suite
 
 
 @dataclass
@@ -104,19 +132,19 @@ class JobContext:
     env: dict[str, str] = field(default_factory=dict)  # code version and environment, logged as params
     download: bool = False
     teacher_cache: bool = False  # share teacher outputs among logit-only methods
-    local: Local = field(default_factory=Local, repr=False, compare=False)
+    local: ProcessCache = field(default_factory=ProcessCache, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "local"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # A Ray worker unpickles the context once per task: it keeps the Local of the suite it last ran, so
+        # A Ray worker unpickles the context once per task: it keeps the ProcessCache of the suite it last ran, so
         # its data, MLflow client and teacher-output cache are built once per worker, not once per job.
-        global _LAST_LOCAL
+        global _LAST_CACHE
         key = repr(sorted(state.items()))
-        if _LAST_LOCAL is None or _LAST_LOCAL[0] != key:
-            _LAST_LOCAL = (key, Local())
-        self.__dict__.update(state, local=_LAST_LOCAL[1])
+        if _LAST_CACHE is None or _LAST_CACHE[0] != key:
+            _LAST_CACHE = (key, ProcessCache())
+        self.__dict__.update(state, local=_LAST_CACHE[1])
 
 
     @property

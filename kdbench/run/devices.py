@@ -4,10 +4,11 @@
 (`torchrun --nproc-per-node N -m kdbench.cli run SUITE` does the same); `--executor slurm --devices N` runs
 each job as an N-task SLURM job (submitit). Every job of the suite then trains on all N devices, one after
 another. The first process (rank 0) does all a job's bookkeeping as on one device: it claims the job, skips,
-reuses or resumes it, logs to MLflow and writes checkpoints and the model store. When it trains a job it sends
-the others the plan, the job and the checkpoint it resumes from; they build the same models (the teacher is
-replicated on every device, for its forward passes), train alongside it on their part of every batch
-(kdbench.train.parallel), and write nothing. When it is done with the suite it releases them.
+reuses or resumes it, logs to MLflow and writes checkpoints and the model store (`lead`, from kdbench.run.job).
+When it trains a job it sends the others the plan, the job and the checkpoint it resumes from; they build the same
+models (the teacher is replicated on every device, for its forward passes), train alongside it on their part of
+every batch (kdbench.train.parallel), and write nothing (kdbench.run.job.follow). When it is done with the suite it
+releases them.
 
 A stop request on any device (Ctrl-C, which reaches the processes once through torchrun; SIGTERM; a lost claim)
 stops all of them at the same step, the first one saving the checkpoint; the same command resumes the job, with
@@ -26,19 +27,14 @@ from pathlib import Path
 from typing import Callable, NoReturn
 
 import torch
-from rich.console import Console
 
 from kdbench import Interrupted, KdbenchError
 from kdbench.data.shard import shard_problem
 from kdbench.method import Method
 from kdbench.plan import Job, Plan
-from kdbench.registry import get_method
-from kdbench.run.build import build_guides, build_model, build_teacher, teacher_route
-from kdbench.run.context import JobContext, Local, Reporter, StopRequest
-from kdbench.storage.files import load_checkpoint
-from kdbench.tracking import TAG
+from kdbench.run.context import JobContext
+from kdbench.tracking import LayoutTags
 from kdbench.train import parallel
-from kdbench.train.engine import fit
 
 CHECK_EVERY = 1000  # steps between two comparisons of the devices' weights (the first step is always compared)
 LR_SCALING = "none: train.lr is the rate of the global batch train.batch_size, whatever the number of devices"
@@ -103,14 +99,51 @@ def leading():
     parallel.stop()  # leaving the group before exit: a process that exits inside it is aborted by its threads
 
 
-def follow_suite(store_root: Path, data_root: Path | None, device: str, download: bool, console: Console) -> None:
-    """`kdbench run` in a process other than the first: train what the first sends until it is done. Ctrl-C and
-    SIGTERM ask for a stop at the next step, which every device then agrees on."""
-    stop = StopRequest(console)
-    ctx = JobContext(parent_run="", tracking_uri="", store_root=store_root, data_root=data_root, device=device,
-                     compile=False, download=download, local=Local(reporter=Reporter(console), should_stop=stop))
-    with stop.installed():
-        follow(ctx)
+def devices_for_run(plan: Plan, executor: str, devices: int | None, compile: bool | None,
+                    teacher_cache: bool) -> int:
+    """How many devices each job trains on (--devices, or the processes torchrun started), refused in one line
+    where it cannot be: Ray, a batch that does not split, torch.compile, shared teacher outputs."""
+    launched = parallel.launched_world()
+    if devices is not None and devices < 1:
+        raise KdbenchError(f"--devices: expected a positive number of devices, got {devices}")
+    if launched > 1 and devices is not None and devices != launched:
+        raise KdbenchError(f"--devices {devices}: torchrun started {launched} processes; give the same number")
+    world = devices or launched
+    if plan.suite.data.loader == "stream" and teacher_cache:
+        raise KdbenchError("--teacher-cache: the shared teacher outputs need data held on the device; "
+                           f"{plan.suite_path} streams it (data.loader: stream)")
+    if world == 1:
+        return world
+    if executor == "ray" or (executor == "slurm" and launched > 1):
+        raise KdbenchError(f"--devices {world}: one job on several devices runs in-process (torchrun) or with "
+                           f"--executor slurm (started by kdbench, not by torchrun), not with --executor {executor}")
+    if compile:
+        raise KdbenchError("--compile: not with several devices yet (BatchNorm over the whole batch and the "
+                           "gradient averaging run eagerly); leave it out")
+    for job in plan.jobs:
+        if job.train.batch_size % world:
+            raise KdbenchError(f"{plan.suite_path}: field 'train.batch_size': {job.title} has batch_size "
+                               f"{job.train.batch_size}, which does not split over {world} devices (it is the "
+                               f"global batch: choose a multiple of {world})")
+    return world
+
+
+def layout_line(plan: Plan, world: int) -> str:
+    """What a dry run says of the batches' layout over `world` devices."""
+    sizes = sorted({j.train.batch_size for j in plan.jobs})
+    return (f"each job on {world} devices: " + "; ".join(f"global batch {b}, {b // world} per device" for b in sizes)
+            + "; learning rates as the suite gives them (not scaled: they are the global batch's)")
+
+
+def start_processes(suite: Path, world: int, device: str) -> str:
+    """`kdbench run --devices N` in-process: this command again as N processes under torchrun (this process becomes
+    torchrun: no return), unless torchrun started this one; then it joins their group. The device it trains on."""
+    if parallel.launched_world() > 1:
+        return join(device)
+    argv = sys.argv[1:]
+    if "run" not in argv or str(suite) not in argv:
+        raise KdbenchError("--devices: start `kdbench run` from a shell (or start it under torchrun yourself)")
+    launch(world, argv)  # only from a command line that names the suite
 
 
 # ---------------------------------------------------------------------------------------------- one job
@@ -150,12 +183,9 @@ def prepare(model: torch.nn.Module, teacher: torch.nn.Module | None, method: Met
     return StepWatch(local_stop, trained, method)
 
 
-def layout_tags(job: Job, world: int) -> dict[str, str]:
-    """How the job's batch is laid out over the devices, logged with its run (a frequent source of numbers that
-    cannot be reproduced is a global batch or learning rate that silently changes with the number of GPUs)."""
-    return {f"{TAG}devices": str(world), f"{TAG}global_batch": str(job.train.batch_size),
-            f"{TAG}per_device_batch": str(job.train.batch_size // world), f"{TAG}lr_scaling": LR_SCALING,
-            f"{TAG}batchnorm": "statistics over the whole batch (every device's part)"}
+def layout_tags(job: Job, world: int) -> LayoutTags:
+    return LayoutTags(world, job.train.batch_size, job.train.batch_size // world, LR_SCALING,
+                      "statistics over the whole batch (every device's part)")
 
 
 def lead(plan: Plan, job: Job, ctx: JobContext, run_id: str, resume_from: Path | None, model: torch.nn.Module,
@@ -168,38 +198,5 @@ def lead(plan: Plan, job: Job, ctx: JobContext, run_id: str, resume_from: Path |
         raise KdbenchError(f"{plan.suite_path}: {job.title}: {problem}")
     parallel.send((plan, job, str(resume_from) if resume_from is not None else None))
     watch = prepare(model, teacher, method, local_stop)
-    ctx.tracker.set_tags(run_id, layout_tags(job, group.world))
+    ctx.tracker.set_tags(run_id, layout_tags(job, group.world).to_tags())
     return watch
-
-
-def follow(ctx: JobContext) -> None:
-    """The other processes: train each job the first one sends, until it releases them; then leave the group."""
-    try:
-        while True:
-            message = parallel.receive()
-            if message is None:
-                return
-            plan, job, resume_from = message
-            try:
-                train_alongside(plan, job, ctx, Path(resume_from) if resume_from else None)
-            except KdbenchError:  # a diverged or failed job: the first process met the same, and records it
-                continue
-    finally:
-        parallel.stop()
-
-
-def train_alongside(plan: Plan, job: Job, ctx: JobContext, resume_from: Path | None) -> None:
-    """What kdbench.run.job trains on the first device, built and trained here in the same order, writing nothing."""
-    data, opts, store = ctx.data(plan), ctx.opts, ctx.store
-    model = build_model(job, data, opts)
-    teacher = build_teacher(plan, job, data, store, opts)
-    method_cls = get_method(job.method.method)
-    method = method_cls(job.config["method_params"], model, teacher, data.info.input_shape).to(opts.device)
-    needs = method_cls.needs(method.params)
-    resume = load_checkpoint(resume_from) if resume_from is not None else None
-    watch = prepare(model, teacher, method, ctx.local.should_stop or (lambda: False))
-    fit(model, method, teacher, data, job.train, job.augment, job.seed, opts,
-        eval_batch_size=plan.suite.eval_batch_size,
-        route=teacher_route(plan, job, store) if needs.route and job.teacher else None,
-        guides=build_guides(plan, job, teacher, data, store, opts) if needs.dense and teacher is not None else None,
-        resume=resume, should_stop=watch, combine=job.method.combine)

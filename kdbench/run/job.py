@@ -14,7 +14,7 @@ are skipped, a diverged one is not retried, an unfinished one resumes from its l
 from __future__ import annotations
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 import torch
 from kdbench import KdbenchError
@@ -22,19 +22,19 @@ from kdbench.run.build import build_guides, build_model, build_teacher, teacher_
 from kdbench.storage.claims import Claim
 from kdbench.data.batches import DeviceData
 from kdbench import Interrupted
-from kdbench.train.engine import Diverged, collapse_reason, fit
+from kdbench.train.engine import Diverged, Hooks, Provided, collapse_reason, fit
 from kdbench.plan import STORED_ROLES, Job, Plan
-from kdbench.registry import get_method
+from kdbench.method import Method
+from kdbench.modifier import modify
+from kdbench.registry import get_method, get_modifier
 from kdbench.storage.files import CorruptFile, load_checkpoint, save_checkpoint
 from kdbench.storage.store import ModelStore
 from kdbench.train.teacher_cache import TeacherCache
-from kdbench.tracking import TAG, Tracker, flatten
-from kdbench.run.context import JobContext
-from kdbench.run.devices import lead
+from kdbench.tracking import DIVERGED, JobTags, RunEnd, RunStatus, Tracker, flatten
+from kdbench.run.context import JobContext, ProcessCache, Reporter, StopRequest, job_runtime
+from kdbench.run.devices import lead, prepare
 from kdbench.train import parallel
 
-
-DIVERGED = "diverged: "  # prefix of the failure reason of a diverged job: deterministic, so never retried
 
 # JobResult.status
 FINISHED = "finished"  # trained now, or taken from the store
@@ -62,7 +62,8 @@ def run_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None = None) -
     ctx.local.claim = claim
     ctx.local.should_stop = lambda: outer() or claim.lost  # taken over (we stalled past the lease): stop, unfinished
     try:
-        return _claimed(plan, job, ctx, blocked)
+        with job_runtime(job.config["runtime"], ctx.opts.device):
+            return _run_claimed(plan, job, ctx, blocked)
     except Interrupted:
         if claim.lost:
             ctx.reporter.print(f"[yellow]lost the claim[/] on {job.title} to another worker; leaving it to them")
@@ -74,20 +75,19 @@ def run_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None = None) -
         claim.release()
 
 
-def _claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobResult:
+def _run_claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobResult:
     tracker, store, say = ctx.tracker, ctx.store, ctx.reporter.print
     parent = ctx.parent_run
     existing = tracker.job_run(parent, job.key)
-    if existing is not None and existing.info.status == "FINISHED":
-        collapsed = existing.data.tags.get(f"{TAG}collapsed")
-        return JobResult(job.key, COLLAPSED, collapsed) if collapsed else JobResult(job.key, SKIPPED)
-    reason = existing.data.tags.get(f"{TAG}failure", "") if existing is not None else ""
-    if existing is not None and existing.info.status == "FAILED" and reason.startswith(DIVERGED):
-        return JobResult(job.key, FAILED, reason)
+    ended = RunEnd.of(existing) if existing is not None else None
+    if ended is not None and ended.status == RunStatus.FINISHED:
+        return JobResult(job.key, COLLAPSED, ended.collapsed) if ended.collapsed else JobResult(job.key, SKIPPED)
+    if ended is not None and ended.diverged:  # deterministic: never retried
+        return JobResult(job.key, FAILED, ended.failure)
     run_id = existing.info.run_id if existing is not None else None
     if blocked:
         run_id = run_id or tracker.start_job(parent, job.title, job_tags(plan, job), job_params(plan, job, ctx))
-        tracker.end(run_id, "FAILED", blocked)
+        tracker.end(run_id, RunStatus.FAILED, blocked)
         return JobResult(job.key, FAILED, blocked)
     if job.role in STORED_ROLES and store.has(job.key) and _usable(job, ctx):
         return _log_stored(plan, job, ctx, run_id)
@@ -101,20 +101,20 @@ def _claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobR
         run_id, result = _train(plan, job, ctx, run_id)
     except Diverged as exc:
         why = f"{DIVERGED}{exc}"
-        tracker.end(run_id, "FAILED", why)
-        store.checkpoint_path(job.key).unlink(missing_ok=True)
+        tracker.end(run_id, RunStatus.FAILED, why)
+        store.drop_checkpoint(job.key)
         say(f"[red]diverged[/] {job.title}: {exc}")
         return JobResult(job.key, FAILED, why)
     except (Interrupted, KeyboardInterrupt):
         if ctx.local.claim is None or not ctx.local.claim.lost:  # a lost claim's run is its new owner's now
-            tracker.end(run_id, "KILLED", "interrupted: run the same command again to resume")
+            tracker.end(run_id, RunStatus.KILLED, "interrupted: run the same command again to resume")
         raise
     except KdbenchError as exc:
-        tracker.end(run_id, "FAILED", str(exc))
+        tracker.end(run_id, RunStatus.FAILED, str(exc))
         say(f"[red]failed[/] {job.title}: {exc}")
         return JobResult(job.key, FAILED, str(exc))
     except Exception as exc:  # a bug: record it with its traceback, go on with the other jobs
-        tracker.end(run_id, "FAILED", traceback.format_exc())
+        tracker.end(run_id, RunStatus.FAILED, traceback.format_exc())
         say(f"[red]failed[/] {job.title}:\n{traceback.format_exc()}")
         return JobResult(job.key, FAILED, f"{type(exc).__name__}: {exc}")
     finally:
@@ -123,38 +123,33 @@ def _claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobR
     final = {"wall_time": wall, **{k: float(v) for k, v in asdict(result.passes).items()}}
     tracker.log_metrics(run_id, final, step=job.train.epochs)
     status, why = _finish(plan, job, ctx, run_id, result.history)
-    store.checkpoint_path(job.key).unlink(missing_ok=True)
-    say(f"done {job.title}: test acc {result.metrics['test_acc']:.2f}% ({wall:.1f} s)")
-    return JobResult(job.key, status, why, test_acc=result.metrics["test_acc"])
+    store.drop_checkpoint(job.key)
+    shown = "val" if job.trial else "test"  # a tuning trial never evaluates on the test split
+    say(f"done {job.title}: {shown} acc {result.metrics[f'{shown}_acc']:.2f}% ({wall:.1f} s)")
+    return JobResult(job.key, status, why, test_acc=result.metrics.get("test_acc"))
 
 
 def _finish(plan: Plan, job: Job, ctx: JobContext, run_id: str, history: list[dict[str, float]]) -> tuple[str, str]:
     """End a trained (or stored) job's run FINISHED; one that collapsed is tagged so, with why: (status, reason)."""
-    data = ctx.data(plan)
-    why = collapse_reason(history, data.info.num_classes, len(data.test))
+    data = job_data(plan, job, ctx)
+    why = collapse_reason(history, data.info.num_classes, len(data.test)) if data.test is not None else None
     if why:
-        ctx.tracker.set_tags(run_id, {f"{TAG}status": "collapsed", f"{TAG}collapsed": why})
+        ctx.tracker.collapsed(run_id, why)
         ctx.reporter.print(f"[yellow]collapsed[/] {job.title}: {why}")
-    ctx.tracker.end(run_id, "FINISHED")
+    ctx.tracker.end(run_id, RunStatus.FINISHED)
     return (COLLAPSED, why) if why else (FINISHED, "")
 
 
 # ---------------------------------------------------------------------------------------------- tracking
 
-def job_tags(plan: Plan, job: Job) -> dict[str, str]:
-    method = get_method(job.method.method)
-    tags = {f"{TAG}suite": plan.suite.name, f"{TAG}role": job.role, f"{TAG}student": job.model,
-            f"{TAG}teacher": job.teacher_model or "", f"{TAG}method": job.method.label,
-            f"{TAG}method_name": job.method.method, f"{TAG}seed": str(job.seed), f"{TAG}job": job.key,
-            f"{TAG}pair": job.pair or "", f"{TAG}identity": plan.identities()[job.key]}
-    if job.role in ("teacher", "reference"):
-        tags[f"{TAG}teacher"] = job.model
-        tags[f"{TAG}student"] = ""
-    if job.assistants:
-        tags[f"{TAG}assistant"] = " > ".join(job.assistants)
-    if method.protocol_note:
-        tags[f"{TAG}protocol"] = method.protocol_note
-    return tags
+def job_tags(plan: Plan, job: Job, reused: bool = False) -> JobTags:
+    """What the job's run is tagged with; `reused`: a stored model, reported without training it again."""
+    alone = job.role in ("teacher", "reference")  # its model is the teacher of others: tagged as the teacher
+    return JobTags(suite=plan.suite.name, role=job.role, student="" if alone else job.model,
+                   teacher=job.model if alone else job.teacher_model or "", method=job.method.label,
+                   method_name=job.method.method, seed=job.seed, job=job.key, pair=job.pair or "",
+                   identity=plan.identities()[job.key], assistant=" > ".join(job.assistants),
+                   protocol=get_method(job.method.method).protocol_note or "", reused=reused, trial=job.trial)
 
 
 def stored_accuracy(store: ModelStore, key: str, metric: str = "test_acc") -> float | None:
@@ -188,9 +183,9 @@ def job_params(plan: Plan, job: Job, ctx: JobContext) -> dict[str, str]:
     return params
 
 
-def _log_history(tracker: Tracker, run_id: str, history: list[dict[str, float]]) -> None:
+def _log_history(tracker: Tracker, run_id: str, history: list[dict[str, float]], metric: str = "test_acc") -> None:
     """Log the epochs this run does not have yet: after a resume, each epoch is logged exactly once."""
-    done = tracker.last_step(run_id)
+    done = tracker.last_step(run_id, metric)
     for epoch, metrics in enumerate(history, start=1):
         if epoch > done:
             tracker.log_metrics(run_id, metrics, step=epoch)
@@ -200,7 +195,7 @@ def _log_stored(plan: Plan, job: Job, ctx: JobContext, run_id: str | None) -> Jo
     """A teacher from the store still gets its child run, so every suite run reports its teachers."""
     meta = ctx.store.meta(job.key)
     if run_id is None:
-        run_id = ctx.tracker.start_job(ctx.parent_run, job.title, {**job_tags(plan, job), f"{TAG}reused": "true"},
+        run_id = ctx.tracker.start_job(ctx.parent_run, job.title, job_tags(plan, job, reused=True),
                                        job_params(plan, job, ctx))
     _log_history(ctx.tracker, run_id, meta["history"])
     status, why = _finish(plan, job, ctx, run_id, meta["history"])
@@ -242,26 +237,46 @@ def _resume_state(job: Job, path: Path, ctx: JobContext):
 
 # ---------------------------------------------------------------------------------------------- training
 
+def job_data(plan: Plan, job: Job, ctx: JobContext) -> DeviceData:
+    """The data a job sees: a tuning trial's has no test split, so nothing it does can read it."""
+    data = ctx.data(plan)
+    return replace(data, test=None) if job.trial else data
+
+
+def logged_metric(job: Job) -> str:
+    """A metric every trained epoch logs: how far a run got (a trial has no test accuracy)."""
+    return "val_acc" if job.trial else "test_acc"
+
+
 def _never() -> bool:
     return False
 
 
-def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
-    data, opts, store, tracker = ctx.data(plan), ctx.opts, ctx.store, ctx.tracker
+def _job_models(plan: Plan, job: Job, ctx: JobContext):
+    """(data, student, teacher, method) as the job trains them; in this order, so every process draws alike."""
+    data, opts, store = job_data(plan, job, ctx), ctx.opts, ctx.store
     model = build_model(job, data, opts)
     teacher = build_teacher(plan, job, data, store, opts)
     method_cls = get_method(job.method.method)
     method = method_cls(job.config["method_params"], model, teacher, data.info.input_shape).to(opts.device)
-    needs = method_cls.needs(method.params)
+    if "modify" in job.config:  # a modifier of the method's logit losses (kdbench.modifier), with its own params
+        spec = job.config["modify"]
+        method = modify(method, get_modifier(spec["name"])(spec["params"]).to(opts.device))
+    return data, model, teacher, method
+
+
+def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
+    opts, store, tracker = ctx.opts, ctx.store, ctx.tracker
+    data, model, teacher, method = _job_models(plan, job, ctx)
 
     checkpoint_path = store.checkpoint_path(job.key)
     resume, route = _resume_state(job, checkpoint_path, ctx)
-    if resume is None and tracker.last_step(run_id) > 0:
+    if resume is None and tracker.last_step(run_id, logged_metric(job)) > 0:
         # Epochs were logged but no usable checkpoint is left: start over in a new run, keep the old one failed.
-        tracker.end(run_id, "FAILED", "no usable checkpoint to resume from; restarted in a new run")
+        tracker.end(run_id, RunStatus.FAILED, "no usable checkpoint to resume from; restarted in a new run")
         run_id = tracker.start_job(ctx.parent_run, job.title, job_tags(plan, job), job_params(plan, job, ctx))
     if resume is not None:
-        _log_history(tracker, run_id, resume["history"])
+        _log_history(tracker, run_id, resume["history"], logged_metric(job))
         ctx.reporter.epoch(len(resume["history"]))
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -274,30 +289,75 @@ def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
     def checkpoint(state: dict) -> None:
         save_checkpoint({**state, "route": route}, checkpoint_path)
 
-    keep_route = None
-    if job.role in ("teacher", "reference"):
-        keep_route = lambda e: e % job.route_every == 0 or e == job.train.epochs  # noqa: E731
-    cache = None
-    if teacher is not None and (ctx.teacher_cache or plan.suite.teacher_cache) and method_cls.teacher_logits_only:
-        cache = _shared_teacher_outputs(job, teacher, data, ctx)
-    should_stop = ctx.local.should_stop or _never
+    hooks = Hooks(on_epoch=on_epoch, keep_route=job.keeps_route, on_route=on_route, checkpoint=checkpoint,
+                  should_stop=ctx.local.should_stop or _never)
+    provided = _provided(plan, job, ctx, teacher, method)
     if parallel.current() is not None:  # one job on several devices: the other processes train it with this one
-        cache, should_stop = None, lead(plan, job, ctx, run_id, checkpoint_path if resume is not None else None,
-                                        model, teacher, method, should_stop)
+        hooks = replace(hooks, should_stop=lead(plan, job, ctx, run_id, checkpoint_path if resume is not None
+                                                else None, model, teacher, method, hooks.should_stop))
     result = fit(model, method, teacher, data, job.train, job.augment, job.seed, opts,
-                 eval_batch_size=plan.suite.eval_batch_size, on_epoch=on_epoch, keep_route=keep_route,
-                 on_route=on_route, route=teacher_route(plan, job, store) if needs.route and job.teacher else None,
-                 teacher_cache=cache,
-                 guides=build_guides(plan, job, teacher, data, store, opts) if needs.dense and teacher is not None
-                 else None,
-                 checkpoint=checkpoint, resume=resume, should_stop=should_stop,
-                 combine=job.method.combine)
+                 eval_batch_size=plan.suite.eval_batch_size, hooks=hooks, provided=provided, resume=resume)
     if method.record:  # procedure details the method chose while training (RCO's anchors, FitNets' layers)
         tracker.log_params(run_id, {f"procedure.{k}": v for k, v in method.record.items()})
     if job.role in STORED_ROLES:
         store.save_final(job.key, model.state_dict(), {"config": job.config, "metrics": result.metrics,
                                                        "history": result.history}, route)
     return run_id, result
+
+
+def _provided(plan: Plan, job: Job, ctx: JobContext, teacher: torch.nn.Module | None, method: Method) -> Provided:
+    """What the job's method needs besides its models (a route, guides), shared teacher outputs, the update rule."""
+    data, store, needs = job_data(plan, job, ctx), ctx.store, method.needs(method.params)
+    cache = None
+    # (not on several devices: each holds only its part of the training batches)
+    if teacher is not None and (ctx.teacher_cache or plan.suite.teacher_cache) and method.teacher_logits_only \
+            and parallel.current() is None:
+        cache = _shared_teacher_outputs(job, teacher, data, ctx)
+    return Provided(route=teacher_route(plan, job, store) if needs.route and job.teacher else None,
+                    guides=build_guides(plan, job, teacher, data, store, ctx.opts)
+                    if needs.dense and teacher is not None else [],
+                    teacher_cache=cache, combine=job.method.combine)
+
+
+# ---------------------------------------------------------------------------------------------- several devices
+
+def follow(ctx: JobContext) -> None:
+    """One job on several devices, in the processes other than the first (kdbench.run.devices): train each job the
+    first sends, alongside it, until it releases them; then leave the group."""
+    try:
+        while True:
+            message = parallel.receive()
+            if message is None:
+                return
+            plan, job, resume_from = message
+            try:
+                _train_alongside(plan, job, ctx, Path(resume_from) if resume_from else None)
+            except KdbenchError:  # a diverged or failed job: the first process met the same, and records it
+                continue
+    finally:
+        parallel.stop()
+
+
+def follow_suite(store_root: Path, data_root: Path | None, device: str, download: bool, console) -> None:
+    """`kdbench run` in a process other than the first of a torchrun launch: train what the first sends until it is
+    done, writing nothing. Ctrl-C and SIGTERM ask for a stop at the next step, which every device then agrees on."""
+    stop = StopRequest(console)
+    ctx = JobContext(parent_run="", tracking_uri="", store_root=store_root, data_root=data_root, device=device,
+                     compile=False, download=download, local=ProcessCache(reporter=Reporter(console), should_stop=stop))
+    with stop.installed():
+        follow(ctx)
+
+
+def _train_alongside(plan: Plan, job: Job, ctx: JobContext, resume_from: Path | None) -> None:
+    """What _train trains in the first process, built in the same order and trained with it; nothing written."""
+    with job_runtime(job.config["runtime"], ctx.opts.device):
+        data, model, teacher, method = _job_models(plan, job, ctx)
+        resume = load_checkpoint(resume_from) if resume_from is not None else None
+        provided = _provided(plan, job, ctx, teacher, method)
+        should_stop = prepare(model, teacher, method, ctx.local.should_stop or _never)
+        fit(model, method, teacher, data, job.train, job.augment, job.seed, ctx.opts,
+            eval_batch_size=plan.suite.eval_batch_size, hooks=Hooks(should_stop=should_stop), provided=provided,
+            resume=resume)
 
 
 def _shared_teacher_outputs(job: Job, teacher: torch.nn.Module, data: DeviceData, ctx: JobContext) -> TeacherCache:

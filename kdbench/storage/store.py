@@ -30,7 +30,7 @@ def default_store() -> Path:
 os.umask(_UMASK)  # read once: mkstemp makes files private (0600); what is written here gets the usual mode
 
 
-SPECIAL = ("jobs", "locks", "corrupt")  # the store's own folders; every other folder is a model entry
+SPECIAL = ("jobs", "locks", "corrupt", "trash")  # the store's own folders; every other folder is a model entry
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Entry:
     """One thing the store holds: a model (complete, or partial while or after training), a resumable
     checkpoint of an unfinished job, or a corrupted entry moved aside."""
     key: str
-    kind: str  # "model", "partial", "checkpoint", "corrupt"
+    kind: str  # "model", "partial", "checkpoint", "corrupt", "trash" (a removal that was interrupted)
     model: str
     role: str
     size: int  # bytes
@@ -117,6 +117,15 @@ class ModelStore:
         """Where a job's resumable training state lives while it is unfinished."""
         return self.root / "jobs" / key / "checkpoint.pt"
 
+    def drop_checkpoint(self, key: str) -> None:
+        """A finished (or diverged) job's resumable state, deleted with its folder: no empty jobs/<key>/ stays."""
+        path = self.checkpoint_path(key)
+        path.unlink(missing_ok=True)
+        try:
+            path.parent.rmdir()
+        except OSError:  # gone already, or not empty: something else is in it, left alone
+            pass
+
     def lock_path(self, name: str) -> Path:
         path = self.root / "locks" / f"{name}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +175,7 @@ class ModelStore:
     # -------------------------------------------------------------------------------- listing, clean-up
 
     def entries(self) -> list[Entry]:
-        """Everything the store holds, in a stable order (models, then checkpoints, then corrupted entries)."""
+        """Everything the store holds, in a stable order: models, partial models, checkpoints, corrupted entries."""
         if not self.root.is_dir():
             return []
         out = []
@@ -179,31 +188,44 @@ class ModelStore:
                 except CorruptFile:
                     kind = "corrupt"
             out.append(Entry(path.name, kind, model, role, folder_size(path), folder_mtime(path), path))
+        out.sort(key=lambda e: e.kind != "model")  # stable: complete models first, each group by key
         jobs = self.root / "jobs"
         for path in sorted(jobs.iterdir()) if jobs.is_dir() else []:
             out.append(Entry(path.name, "checkpoint", "", "", folder_size(path), folder_mtime(path), path))
-        corrupt = self.root / "corrupt"
-        for path in sorted(corrupt.iterdir()) if corrupt.is_dir() else []:
-            out.append(Entry(path.name.rsplit("-", 2)[0], "corrupt", "", "", folder_size(path), folder_mtime(path),
-                             path))
+        for kind in ("corrupt", "trash"):
+            folder = self.root / kind
+            for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+                out.append(Entry(path.name.rsplit("-", 2)[0], kind, "", "", folder_size(path), folder_mtime(path),
+                                 path))
         return out
 
     def unreferenced(self, referenced: set[str]) -> list[Entry]:
-        """What no reference keeps: models and checkpoints whose key is not in `referenced`, and every corrupted
-        entry (moved aside, never used again)."""
-        return [e for e in self.entries() if e.kind == "corrupt" or e.key not in referenced]
+        """What no reference keeps: models and checkpoints whose key is not in `referenced`, every corrupted
+        entry (moved aside, never used again) and what an interrupted removal left in trash/."""
+        return [e for e in self.entries() if e.kind in ("corrupt", "trash") or e.key not in referenced]
 
     def remove(self, entry: Entry) -> bool:
-        """Delete an entry unless a worker holds its job's claim right now (it is being trained or used)."""
+        """Delete an entry unless a worker holds its job's claim right now (it is being trained or used).
 
+        The entry is first renamed into trash/ (one atomic step), then deleted there: a kill at any moment leaves
+        it whole under its name or gone from it, never half-deleted where a run would find it."""
+        if entry.kind == "trash":
+            shutil.rmtree(entry.path, ignore_errors=True)
+            return True
         claim = Claim(self.claim_path(entry.key))
         if not claim.acquire():  # held while deleting: no worker starts the job meanwhile
             return False
         try:
-            if entry.path.is_dir():
-                shutil.rmtree(entry.path)
-            else:
-                entry.path.unlink(missing_ok=True)
+            trash = self.root / "trash" / f"{entry.path.name}-{os.getpid()}-{time.monotonic_ns()}"
+            trash.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(entry.path, trash)
+            except FileNotFoundError:  # removed meanwhile by another gc
+                return True
         finally:
             claim.release()
+        if trash.is_dir():
+            shutil.rmtree(trash)
+        else:
+            trash.unlink(missing_ok=True)
         return True

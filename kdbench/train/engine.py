@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -17,12 +18,14 @@ from torch import nn
 
 from kdbench import Interrupted, KdbenchError
 from kdbench.train.combine import PCGrad
-from kdbench.data.batches import DeviceData, Split, epoch_batches, epoch_views, eval_batches, make_generator, normalize
+from kdbench.data.batches import (DeviceData, Split, epoch_batches, epoch_views, eval_batches, eval_labels,
+                                  make_generator, normalize)
 from kdbench.method import Batch, Method, PassCounts, StepContext, TeacherRoute
 from kdbench.seeding import stream_seed
 from kdbench.config.schema import AugmentConfig, TrainConfig
-from kdbench.train.teacher_cache import TeacherCache
+from kdbench.train.measures import EvalTotals
 from kdbench.train.parallel import mean_over_devices, sum_over_devices
+from kdbench.train.teacher_cache import TeacherCache, split_logits
 
 EXPLODED = 1e4  # an epoch's mean training loss above this ends the job as diverged
 
@@ -113,6 +116,11 @@ class Compiled:
         return getattr(self.eager_module, name)
 
 
+def for_steps(model: nn.Module | None, opts: EngineOptions) -> nn.Module | None:
+    """The model as training steps call it: compiled when the engine compiles (evaluation runs the plain one)."""
+    return Compiled(model, opts) if opts.compile and model is not None else model
+
+
 COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper puts before every state_dict key
 
 
@@ -140,21 +148,24 @@ def make_optimizer(params: list[nn.Parameter], train: TrainConfig) -> torch.opti
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, data: DeviceData, opts: EngineOptions, batch_size: int) -> dict[str, float]:
+def evaluate(model: nn.Module, split: Split, data: DeviceData, opts: EngineOptions, batch_size: int,
+             teacher_logits: torch.Tensor | None = None) -> dict[str, float]:
+    """Accuracy and loss (the NLL), ECE and Brier score on `split`; agreement and KL against the teacher's logits
+    on the same images when given (kdbench.train.measures). Summed on the device, one host sync at the end."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=opts.device)
-    loss = torch.zeros((), dtype=torch.float64, device=opts.device)
+    totals = EvalTotals(opts.device, with_teacher=teacher_logits is not None)
+    start = 0
     for images, labels in eval_batches(split, batch_size):
-        x = normalize(images, data.info, channels_last=opts.channels_last)
+        images = normalize(images, data.info, channels_last=opts.channels_last)
         with torch.autocast(opts.device.type, dtype=torch.bfloat16, enabled=opts.bf16):
-            logits = model(x).float()
-        correct += (logits.argmax(1) == labels).sum()
-        loss += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
-    correct, loss = sum_over_devices(split, correct, loss)  # one job on several devices: each read its part
+            logits = model(images).float()
+        end = start + labels.shape[0]
+        totals.add(logits, labels, None if teacher_logits is None else teacher_logits[start:end])
+        start = end
+    sum_over_devices(split, *totals.sums())  # one job on several devices: each device read its part of the split
     model.train(was_training)
-    n = len(split)
-    return {"acc": correct.item() / n * 100, "loss": loss.item() / n}
+    return totals.results(len(split))
 
 
 @dataclass
@@ -164,199 +175,287 @@ class FitResult:
     passes: PassCounts = field(default_factory=PassCounts)
 
 
-def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: DeviceData, train: TrainConfig,
-        augment: AugmentConfig, seed: int, opts: EngineOptions, *, eval_batch_size: int = 1000,
-        on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-        keep_route: Callable[[int], bool] | None = None,
-        on_route: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
-        route: TeacherRoute | None = None,
-        teacher_cache: TeacherCache | None = None,
-        guides: list[nn.Module] | None = None,
-        checkpoint: Callable[[dict[str, Any]], None] | None = None,
-        resume: dict[str, Any] | None = None,
-        should_stop: Callable[[], bool] = lambda: False,
-        combine: str = "sum") -> FitResult:
-    """Train `student` for `train.epochs` with `method`, evaluating on the test split (and the validation split,
-    when `data.val` exists) after each epoch. Only validation numbers may choose anything (`StepContext.probe`).
+def _never() -> bool:
+    return False
 
-    on_epoch(epoch, metrics) gets 1-based epochs; on_route(epoch, state_dict) is called where keep_route(epoch).
-    route: the teacher's route checkpoints, for a method that declared `needs_route`.
-    guides: frozen models a method with `Needs.dense` learns from besides the teacher (DGKD), lent as ctx.guides.
-    teacher_cache: shared teacher outputs of this teacher on data.train with this augmentation, used in place
-    of the teacher forward when the method reads only the teacher's logits (the same numbers, computed once).
-    checkpoint(state) is called at the end of every epoch and when should_stop() turns true between two steps
-    (then Interrupted is raised); fit(..., resume=state) continues from such a state with the same numbers an
-    uninterrupted run gives: each epoch's order and augmentation come from generators seeded by (seed, epoch),
-    and a resumed epoch replays its draws up to the step where it stopped. The method's state_dict and its
-    `extra_state()` are part of the state, and `method.resumed(ctx)` restores what it holds outside it.
-    combine: how the student's named loss terms make its update: "sum", or "pcgrad" (kdbench.combine).
-    """
-    models = {"student": student}
-    trainable = {"student": list(student.parameters()) + list(method.parameters())}
-    if teacher is not None:
-        models["teacher"] = teacher
-        if method.trains_teacher:
-            trainable["teacher"] = list(teacher.parameters())
-        else:
-            teacher.eval().requires_grad_(False)  # frozen: running statistics, no dropout, no gradient
-    for guide in guides or ():
-        guide.eval().requires_grad_(False)  # frozen like a teacher
-    optimizers = {k: make_optimizer(p, train) for k, p in trainable.items()}
-    passes = PassCounts()
-    combiner = PCGrad(seed) if combine == "pcgrad" else None
 
-    def update(which: str, loss: torch.Tensor | dict[str, torch.Tensor], clip_grad_norm: float | None = None) -> None:
-        opt = optimizers[which]
+@dataclass(frozen=True)
+class Hooks:
+    """How fit's caller follows a run and stops it. Epochs here are 1-based: the number of epochs done."""
+
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None  # after an epoch (and its checkpoint)
+    keep_route: Callable[[int], bool] | None = None  # the epochs whose student goes to on_route (a teacher's route)
+    on_route: Callable[[int, dict[str, torch.Tensor]], None] | None = None
+    checkpoint: Callable[[dict[str, Any]], None] | None = None  # the training state (Training.state_dict)
+    should_stop: Callable[[], bool] = _never  # asked after every step and epoch: stop resumably (Interrupted)
+
+
+@dataclass(frozen=True)
+class Provided:
+    """What a job brings besides models and data: what its method's needs ask for, shared teacher outputs,
+    and how the student's loss terms make its update."""
+
+    route: TeacherRoute | None = None  # the teacher's route checkpoints, for a method with `Needs.route`
+    guides: list[nn.Module] = field(default_factory=list)  # `Needs.dense` (DGKD): frozen models, lent as ctx.guides
+    # Outputs of this teacher on data.train with this augmentation, used in place of its forward when the method
+    # reads only the teacher's logits (the same numbers, computed once for all the jobs that share them).
+    teacher_cache: TeacherCache | None = None
+    combine: str = "sum"  # "sum", or "pcgrad" (kdbench.train.combine)
+
+
+@dataclass
+class EpochTotals:
+    """An epoch's loss terms summed on the device (no host sync per step), and its steps and images so far."""
+
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    steps: int = 0
+    images: int = 0
+
+    def add(self, terms: dict[str, torch.Tensor], images: int) -> None:
+        for name, value in terms.items():
+            self.terms[name] = self.terms.get(name, 0) + value.float()
+        self.steps += 1
+        self.images += images
+
+    def means(self) -> dict[str, float]:
+        return {f"train_{k}": (v / self.steps).item() for k, v in self.terms.items()}
+
+    @classmethod
+    def restored(cls, state: dict[str, Any], device: torch.device) -> "EpochTotals":
+        return cls({k: v.to(device) for k, v in state["totals"].items()}, state["steps"], state["images_seen"])
+
+
+class Training:
+    """The models that train (the student with the method's modules; the teacher when the method trains it),
+    their optimisers, the update a method applies through `ctx.update`, and the run's history and pass
+    counts: all that a checkpoint saves and a resumed run restores, with the method's state and the RNGs."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, method: Method, train: TrainConfig,
+                 seed: int, combine: str, device: torch.device):
+        self.models = {"student": student}
+        self.params = {"student": list(student.parameters()) + list(method.parameters())}
+        if teacher is not None and method.trains_teacher:
+            self.models["teacher"] = teacher
+            self.params["teacher"] = list(teacher.parameters())
+        self.optimizers = {k: make_optimizer(p, train) for k, p in self.params.items()}
+        self.combiner = PCGrad(seed) if combine == "pcgrad" else None
+        self.method, self.train, self.device = method, train, device
+        self.passes = PassCounts()
+        self.history: list[dict[str, float]] = []
+
+    def start_epoch(self, epoch: int) -> None:
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = self.train.lr * lr_factor(self.train, epoch)
+        self.models["student"].train()
+        self.method.train()
+        if "teacher" in self.models:
+            self.models["teacher"].train()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizers["student"].param_groups[0]["lr"]
+
+    def update(self, epoch: int, step: int, which: str, loss: torch.Tensor | dict[str, torch.Tensor],
+               clip_grad_norm: float | None = None) -> None:
+        """`ctx.update` of step `step` of 0-based `epoch` (fit binds both): PCGrad draws the projection order of a
+        step from (seed, epoch, step), so a resumed run draws the same orders."""
+        opt = self.optimizers[which]
         opt.zero_grad(set_to_none=True)
         backwards = 1
-        if combiner is not None and which == "student" and isinstance(loss, dict):
-            # `epoch` and `batch` are the training loop's, read at call time: the projection order of a step
-            # is drawn from (seed, epoch, step), so a resumed run draws the same orders.
-            backwards = combiner.backward(loss, trainable[which], epoch, batch)
+        if self.combiner is not None and which == "student" and isinstance(loss, dict):
+            backwards = self.combiner.backward(loss, self.params[which], epoch, step)
         else:
             (sum(loss.values()) if isinstance(loss, dict) else loss).backward()
         if clip_grad_norm is not None:
-            nn.utils.clip_grad_norm_(trainable[which], clip_grad_norm)
+            nn.utils.clip_grad_norm_(self.params[which], clip_grad_norm)
         opt.step()
-        setattr(passes, f"{which}_backward", getattr(passes, f"{which}_backward") + backwards)
-        model = models[which]
+        setattr(self.passes, f"{which}_backward", getattr(self.passes, f"{which}_backward") + backwards)
+        model = self.models[which]
         if getattr(model, "max_norm", None):  # Hinton 2012's max-norm constraint, where the model asks for it
             model.apply_max_norm_(model.max_norm)
 
-    def probe(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Choices are made on held-out images: never on what the student trains on, never on the test split.
-        if data.val is None:
-            raise KdbenchError(f"{method.name}: this method chooses on a validation split: set data.val_size")
-        images, labels = next(eval_batches(data.val, n))
-        return normalize(images, data.info, channels_last=opts.channels_last), labels
+    def epoch_metrics(self) -> dict[str, float]:
+        return self.combiner.epoch_metrics() if self.combiner is not None else {}  # PCGrad: conflicts, cosines
 
-    # Only a fixed teacher's outputs can be shared: not one that trains (ProKT) or changes by stage (RCO).
-    cached = teacher_cache is not None and teacher is not None and method.teacher_logits_only \
-        and not method.trains_teacher and route is None
-    if cached and not teacher_cache.serves(data.train, augment.crop_padding, augment.flip):
+    def state_dict(self, epoch: int, batch: int, totals: EpochTotals) -> dict[str, Any]:
+        """The state of a run about to do step `batch` of 0-based `epoch`, with that epoch's totals so far."""
+        return {"epoch": epoch, "batch": batch, "steps": totals.steps, "images_seen": totals.images,
+                "totals": {k: v.detach().clone() for k, v in totals.terms.items()},
+                "models": {k: m.state_dict() for k, m in self.models.items()},
+                "method": self.method.state_dict(), "method_extra": self.method.extra_state(),
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "history": list(self.history), "passes": asdict(self.passes), "cpu_rng": torch.get_rng_state(),
+                "combine": self.combiner.state_dict() if self.combiner is not None else None,
+                "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, sd in state["models"].items():
+            self.models[k].load_state_dict(plain_state_dict(sd))
+        self.method.load_state_dict(state["method"])
+        self.method.load_extra_state(state["method_extra"])
+        for k, sd in state["optimizers"].items():
+            self.optimizers[k].load_state_dict(sd)
+        self.history[:] = state["history"]
+        self.passes.__dict__.update(state["passes"])
+        if self.combiner is not None and state.get("combine"):
+            self.combiner.load_state_dict(state["combine"])
+        torch.set_rng_state(state["cpu_rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def probe_validation(data: DeviceData, opts: EngineOptions, method_name: str,
+                     n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ctx.probe`: choices are made on held-out images, never on what the student trains on nor on the test split."""
+    if data.val is None:
+        raise KdbenchError(f"{method_name}: this method chooses on a validation split: set data.val_size")
+    images, labels = next(eval_batches(data.val, n))
+    return normalize(images, data.info, channels_last=opts.channels_last), labels
+
+
+def evaluate_splits(model: nn.Module, data: DeviceData, opts: EngineOptions, batch_size: int,
+                    references: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Test numbers (reported only), and validation's where there is a split (what choices use); measured against
+    the teacher's logits on a split where `references` has them (teacher_references)."""
+    out = {}
+    for name, split in (("test", data.test), ("val", data.val)):
+        if split is not None:
+            result = evaluate(model, split, data, opts, batch_size, (references or {}).get(name))
+            out.update({f"{name}_{k}": v for k, v in result.items()})
+    return out
+
+
+def teacher_references(teacher: nn.Module | None, data: DeviceData, opts: EngineOptions, batch_size: int,
+                       cache: TeacherCache | None) -> dict[str, torch.Tensor]:
+    """The teacher's logits on the test and validation splits, which the student's agreement and KL are measured
+    against: kept in the shared teacher outputs where the job has them, else computed here."""
+    if teacher is None:
+        return {}
+    return {name: cache.eval_outputs(split, batch_size) if cache is not None
+            else split_logits(teacher, split, data.info, opts, batch_size)
+            for name, split in (("test", data.test), ("val", data.val)) if split is not None}
+
+
+def evaluation(student: nn.Module, teacher: nn.Module | None, method: Method, data: DeviceData, opts: EngineOptions,
+               batch_size: int, references: dict[str, torch.Tensor]) -> dict[str, float]:
+    """An epoch's evaluation of the student: against the teacher it was given (its logits computed once, before
+    any training), or, for a method that trains its teacher, against that teacher as it is now."""
+    if not method.trains_teacher:
+        return evaluate_splits(student, data, opts, batch_size, references)
+    references = teacher_references(teacher, data, opts, batch_size, None)
+    if data.test is None:  # a tuning trial (kdbench.run.tune): no test split, nothing measured on it
+        return evaluate_splits(student, data, opts, batch_size, references)
+    correct = (references["test"].argmax(1) == eval_labels(data.test, batch_size)).sum()
+    sum_over_devices(data.test, correct)
+    return {**evaluate_splits(student, data, opts, batch_size, references),
+            "teacher_test_acc": correct.item() / len(data.test) * 100}
+
+
+def usable_teacher_cache(provided: Provided, teacher: nn.Module | None, method: Method, data: DeviceData,
+                         augment: AugmentConfig) -> TeacherCache | None:
+    """The shared teacher outputs, where they may replace the teacher's forward: only a fixed teacher's outputs
+    can be shared, not one that trains (ProKT) or changes by stage (RCO)."""
+    cache = provided.teacher_cache
+    if cache is None or teacher is None or not method.teacher_logits_only or method.trains_teacher \
+            or provided.route is not None:
+        return None
+    if not cache.serves(data.train, augment.crop_padding, augment.flip):
         raise ValueError("teacher_cache was built for another training split or augmentation")
-    step_student, step_teacher = student, teacher
-    if opts.compile:
-        step_student = Compiled(student, opts)
-        step_teacher = Compiled(teacher, opts) if teacher is not None else None
+    return cache
+
+
+def epoch_generators(seed: int, epoch: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """An epoch's order and augmentation draws, seeded by (seed, epoch): the same in a resumed run."""
+    return (make_generator(device, stream_seed(seed, "order", epoch)),
+            make_generator(device, stream_seed(seed, "aug", epoch)))
+
+
+def training_loss(totals: EpochTotals, epoch: int) -> dict[str, float]:
+    """The epoch's mean loss terms and their sum; Diverged when the sum is not finite or exploded."""
+    terms = totals.means()
+    total = sum(terms.values())
+    if not math.isfinite(total):
+        raise Diverged(f"training loss became {total} in epoch {epoch + 1}")
+    if total > EXPLODED:
+        raise Diverged(f"training loss exploded to {total:.3g} in epoch {epoch + 1}")
+    return {"train_loss": total, **terms}
+
+
+def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: DeviceData, train: TrainConfig,
+        augment: AugmentConfig, seed: int, opts: EngineOptions, *, eval_batch_size: int = 1000,
+        hooks: Hooks = Hooks(), provided: Provided = Provided(), resume: dict[str, Any] | None = None) -> FitResult:
+    """Train `student` for `train.epochs` with `method`, evaluating on the test split (and the validation split,
+    when `data.val` exists) after each epoch. Only validation numbers may choose anything (`StepContext.probe`).
+
+    hooks.checkpoint(state) is called after every epoch, and when hooks.should_stop() turns true between two
+    steps (then Interrupted is raised); fit(..., resume=state) goes on from there with the numbers of a run never
+    stopped: an epoch's draws come from generators seeded by (seed, epoch), and a resumed epoch replays them up
+    to its step. `method.resumed(ctx)` restores what the method holds outside its state.
+    """
+    for frozen in [*([teacher] if teacher is not None and not method.trains_teacher else []), *provided.guides]:
+        frozen.eval().requires_grad_(False)  # a fixed teacher, guides: running statistics, no dropout, no gradient
+    training = Training(student, teacher, method, train, seed, provided.combine, opts.device)
+    cache = usable_teacher_cache(provided, teacher, method, data, augment)
+    # The teacher as given, before a method loads another of its checkpoints into it or a resume restores one.
+    references = {} if method.trains_teacher else teacher_references(teacher, data, opts, eval_batch_size, cache)
     graphs = opts.compile and opts.device.type == "cuda"
-    ctx = StepContext(student=step_student, teacher=step_teacher, update=update, passes=passes,
-                      autocast=opts.autocast, route=route, probe=probe, seed=seed,
-                      guides=list(guides or ()))
-    history: list[dict[str, float]] = []
-    metrics: dict[str, float] = {}
-
-    def evaluated() -> dict[str, float]:
-        """Test accuracy and loss (reported only), and validation's where there is a split (what choices use)."""
-        out = {}
-        for name, split in (("test", data.test), ("val", data.val)):
-            if split is not None:
-                result = evaluate(student, split, data, opts, eval_batch_size)
-                out.update({f"{name}_acc": result["acc"], f"{name}_loss": result["loss"]})
-        return out
-
+    first_epoch, skip_batches = (resume["epoch"], resume["batch"]) if resume is not None else (0, 0)
+    # ctx.update knows the step it serves (PCGrad draws by it): bound here to the first step to run, then to each.
+    ctx = StepContext(student=for_steps(student, opts), teacher=for_steps(teacher, opts),
+                      update=partial(training.update, first_epoch, skip_batches), passes=training.passes,
+                      autocast=opts.autocast, probe=partial(probe_validation, data, opts, method.name), seed=seed,
+                      route=provided.route, guides=list(provided.guides))
     if train.epochs == 0:  # a model used as loaded (checkpoint, pretrained): evaluate only
-        metrics = evaluated()
-        return FitResult(metrics, [metrics], passes)
-
-    def state(epoch: int, batch: int, totals: dict[str, torch.Tensor], steps: int, images_seen: int) -> dict:
-        return {"epoch": epoch, "batch": batch, "steps": steps, "images_seen": images_seen,
-                "totals": {k: v.detach().clone() for k, v in totals.items()},
-                "models": {k: m.state_dict() for k, m in models.items() if k in trainable},
-                "method": method.state_dict(), "method_extra": method.extra_state(),
-                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "history": list(history), "passes": asdict(passes), "cpu_rng": torch.get_rng_state(),
-                "combine": combiner.state_dict() if combiner is not None else None,
-                "cuda_rng": torch.cuda.get_rng_state_all() if opts.device.type == "cuda" else None}
-
-    first_epoch, skip_batches, resumed_totals = 0, 0, None
+        metrics = evaluate_splits(student, data, opts, eval_batch_size, references)
+        return FitResult(metrics, [metrics], training.passes)
     if resume is not None:
-        for k, sd in resume["models"].items():
-            models[k].load_state_dict(plain_state_dict(sd))
-        method.load_state_dict(resume["method"])
-        method.load_extra_state(resume["method_extra"])
-        for k, sd in resume["optimizers"].items():
-            optimizers[k].load_state_dict(sd)
-        history[:] = resume["history"]
-        metrics = history[-1] if history else {}
-        passes.__dict__.update(resume["passes"])
-        if combiner is not None and resume.get("combine"):
-            combiner.load_state_dict(resume["combine"])
-        torch.set_rng_state(resume["cpu_rng"])
-        if resume["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all(resume["cuda_rng"])
-        first_epoch, skip_batches = resume["epoch"], resume["batch"]
-        resumed_totals = (resume["totals"], resume["steps"], resume["images_seen"]) if skip_batches else None
+        training.load_state_dict(resume)
         method.resumed(ctx)  # what the method holds outside its state (RCO: the anchor in the teacher)
+    metrics = training.history[-1] if training.history else {}
 
     for epoch in range(first_epoch, train.epochs):
         start = time.perf_counter()
-        if not skip_batches:  # an epoch resumed in its middle has started already: its state is restored
+        # An epoch resumed in its middle has started already: its state and its totals so far are restored.
+        totals = EpochTotals.restored(resume, opts.device) if skip_batches else EpochTotals()
+        if not skip_batches:
             method.start_epoch(epoch, train.epochs, ctx)
-        for opt in optimizers.values():
-            for group in opt.param_groups:
-                group["lr"] = train.lr * lr_factor(train, epoch)
-        student.train()
-        method.train()
-        if method.trains_teacher:
-            teacher.train()
-
-        def generators():
-            return (make_generator(opts.device, stream_seed(seed, "order", epoch)),
-                    make_generator(opts.device, stream_seed(seed, "aug", epoch)))
-
-        if cached:  # the epoch's draws replayed ahead: fill the views never computed, then only gathers
-            passes.teacher_forward += teacher_cache.fill(
-                epoch_views(len(data.train), train.batch_size, *generators(), augment.crop_padding, augment.flip),
-                train.batch_size)
-        totals: dict[str, torch.Tensor] = {}
-        steps = images_seen = 0
-        if resumed_totals is not None:
-            totals, steps, images_seen = {k: v.to(opts.device) for k, v in resumed_totals[0].items()}, *resumed_totals[1:]
-            resumed_totals = None
-        # a resumed epoch replays its draws up to where it stopped; the batches before are drawn, not read
-        for batch, (images, labels, *drawn) in enumerate(epoch_batches(
-                data.train, train.batch_size, *generators(), augment.crop_padding, augment.flip, with_views=cached,
-                start=skip_batches), start=skip_batches):
-            x = normalize(images, data.info, channels_last=opts.channels_last)
-            logits = teacher_cache.lookup(*drawn) if cached else None
+        training.start_epoch(epoch)
+        if cache is not None:  # the epoch's draws replayed ahead: fill the views never computed, then only gathers
+            training.passes.teacher_forward += cache.fill(
+                epoch_views(len(data.train), train.batch_size, *epoch_generators(seed, epoch, opts.device),
+                            augment.crop_padding, augment.flip), train.batch_size)
+        # a resumed epoch replays its draws up to the step where it stopped: the batches before are drawn, not read
+        batches = epoch_batches(data.train, train.batch_size, *epoch_generators(seed, epoch, opts.device),
+                                augment.crop_padding, augment.flip, with_views=cache is not None, start=skip_batches)
+        for step, (images, labels, *drawn) in enumerate(batches, start=skip_batches):
+            images = normalize(images, data.info, channels_last=opts.channels_last)
+            logits = cache.lookup(*drawn) if cache is not None else None
             if graphs:  # a new iteration: CUDA-graph outputs of the last step may be overwritten from here on
                 torch.compiler.cudagraph_mark_step_begin()
-            terms = method.step(Batch(x, labels, epoch, train.epochs, logits, step=batch), ctx)
-            for name, value in terms.items():  # summed on the device: no sync per step
-                totals[name] = totals.get(name, 0) + value.float()
-            steps += 1
-            images_seen += labels.shape[0]
-            if should_stop():
-                totals = mean_over_devices(data.train, totals)  # several devices save the same sums
-                if checkpoint is not None:
-                    checkpoint(state(epoch, batch + 1, totals, steps, images_seen))
-                raise Interrupted(f"stopped in epoch {epoch + 1} after step {batch + 1}")
+            ctx.update = partial(training.update, epoch, step)
+            terms = method.step(Batch(images, labels, epoch, train.epochs, logits, step=step), ctx)
+            totals.add(mean_over_devices(data.train, terms), labels.shape[0])  # several devices: the whole batch's
+            if hooks.should_stop():
+                if hooks.checkpoint is not None:
+                    hooks.checkpoint(training.state_dict(epoch, step + 1, totals))
+                raise Interrupted(f"stopped in epoch {epoch + 1} after step {step + 1}")
         skip_batches = 0
-        totals = mean_over_devices(data.train, totals)  # several devices log and check the same numbers
-        train_loss = {f"train_{k}": (v / steps).item() for k, v in totals.items()}
+        losses = training_loss(totals, epoch)
         train_time = time.perf_counter() - start
-        total_loss = sum(train_loss.values())
-        if not math.isfinite(total_loss):
-            raise Diverged(f"training loss became {total_loss} in epoch {epoch + 1}")
-        if total_loss > EXPLODED:
-            raise Diverged(f"training loss exploded to {total_loss:.3g} in epoch {epoch + 1}")
-        metrics = {"train_loss": total_loss, **train_loss, **evaluated(),
-                   "lr": optimizers["student"].param_groups[0]["lr"], "epoch_time": time.perf_counter() - start,
-                   "images_per_sec": images_seen / train_time}
+        metrics = {**losses, **evaluation(student, teacher, method, data, opts, eval_batch_size, references),
+                   "lr": training.lr,
+                   "epoch_time": time.perf_counter() - start, "images_per_sec": totals.images / train_time}
         metrics.update(method.epoch_metrics())  # a method's own per-epoch numbers (attention weights...)
-        if combiner is not None:
-            metrics.update(combiner.epoch_metrics())  # PCGrad: fraction of term pairs in conflict, cosines
-        if method.trains_teacher:
-            metrics["teacher_test_acc"] = evaluate(teacher, data.test, data, opts, eval_batch_size)["acc"]
-        history.append(metrics)
-        if keep_route is not None and on_route is not None and keep_route(epoch + 1):
-            on_route(epoch + 1, {k: v.detach().clone() for k, v in student.state_dict().items()})
+        metrics.update(training.epoch_metrics())
+        training.history.append(metrics)
+        if hooks.keep_route is not None and hooks.on_route is not None and hooks.keep_route(epoch + 1):
+            hooks.on_route(epoch + 1, {k: v.detach().clone() for k, v in student.state_dict().items()})
         # Checkpoint before logging: a crash in between re-logs this epoch from the checkpoint's history, once.
-        if checkpoint is not None:
-            checkpoint(state(epoch + 1, 0, {}, 0, 0))
-        if on_epoch is not None:
-            on_epoch(epoch + 1, metrics)
-        if should_stop() and epoch + 1 < train.epochs:
+        if hooks.checkpoint is not None:
+            hooks.checkpoint(training.state_dict(epoch + 1, 0, EpochTotals()))
+        if hooks.on_epoch is not None:
+            hooks.on_epoch(epoch + 1, metrics)
+        if hooks.should_stop() and epoch + 1 < train.epochs:
             raise Interrupted(f"stopped after epoch {epoch + 1}")
-    return FitResult(metrics, history, passes)
+    return FitResult(metrics, training.history, training.passes)

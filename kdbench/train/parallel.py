@@ -10,7 +10,7 @@ numbers are those of one device at the same global batch, whatever the number of
 - BatchNorm takes its batch statistics over the whole batch (all the devices' parts): `synchronise_batchnorm`
   (torch's SyncBatchNorm refuses CPU tensors; this one runs on any device and backend);
 - the first device's weights are sent to the others before training starts, as DDP does;
-- evaluation sums the devices' correct counts and losses, and each epoch's training-loss sums are averaged;
+- evaluation sums the devices' counts and losses, and each step's loss terms are averaged over the devices;
 - a stop request (Ctrl-C, SIGTERM, a lost claim) on any device stops every device at the same step.
 On one device (no group started) every function here leaves things as they are.
 
@@ -145,14 +145,14 @@ def sum_over_devices(split: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, 
     return tensors
 
 
-def mean_over_devices(split: Any, totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Running sums of the loss terms averaged over the devices (one collective), so every device logs, checks
-    and saves the same numbers: each device's sum of its per-step means, averaged, is the sum of the whole
-    batches' means where the devices' parts are of equal size."""
-    if not _shared(split) or not totals:
-        return totals
-    names = sorted(totals)
-    stacked = torch.stack([totals[k].float() for k in names])
+def mean_over_devices(split: Any, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A step's loss terms averaged over the devices (one small collective, no host sync): the whole batch's mean
+    where the devices' parts are of equal size. Summed so, every device logs, checks and saves the same totals, and
+    an epoch resumed in its middle adds up to what an uninterrupted one does, bit for bit."""
+    if not _shared(split) or not terms:
+        return terms
+    names = sorted(terms)
+    stacked = torch.stack([terms[k].detach().float() for k in names])
     dist.all_reduce(stacked)
     stacked /= _GROUP.world
     return {k: stacked[i] for i, k in enumerate(names)}

@@ -20,6 +20,9 @@ cache grows with use: at most 50,000 x 162 x 100 logits for CIFAR-100 (1.6 GB in
 Filling happens once per epoch, before it starts: :meth:`fill` replays the epoch's draws (the same
 generators, seeded by (seed, epoch)), finds the views never computed (the epoch's only extra host
 sync) and runs the teacher on them; :meth:`lookup` during the epoch is a pure gather.
+
+The teacher's outputs on the evaluation splits (test, validation), which a student's agreement with its teacher
+is measured against, are kept here too (:meth:`eval_outputs`): computed once for all the jobs that share them.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from torch import nn
 
 from kdbench.data.spec import DatasetInfo
-from kdbench.data.batches import Split, Views, apply_views, normalize, num_views, view_ids, views_from_ids
+from kdbench.data.batches import Split, Views, apply_views, eval_batches, normalize, num_views, view_ids, views_from_ids
 
 
 class ForwardOptions(Protocol):
@@ -40,6 +43,21 @@ class ForwardOptions(Protocol):
     channels_last: bool
 
     def autocast(self) -> ContextManager: ...
+
+
+@torch.no_grad()
+def split_logits(model: nn.Module, split: Split, info: DatasetInfo, opts: ForwardOptions,
+                 batch_size: int) -> torch.Tensor:
+    """A model's logits on a whole split, in order, in eval mode and the engine's evaluation precision."""
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for images, _ in eval_batches(split, batch_size):  # as evaluate reads it (on several devices: this one's part)
+        images = normalize(images, info, channels_last=opts.channels_last)
+        with opts.autocast():
+            chunks.append(model(images).float())
+    model.train(was_training)
+    return torch.cat(chunks)
 
 
 class TeacherCache:
@@ -58,6 +76,7 @@ class TeacherCache:
         self.size = 0
         self._capacity = 0
         self.images_computed = 0  # teacher forwards, counted in images
+        self._eval: list[tuple[torch.Tensor, torch.Tensor]] = []  # (a split's images, the teacher's logits on them)
 
     @torch.no_grad()
     def fill(self, drawn: Iterable[tuple[torch.Tensor, Views | None]], batch_size: int) -> int:
@@ -81,10 +100,10 @@ class TeacherCache:
             chunk = missing[start : start + batch_size]
             images = self.split.images.index_select(0, chunk // self.num_views)
             views = views_from_ids(chunk % self.num_views, self.padding, self.flip)
-            x = normalize(apply_views(images, views if self.num_views > 1 else None, self.padding), self.info,
-                          channels_last=self.opts.channels_last)
+            images = normalize(apply_views(images, views if self.num_views > 1 else None, self.padding), self.info,
+                               channels_last=self.opts.channels_last)
             with self.opts.autocast():  # as the engine's own teacher forward: same precision, same numbers
-                logits = self.teacher(x)
+                logits = self.teacher(images)
             if self.values is None:
                 self.values = logits.new_empty((self._capacity, logits.shape[1]))
             self.values[self.size + start : self.size + start + len(chunk)] = logits
@@ -95,6 +114,15 @@ class TeacherCache:
         self.images_computed += n
         self.teacher.train(was_training)
         return calls
+
+    def eval_outputs(self, split: Split, batch_size: int) -> torch.Tensor:
+        """The teacher's logits on an evaluation split (test, validation), computed on first use and kept."""
+        for images, logits in self._eval:
+            if images is split.images:
+                return logits
+        logits = split_logits(self.teacher, split, self.info, self.opts, batch_size)
+        self._eval.append((split.images, logits))
+        return logits
 
     def serves(self, split: Split, padding: int, flip: bool) -> bool:
         return split.images is self.split.images and (padding, flip) == (self.padding, self.flip)

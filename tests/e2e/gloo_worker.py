@@ -22,7 +22,7 @@ from kdbench.data.spec import DataSpec
 from kdbench.method import TeacherRoute
 from kdbench.registry import get_method
 from kdbench.run.devices import prepare
-from kdbench.train import engine, parallel
+from kdbench.train import engine, parallel, teacher_cache
 from kdbench.zoo import create_model
 
 SPEC = DataSpec("synthetic", train_size=40, val_size=8, test_size=16, num_classes=4, image_size=8)
@@ -64,8 +64,8 @@ def train(variant: str, data, dtype: torch.dtype, opts: engine.EngineOptions) ->
         stop = prepare(student, teacher, method, stop)
     route = TeacherRoute(ROUTE, lambda e: states[e]) if needs.route else None
     try:
-        result = engine.fit(student, method, teacher, data, TRAIN, AUG, 0, opts, route=route, should_stop=stop,
-                            combine=combine)
+        result = engine.fit(student, method, teacher, data, TRAIN, AUG, 0, opts, hooks=engine.Hooks(should_stop=stop),
+                            provided=engine.Provided(route=route, combine=combine))
     except KdbenchError as exc:
         return {"error": str(exc)}
     out = {"student": student.state_dict(), "history": result.history}
@@ -83,10 +83,11 @@ def main(out: str, world: int, rank: int, port: int) -> None:
     data = load_splits(SPEC, None, "cpu", shard)
     opts = engine.EngineOptions(torch.device("cpu"), bf16=False, channels_last=False)
     results = {("float32", v): train(v, data, torch.float32, opts) for v in VARIANTS}
-    # float64 throughout: the engine normalises its uint8 batches to float32 otherwise (the only place it casts)
+    # float64 throughout: the engine (and its teacher outputs) normalise uint8 batches to float32 otherwise
     normalize = engine.normalize
-    engine.normalize = lambda images, info, dtype=None, channels_last=False: normalize(images, info, torch.float64,
-                                                                                       channels_last)
+    for module in (engine, teacher_cache):
+        module.normalize = lambda images, info, dtype=None, channels_last=False: normalize(images, info, torch.float64,
+                                                                                           channels_last)
     results.update({("float64", v): train(v, data, torch.float64, opts) for v in VARIANTS})
     if rank == 0:
         torch.save(results, out)

@@ -11,7 +11,7 @@ import torch
 from kdbench.data.spec import DataSpec
 from kdbench.data.load import load_data
 from kdbench import Interrupted
-from kdbench.train.engine import COMPILED_PREFIX, Compiled, EngineOptions, fit, plain_state_dict
+from kdbench.train.engine import COMPILED_PREFIX, Compiled, EngineOptions, Hooks, fit, plain_state_dict
 from kdbench.method import run_model
 from kdbench.registry import get_method
 from kdbench.config.schema import AugmentConfig, TrainConfig
@@ -93,7 +93,7 @@ def test_compiled_training_follows_the_eager_curve_and_resumes(data):
         return steps[0] == 6
 
     with pytest.raises(Interrupted):
-        run(data, compile=True, checkpoint=lambda s: saved.update(state=s), should_stop=should_stop)
+        run(data, compile=True, hooks=Hooks(checkpoint=lambda s: saved.update(state=s), should_stop=should_stop))
     state = saved["state"]
     state["models"] = {k: {COMPILED_PREFIX + n: v for n, v in sd.items()} for k, sd in state["models"].items()}
     resumed, resumed_model = run(data, compile=True, resume=state)
@@ -128,7 +128,9 @@ def test_cuda_graphs_follow_the_eager_curve_in_bf16():
 
 @pytest.mark.slow
 def test_bench_reports_the_compile_cost_of_each_model(tmp_path):
-    from kdbench.tools.bench import BenchSettings, markdown, run_bench
+    from kdbench.tools.bench_setup import BenchSettings
+    from kdbench.tools.bench_output import markdown
+    from kdbench.tools.bench import run_bench
 
     result = run_bench(BenchSettings(device="cpu", pairs=(("cifar_resnet8", "cifar_resnet8"),), batch_sizes=(4,),
                                      rounds=1, steps=1, workers=0, loops=("kdbench", "ceiling"), compile=True))

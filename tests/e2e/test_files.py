@@ -23,7 +23,7 @@ from kdbench.plan import make_plan
 from kdbench.storage.files import CorruptFile, checked_load, load_checkpoint
 from kdbench.storage.store import ModelStore
 from kdbench.config.load import load_suite
-from kdbench.tracking import TAG, Tracker
+from kdbench.tracking import JobTags, SuiteTags, Tracker
 
 from conftest import REPO
 SMALL = {"data": {"dataset": "synthetic", "train_size": 64, "test_size": 32, "num_classes": 4, "image_size": 32},
@@ -64,7 +64,7 @@ def lines(text: str) -> list[str]:
 def parents(suite="tiny"):
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name(suite)
-    return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(f"{TAG}role") == "suite"]
+    return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("kdbench.role") == "suite"]
 
 
 # ---------------------------------------------------------------------------------------------- the store
@@ -180,12 +180,12 @@ def test_a_kill_while_mlflow_creates_its_database_leaves_none_or_a_working_one(t
 
 def test_a_finished_run_keeps_no_failure_of_an_earlier_attempt(mlflow_db):
     tracker = Tracker()
-    parent = tracker.start_suite("s", "s.yaml", {}, {})
-    run = tracker.start_job(parent, "job", {}, {})
+    parent = tracker.start_suite(SuiteTags("s", "s.yaml"), {})
+    run = tracker.start_job(parent, "job", JobTags(), {})
     tracker.end(run, "KILLED", "interrupted: run the same command again to resume")
     tracker.reopen(run)
     tracker.end(run, "FINISHED")
-    assert f"{TAG}failure" not in tracker.client.get_run(run).data.tags
+    assert "kdbench.failure" not in tracker.client.get_run(run).data.tags
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -251,10 +251,9 @@ def test_report_takes_the_run_of_the_suite_as_it_is_now(write_suite, mlflow_db):
     path = write_suite(SMALL)
     plan = make_plan(load_suite(path), path)
     tracker = Tracker()
-    matching = tracker.start_suite("tiny", str(path), {f"{TAG}plan": plan.plan_hash,
-                                                       f"{TAG}suite_plan": plan.data_free_hash}, {})
+    matching = tracker.start_suite(SuiteTags("tiny", str(path), plan.plan_hash, plan.data_free_hash), {})
     time.sleep(0.01)
-    newer = tracker.start_suite("tiny", str(path), {f"{TAG}plan": "0" * 16, f"{TAG}suite_plan": "0" * 16}, {})
+    newer = tracker.start_suite(SuiteTags("tiny", str(path), "0" * 16, "0" * 16), {})
     heard: list[str] = []
     client = open_client()
     assert find_parent(client, "tiny", None, plan.data_free_hash, heard.append).info.run_id == matching

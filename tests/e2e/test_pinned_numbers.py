@@ -2,7 +2,8 @@
 
 tests/e2e/pinned/expected.json was written by the code before the reshape (commit ff27abf), one torch thread:
 job key -> role, method, seed, last-epoch test and validation accuracy, training loss. A refactor that changes
-a key (a hash input moved) or a number (an operation reordered) fails here, with the job it changed.
+a key (a hash input moved) or a number (an operation reordered) fails here, with the job it changed. The keys were
+renewed once when the jobs' runtime (device kind, torch threads) entered them; every number stayed as pinned.
 """
 
 import json

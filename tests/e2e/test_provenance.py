@@ -202,7 +202,7 @@ def test_collapsed_run_is_marked_counted_and_kept_out_of_every_mean(tmp_path, pl
     assert dkd.data.params["method.warmup"] == "1" and dkd.data.params["train.epochs"] == "2"
     assert "kdbench.collapsed" not in dkd.data.tags
     code, err = run_cli(monkeypatch, capsys, *args)  # counted again when skipped
-    assert "3 jobs finished (3 already done before), 0 failed, 1 collapsed" in err, err
+    assert "nothing to do: 4 jobs already finished (1 collapsed)" in err, err
 
     folder = write_report(path, tmp_path / "results")
     table = pd.read_csv(folder / "comparison.csv").set_index("row")

@@ -26,7 +26,7 @@ from kdbench import KdbenchError
 from kdbench.run.executors.inprocess import InProcessExecutor as Executor
 from kdbench.plan import make_plan
 from kdbench.report.figures import accuracy_figure
-from kdbench.report.cells import comparison_frame, layout_for, pick
+from kdbench.report.cells import comparison_frame, pick, report_scope
 from kdbench.report.runs import failure_reason, load_runs, open_client, find_parent
 from kdbench.report.write import write_report
 from kdbench.config.load import load_suite
@@ -195,8 +195,8 @@ def test_figure_lines_and_band_match_the_table(store):
     client = open_client(store["uri"])
     suite = load_suite(store["suite"])
     runs = load_runs(client, find_parent(client, suite.name))
-    layout = layout_for(make_plan(suite, store["suite"]), runs)
-    fig = accuracy_figure(comparison_frame(runs, layout), layout)
+    scope = report_scope(make_plan(suite, store["suite"]), runs)
+    fig = accuracy_figure(comparison_frame(runs, scope), scope)
     acc_ax, gain_ax = fig.axes
     truth_runs = truth(store)
 
@@ -238,13 +238,13 @@ def test_figure_lines_and_band_match_the_table(store):
     legend = fig.legends[0]
     assert [t.get_text() for t in legend.get_texts()][:2] == ["kd", "kd_T8"]
 
-    fig = accuracy_figure(comparison_frame(runs, layout), layout, x="teacher_acc", methods=["kd"], title="T")
+    fig = accuracy_figure(comparison_frame(runs, scope), scope, x="teacher_acc", methods=["kd"], title="T")
     acc_ax, _ = fig.axes
     (kd,) = [c for c in acc_ax.containers if isinstance(c, ErrorbarContainer)]
     assert kd.get_label() == "kd" and fig._suptitle.get_text() == "T"
     assert list(kd[0].get_xdata()) == pytest.approx([teacher]) and acc_ax.get_xscale() == "linear"
     with pytest.raises(KdbenchError, match="--methods: no method labelled 'nope'"):
-        accuracy_figure(comparison_frame(runs, layout), layout, methods=["nope"])
+        accuracy_figure(comparison_frame(runs, scope), scope, methods=["nope"])
 
 
 def holm_reference(pvalues):
@@ -409,8 +409,8 @@ def test_learning_curves_are_the_teachers_and_the_student_alone_per_epoch(store,
 
     suite = load_suite(store["suite"])
     runs = load_runs(client, find_parent(client, suite.name))
-    layout = layout_for(make_plan(suite, store["suite"]), runs)
-    fig = curves_figure(curves_frame(client, runs, layout.baseline), layout)
+    scope = report_scope(make_plan(suite, store["suite"]), runs)
+    fig = curves_figure(curves_frame(client, runs, scope.baseline), scope)
     metrics = {r["metric"] for r in rows}
     assert "val_acc" not in metrics and len(fig.axes) == len(metrics)
     assert all(ax.lines for ax in fig.axes)
@@ -483,3 +483,24 @@ def test_figure_x_range_holds_every_dodged_point(x, count):
     low, high = ax.get_xlim()
     dodged = [v * o if x == "gap" else v + o for v in pairs[x] for o in offsets]
     assert low < min(dodged) and max(dodged) < high
+
+
+def test_reference_results_beside_their_own_store_are_never_overwritten_by_a_report_of_another(store, tmp_path):
+    """A committed folder (results/quickstart/: the report and the mlflow.db it was made from) stays as it is when
+    a user reports their own run of the suite: that report goes to results/local/<suite>/, and says so."""
+    import shutil
+
+    reference = tmp_path / "results" / "reportsuite"
+    reference.mkdir(parents=True)
+    shutil.copy(store["root"] / "mlflow.db", reference / "mlflow.db")
+    (reference / "comparison.md").write_text("the reference\n")
+    heard = []
+    folder = write_report(store["suite"], tmp_path / "results", uri=store["uri"], notice=heard.append)
+    assert folder == tmp_path / "results" / "local" / "reportsuite" and (folder / "comparison.md").is_file()
+    assert (reference / "comparison.md").read_text() == "the reference\n"
+    said = [line for line in heard if "holds reference results made from" in line]
+    assert len(said) == 1 and "results/local/reportsuite/" in said[0], heard
+    # Regenerating the reference from its own store writes it in place, as the committed READMEs say.
+    own = f"sqlite:///{reference / 'mlflow.db'}"
+    assert write_report(store["suite"], tmp_path / "results", uri=own) == reference
+    assert (reference / "comparison.md").read_text() != "the reference\n"

@@ -18,9 +18,10 @@ from mlflow.tracking import MlflowClient
 from kdbench.data.spec import DataSpec
 from kdbench.data.load import load_data
 from kdbench import Interrupted
-from kdbench.train.engine import EngineOptions, fit
+from kdbench.train.engine import EngineOptions, Hooks, Provided, fit
 from kdbench.method import TeacherRoute
-from kdbench.registry import get_method, methods
+from kdbench.modifier import modify
+from kdbench.registry import get_method, get_modifier, methods
 from kdbench.config.schema import AugmentConfig, TrainConfig
 from kdbench.zoo import create_model
 
@@ -29,8 +30,11 @@ from kdbench.zoo import create_model
 STAGED = {"rco": {"anchors": 3}, "fitnets": {"two_stage": True, "ce_weight": 0.1, "kd_weight": 0.9,
                                               "hint_fraction": 1 / 3},
           "eskd": {"teacher_fraction": 0.3, "kd_until": 0.5}}  # an early route checkpoint; CE alone from epoch 3
+# Modifiers (kdbench.modifier) on a logit method: CTKD's learned temperature is state, its curriculum a schedule.
+MODIFIED = {"kd+logit_std": ("logit_std", {}), "dkd+ctkd": ("ctkd", {"curriculum_epochs": 4})}
 VARIANTS = {**{name: (name, STAGED.get(name, {})) for name in methods()},
-            "rco_greedy": ("rco", {**STAGED["rco"], "choice": "greedy"}), "fitnets_one_stage": ("fitnets", {})}
+            "rco_greedy": ("rco", {**STAGED["rco"], "choice": "greedy"}), "fitnets_one_stage": ("fitnets", {}),
+            **{label: (label.split("+")[0], {}) for label in MODIFIED}}
 EPOCHS, STEPS = 6, 3  # stages of two epochs: [0, 2), [2, 4), [4, 6)
 BATCH, SIZE = 8, 8  # tiny: 9 variants x 6 runs each must stay cheap
 TRAIN = TrainConfig(epochs=EPOCHS, batch_size=BATCH, lr=0.05, schedule="step", milestones=[4])
@@ -77,7 +81,11 @@ def fresh_fit(variant: str, data, **kw):
         teacher.load_state_dict(route_states[needs.teacher_epoch or ROUTE[-1]])
     student = model(1)
     method = cls(params, student, teacher, (3, SIZE, SIZE))
-    result = fit(student, method, teacher, data, TRAIN, AUG, 0, EngineOptions.for_device("cpu"), route=route, **kw)
+    if variant in MODIFIED:
+        name, modifier_params = MODIFIED[variant]
+        method = modify(method, get_modifier(name)(modifier_params))
+    result = fit(student, method, teacher, data, TRAIN, AUG, 0, EngineOptions.for_device("cpu"),
+                 provided=Provided(route=route), **kw)
     return result, student, teacher, method
 
 
@@ -105,8 +113,8 @@ def test_every_method_stopped_mid_epoch_and_across_stages_resumes_bit_identical(
     for epoch, calls in STOPS:
         saved = {}
         with pytest.raises(Interrupted):
-            fresh_fit(variant, data, resume=state, checkpoint=lambda s: saved.update(state=s),
-                      should_stop=stop_at(epoch, calls, state))
+            fresh_fit(variant, data, resume=state, hooks=Hooks(checkpoint=lambda s: saved.update(state=s),
+                                                                should_stop=stop_at(epoch, calls, state)))
         state = saved["state"]
         assert (state["epoch"], state["batch"]) == ((epoch + 1, 0) if calls > STEPS else (epoch, calls))
     resumed, student, teacher, method = fresh_fit(variant, data, resume=state)

@@ -15,23 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import finished_jobs
+from conftest import finished_jobs, slurm_missing
 from rich.console import Console
 
 from kdbench.run.executors import get_executor
 from kdbench.plan import make_plan
 from kdbench.config.load import load_suite
 from kdbench.zoo import create_model
-
-
-def slurm_missing() -> str | None:
-    try:
-        answer = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"sinfo does not run ({exc}); start SLURM with scripts/slurm_setup.sh"
-    if answer.returncode != 0 or not answer.stdout.strip():
-        return f"sinfo does not answer ({answer.stderr.strip()[:200]}); start SLURM with scripts/slurm_setup.sh"
-    return None
 
 
 pytestmark = pytest.mark.skipif(slurm_missing() is not None, reason=str(slurm_missing()))

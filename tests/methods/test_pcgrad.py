@@ -12,10 +12,10 @@ from kdbench.train.combine import pcgrad
 from kdbench.data.spec import DataSpec
 from kdbench.data.load import load_data
 from kdbench import Interrupted
-from kdbench.train.engine import EngineOptions, fit
+from kdbench.train.engine import EngineOptions, Hooks, Provided, fit
 from kdbench.plan import make_plan
 from kdbench.registry import get_method
-from kdbench.report.cells import layout_for
+from kdbench.report.cells import report_scope
 from kdbench.config.schema import AugmentConfig, TrainConfig
 from kdbench.config.load import load_suite
 from kdbench.zoo import create_model
@@ -124,7 +124,7 @@ def fit_kd(data, combine, **kw):
         teacher.get_classifier().bias.copy_(torch.tensor([8.0, 0.0, 0.0, 0.0]))
     method = get_method("kd")({"ce_weight": 1.0}, student, teacher, (3, 16, 16))
     result = fit(student, method, teacher, data, TRAIN, AugmentConfig(crop_padding=4, flip=True), 0,
-                 EngineOptions.for_device("cpu"), combine=combine, **kw)
+                 EngineOptions.for_device("cpu"), provided=Provided(combine=combine), **kw)
     return result, student
 
 
@@ -145,7 +145,7 @@ def test_engine_applies_pcgrad_logs_conflicts_per_epoch_and_resumes_identically(
         return steps[0] == 2
 
     with pytest.raises(Interrupted):
-        fit_kd(data, "pcgrad", checkpoint=lambda s: saved.update(state=s), should_stop=should_stop)
+        fit_kd(data, "pcgrad", hooks=Hooks(checkpoint=lambda s: saved.update(state=s), should_stop=should_stop))
     resumed, model = fit_kd(data, "pcgrad", resume=saved["state"])
     assert resumed.history == [{**h, **{k: r[k] for k in ("epoch_time", "images_per_sec")}}
                                for h, r in zip(reference.history, resumed.history)]
@@ -166,4 +166,4 @@ def test_suite_entry_combine_is_in_the_label_and_the_job_key(write_suite):
     # the report's vanilla-KD reference is the summed entry, even when kd+pcgrad comes first
     first = write_suite({"methods": [{"method": "kd", "combine": "pcgrad"}, "kd"]}, name="order.yaml")
     runs = pd.DataFrame(columns=["role", "pair", "method", "method_name", "seed"])
-    assert layout_for(make_plan(load_suite(first), Path(first)), runs).kd == "kd"
+    assert report_scope(make_plan(load_suite(first), Path(first)), runs).kd == "kd"

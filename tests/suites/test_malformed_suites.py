@@ -51,7 +51,10 @@ def test_unreadable_data_root(monkeypatch, capsys, tmp_path):
     (["--seeds", "a,b"], "--seeds: expected comma-separated non-negative integers"),
     (["--seeds=-1"], "--seeds: expected comma-separated non-negative integers"),
     (["--seeds", "0,0"], "--seeds: expected comma-separated non-negative integers, each once"),
+    (["--seeds", "4294967296"], "--seeds: expected comma-separated non-negative integers, each once, at most 4294967295"),
+    (["--seeds", ",".join(map(str, range(10001)))], "and 10000 of them"),
     (["--epochs", "0"], "--epochs: expected a positive integer"),
+    (["--epochs", "999999937"], "--epochs: expected a positive integer of at most 100000, got 999999937"),
     (["--methods", "fitnetz"], "--methods: fitnetz not in"),
 ])
 def test_bad_options(args, expected, monkeypatch, capsys, write_suite):
@@ -88,3 +91,37 @@ def test_yaml_bombs_are_refused_fast():
         with pytest.raises(SuiteError, match="refused"):
             load_suite(CASES[[p.stem for p in CASES].index(name)])
         assert time.perf_counter() - start < 2
+
+
+def test_a_huge_prime_epoch_count_is_refused_at_once_by_every_command(tmp_path):
+    """`epochs: 999999937` (a typo) used to make even `--dry-run` hang, choosing the route interval by trying every
+    divisor: now the schema bounds every number that sizes work, and the refusal takes no longer than start-up."""
+    import subprocess
+    import time
+
+    path = CASES[[p.stem for p in CASES].index("epochs_huge_prime")]
+    for command in (["validate"], ["run", "--dry-run"], ["pairs"]):
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "kdbench.cli", *command, str(path)], capture_output=True,
+                              text=True, timeout=300, cwd=tmp_path)
+        took = time.perf_counter() - start
+        assert proc.returncode == 2 and "expected less than or equal to 100000, got 999999937" in proc.stderr
+        assert took < 150, f"{command}: {took:.1f} s"  # start-up (imports) only, on a loaded machine: no hang
+
+
+def test_the_largest_epoch_counts_allowed_plan_in_moments(write_suite):
+    """Planning cost does not grow with the numbers a suite gives: the largest prime epoch count allowed (99,991),
+    its route interval chosen, teachers and students planned, with --epochs too, in well under a second each."""
+    import time
+
+    from kdbench.commands import load_plan
+
+    path = write_suite({"methods": ["baseline", "kd", "rco", "eskd"], "train": {"epochs": 99991, "batch_size": 32},
+                        "teacher": {"train": {"epochs": 99991}}, "seeds": [0, 4294967295]})
+    load_plan(path)  # imports and model statistics, cached for the process
+    for epochs in (None, 99989):
+        start = time.perf_counter()
+        plan = load_plan(path, epochs=epochs)
+        assert time.perf_counter() - start < 2
+        teacher = next(j for j in plan.jobs if j.role == "teacher")
+        assert teacher.train.epochs == (epochs or 99991) and teacher.route_every == (epochs or 99991)

@@ -17,7 +17,7 @@ from kdbench.report.paper import paper_frame
 from kdbench.config.reference import read_reference
 from kdbench.plan import make_plan
 from kdbench.report.runs import RUN_COLUMNS
-from kdbench.report.cells import layout_for
+from kdbench.report.cells import report_scope
 from kdbench.report.write import write_report
 from kdbench.config.schema import SuiteError
 from kdbench.config.load import load_suite
@@ -32,7 +32,7 @@ def test_paper_suites_map_every_published_number(path):
     suite = load_suite(path)
     published = read_reference(path, suite.reference)
     empty = pd.DataFrame(columns=RUN_COLUMNS)
-    frame = paper_frame(suite, path, empty, layout_for(make_plan(suite, path), empty))
+    frame = paper_frame(suite, path, empty, report_scope(make_plan(suite, path), empty))
     assert len(frame) == len(published)  # every published number has its row, none is dropped
     assert list(frame.paper) == [float(v) for v in published.value]
     assert frame["mean"].isna().all() and (frame.status != "").all()  # nothing run here: every cell says why

@@ -10,7 +10,10 @@ from PIL import Image
 from torchvision import transforms as T
 
 from kdbench import KdbenchError
-from kdbench.tools.bench import BenchSettings, PilDataset, check_settings, classic_transform, run_bench, write_result
+from kdbench.tools.bench_setup import BenchSettings, check_settings
+from kdbench.tools.bench_loops import PilDataset, classic_transform
+from kdbench.tools.bench import run_bench
+from kdbench.tools.bench_output import write_result
 from kdbench.data.spec import DataSpec, dataset_info
 from kdbench.data.batches import crop_flip, normalize
 

@@ -9,6 +9,8 @@ import pytest
 from kdbench import KdbenchError
 from kdbench import registry
 from kdbench.cli import main
+from kdbench.config.load import load_suite
+from kdbench.plan import make_plan
 
 PLUGIN = '''
 from kdbench.losses import cross_entropy
@@ -118,3 +120,37 @@ def test_cli_with_a_broken_plugin(fresh_registry, tmp_path, write_suite, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1, err
     assert str(path) in err[0] and "methods.1" in err[0] and "broken.py" in err[0] and "SyntaxError" in err[0], err
+
+
+MODIFIER_PLUGIN = '''
+from kdbench.modifier import Modifier
+
+
+class ClipTeacher(Modifier):
+    name = "clip_teacher"
+    summary = "the logits clipped before the method's logit losses see them"
+    defaults = {"bound": 10.0}
+    changes_logits = True
+
+    def logits(self, logits, batch):
+        return logits.float().clamp(-self.params["bound"], self.params["bound"])
+'''
+
+
+def test_a_modifier_is_one_file_found_where_methods_are(fresh_registry, tmp_path, monkeypatch, write_suite):
+    """docs/methods.md's "Adding a modifier" example: one file in a KDBENCH_METHODS folder, nothing else."""
+    folder = tmp_path / "my_modifiers"
+    folder.mkdir()
+    (folder / "clip_teacher.py").write_text(MODIFIER_PLUGIN)
+    monkeypatch.setenv("KDBENCH_METHODS", str(folder))
+    assert registry.get_modifier("clip_teacher").defaults == {"bound": 10.0}
+    assert "clip_teacher" not in registry.methods()
+    path = write_suite({"methods": ["kd", {"method": "kd", "modify": {"clip_teacher": {"bound": 3}}}]})
+    plan = make_plan(load_suite(path), path)
+    job = next(j for j in plan.jobs if j.method.label == "kd+clip_teacher")
+    assert job.config["modify"]["params"] == {"bound": 3} and job.config["modify"]["method_hash"]
+    before = job.key
+    (folder / "clip_teacher.py").write_text(MODIFIER_PLUGIN.replace("return logits", "return 0.5 * logits"))
+    registry.methods.cache_clear()
+    again = next(j for j in make_plan(load_suite(path), path).jobs if j.method.label == "kd+clip_teacher")
+    assert again.key != before  # an edit of the modifier's file retrains its jobs

@@ -8,7 +8,7 @@ from kdbench.data.spec import DataSpec
 from kdbench.data.batches import (Views, epoch_batches, epoch_views, make_generator, normalize, num_views, view_ids,
                                   views_from_ids)
 from kdbench.data.load import load_data
-from kdbench.train.engine import EngineOptions, fit
+from kdbench.train.engine import EngineOptions, Provided, fit
 from kdbench.registry import get_method
 from kdbench.config.schema import AugmentConfig, TrainConfig
 from kdbench.train.teacher_cache import TeacherCache
@@ -93,7 +93,8 @@ def test_fit_with_shared_teacher_outputs_trains_the_same_student():
         torch.manual_seed(1)
         student = create_model("cifar_resnet8", 5, 3)
         method = kd({}, student, teacher, data.info.input_shape)
-        result = fit(student, method, teacher, data, train, augment, 7, CPU, teacher_cache=cache if use_cache else None)
+        result = fit(student, method, teacher, data, train, augment, 7, CPU,
+                     provided=Provided(teacher_cache=cache if use_cache else None))
         runs.append((result, cache.images_computed))
     (plain, _), (first, filled), (second, filled_after) = runs
     timing = ("epoch_time", "images_per_sec")
@@ -132,4 +133,4 @@ def test_a_cache_for_other_views_is_refused():
     method = get_method("kd")({}, student, teacher, data.info.input_shape)
     with pytest.raises(ValueError, match="another training split or augmentation"):
         fit(student, method, teacher, data, TrainConfig(epochs=1), AugmentConfig(crop_padding=2, flip=True), 0, CPU,
-            teacher_cache=cache)
+            provided=Provided(teacher_cache=cache))

@@ -22,10 +22,11 @@ from kdbench import Interrupted
 from kdbench.train.engine import EngineOptions
 from kdbench.run.executors.options import ExecutorOptions
 from kdbench.run.job import COLLAPSED, FAILED, FINISHED, HELD, SKIPPED, JobResult, stored_accuracy
-from kdbench.run.context import JobContext, Local, Reporter
-from kdbench.plan import STORED_ROLES, Job, Plan
+from kdbench.run.context import JobContext, ProcessCache, Reporter
+from kdbench.plan import STORED_ROLES, Job, Plan, runtime_config
 from kdbench.storage.store import ModelStore
-from kdbench.tracking import TAG, Tracker, code_version, environment, flatten
+from kdbench.tracking import (TEACHER_FAILED, RunStatus, SuiteTags, Tracker, absolute_uri, code_version, environment,
+                              flatten)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Outcome:
     failed: dict[str, str] = field(default_factory=dict)  # job key -> reason
     collapsed: dict[str, str] = field(default_factory=dict)  # finished, but at chance or never learned: no number
     skipped: int = 0  # jobs already finished by an earlier or concurrent run
+    nothing_to_do: bool = False  # every job had finished before: no job ran and the parent run was left as it was
 
     def record(self, result: JobResult) -> None:
         if result.status in (FINISHED, SKIPPED):
@@ -46,14 +48,6 @@ class Outcome:
             self.collapsed[result.key] = result.reason
         elif result.status != HELD:
             raise ValueError(f"unknown job status {result.status!r}")
-
-
-def absolute_uri(uri: str) -> str:
-    """A relative SQLite tracking URI made absolute, so it names the same file from a worker's folder."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
 
 
 def dependency_levels(jobs: list[Job]) -> list[list[Job]]:
@@ -89,8 +83,14 @@ class Executor:
         self.download = download
         self.teacher_cache = teacher_cache or plan.suite.teacher_cache
         self.unresolved: dict[str, str] = {}  # student job key -> why its "auto" assistant could not be chosen
+        self.done_before: dict[str, str] | None = None  # a finished parent run's jobs, when none is left to run
         self.ctx: JobContext | None = None
         self.options = options or ExecutorOptions()
+
+    @property
+    def runtime(self) -> dict:
+        """The torch configuration every job runs under (and is keyed by): this device kind, the options' threads."""
+        return runtime_config(self.opts.device.type, self.options.threads)
 
     def run_jobs(self, jobs: list[Job], outcome: Outcome) -> None:
         raise NotImplementedError
@@ -102,10 +102,10 @@ class Executor:
                          data_root=self.data_root.resolve() if self.data_root else None,
                          device=self.device, compile=self.compile, download=self.download,
                          teacher_cache=self.teacher_cache,
-                         local=Local(opts=self.opts, store=self.store, reporter=Reporter(self.console)))
+                         local=ProcessCache(opts=self.opts, store=self.store, reporter=Reporter(self.console)))
         # A missing dataset stops the suite before anything is written to MLflow; teachers are keyed by the data
         # they learn from (its fingerprint, known once it is read).
-        self.plan = plan = plan.for_data(ctx.data(plan).fingerprint)
+        self.plan = plan = plan.for_data(ctx.data(plan).fingerprint).for_runtime(self.runtime)
         self.tracker = self.tracker or Tracker()
         ctx.local.tracker, ctx.tracking_uri = self.tracker, absolute_uri(self.tracker.uri)
         ctx.env = {**code_version(), **environment(str(ctx.opts.device)),
@@ -119,6 +119,11 @@ class Executor:
         ctx.parent_run = self.parent_run(ctx.env)  # before any worker starts: workers only add child runs
         self.ctx = ctx
         outcome = Outcome(ctx.parent_run)
+        if self.done_before is not None:
+            outcome.finished = [k for k, why in self.done_before.items() if not why]
+            outcome.collapsed = {k: why for k, why in self.done_before.items() if why}
+            outcome.skipped, outcome.nothing_to_do = len(outcome.finished), True
+            return outcome
         # The parent run is shared by every process working on this plan: the last one to leave ends it.
         with self.store.workers(ctx.parent_run, f"suite-{plan.plan_hash}") as self.workers:
             try:
@@ -128,10 +133,10 @@ class Executor:
                 raise
             except BaseException:  # a bug outside any job: the parent must not stay RUNNING
                 if self.workers.leave():
-                    self.tracker.end(outcome.parent_run, "FAILED", traceback.format_exc())
+                    self.tracker.end(outcome.parent_run, RunStatus.FAILED, traceback.format_exc())
                 raise
             if self.workers.leave():
-                self.tracker.end(outcome.parent_run, "FAILED" if outcome.failed else "FINISHED")
+                self.tracker.end(outcome.parent_run, RunStatus.FAILED if outcome.failed else RunStatus.FINISHED)
         return outcome
 
     def session(self, outcome: Outcome):
@@ -150,7 +155,7 @@ class Executor:
             self.run_jobs([j for j in self.plan.jobs if j not in first_wave], outcome)
         except (Interrupted, KeyboardInterrupt):
             if self.workers.leave():  # never while another process still works on the shared parent
-                self.tracker.end(outcome.parent_run, "KILLED")
+                self.tracker.end(outcome.parent_run, RunStatus.KILLED)
             raise
 
     def blocked(self, job: Job, outcome: Outcome) -> str | None:
@@ -158,7 +163,7 @@ class Executor:
         if job.pending:
             return self.unresolved.get(job.key, "assistant not chosen")
         if job.teacher and job.teacher in outcome.failed:
-            return f"its teacher failed: {outcome.failed[job.teacher]}"
+            return f"{TEACHER_FAILED}{outcome.failed[job.teacher]}"
         return None
 
     def parent_run(self, env: dict[str, str]) -> str:
@@ -166,17 +171,19 @@ class Executor:
         plan = self.plan
         with FileLock(str(self.store.lock_path(f"suite-{plan.plan_hash}"))):
             found = None if self.fresh else self.tracker.find_suite_run(plan.suite.name, plan.plan_hash)
+            if found is not None and found.info.status == RunStatus.FINISHED:
+                done = self.tracker.finished_jobs(found.info.run_id)
+                if all(job.key in done for job in plan.jobs):  # nothing to run: the parent keeps its duration
+                    self.done_before = done
+                    return found.info.run_id
             if found is not None:
-                if found.info.status != "RUNNING":
+                if found.info.status != RunStatus.RUNNING:
                     self.tracker.reopen(found.info.run_id)
                 self.console.print(f"continuing run {found.info.run_id} of {plan.suite.name} "
                                    f"(finished jobs are skipped; use --fresh to start over)")
                 return found.info.run_id
-            tags = {f"{TAG}{k}": v for k, v in env.items()}
-            tags[f"{TAG}plan"] = plan.plan_hash
-            tags[f"{TAG}suite_plan"] = plan.data_free_hash  # what `kdbench report` matches the suite file with
-            return self.tracker.start_suite(plan.suite.name, str(plan.suite_path), tags,
-                                            flatten("", plan.suite.model_dump(mode="json"), {}))
+            tags = SuiteTags(plan.suite.name, str(plan.suite_path), plan.plan_hash, plan.data_free_hash, env)
+            return self.tracker.start_suite(tags, flatten("", plan.suite.model_dump(mode="json"), {}))
 
     def build_teacher(self, job: Job):
         """The model that teaches `job` (as a worker builds it), for inspection after a run."""

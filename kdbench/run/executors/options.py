@@ -32,7 +32,7 @@ DEFAULT_CONFIG = Path("~/.config/kdbench/executor.yaml")
 
 @dataclass
 class ExecutorOptions:
-    cpus_per_job: float | None = None  # CPU cores per job (and torch threads: the integer part, at least 1)
+    cpus_per_job: float | None = None  # CPU cores per job (and torch threads, in every executor: `threads`)
     gpus_per_job: float | None = None  # Ray: fractions pack jobs on a GPU; SLURM: whole GPUs
     address: str | None = None  # Ray: an existing cluster ("auto", "ray://host:10001"); None starts a local one
     partition: str | None = None  # SLURM
@@ -42,6 +42,11 @@ class ExecutorOptions:
     max_retries: int = 3  # SLURM: resubmissions of a job that died unfinished (cancelled, node lost)
     devices_per_job: int | None = None  # one job on N devices (data parallel): SLURM: N tasks on one node
     poll_s: float = 2.0  # SLURM: how often the driver looks at its jobs
+
+    @property
+    def threads(self) -> int:
+        """torch threads per job: the integer part of cpus_per_job, at least 1 (one by default, in every executor)."""
+        return max(1, int(self.cpus_per_job or 1))
 
     @classmethod
     def names(cls) -> list[str]:

@@ -2,12 +2,15 @@
 
 `--executor ray` starts a local Ray (this machine's CPUs and GPUs) unless `--ray-address` names an existing
 cluster ("auto" on a cluster node, or "ray://head:10001"). Each task asks for `--cpus-per-job` CPUs (default 1;
-torch gets that many threads) and `--gpus-per-job` GPUs (0.25: four jobs share a GPU; default 0 on a CPU-only
-run, 1 otherwise). Every worker must see the store, the data and the MLflow tracking URI at the same paths.
+torch gets that many threads, as in every executor: part of the jobs' keys) and `--gpus-per-job` GPUs (0.25: four
+jobs share a GPU; default 0 on a CPU-only run, 1 otherwise). Every worker must see the store, the data and the
+MLflow tracking URI at the same paths.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from contextlib import contextmanager
 
 from kdbench import KdbenchError
@@ -19,11 +22,16 @@ from kdbench.run.context import JobContext, StopRequest
 from kdbench.plan import Job, Plan
 
 
-def _ray_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None, threads: int) -> JobResult:
-    import torch
+def _ray_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobResult:
+    return run_job(plan, job, ctx, blocked)  # torch threads: the job's runtime (the task's CPUs), set by run_job
 
-    torch.set_num_threads(threads)  # the task's CPUs, not the machine's: packed jobs do not fight for cores
-    return run_job(plan, job, ctx, blocked)
+
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"  # a logger filter sees only its own records
+
+
+def _no_default_auth_notice(record: logging.LogRecord) -> bool:
+    """Ray's notice that a local Ray uses token authentication, its default: a line in every log, nothing to do."""
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 class RayExecutor(Executor):
@@ -46,6 +54,9 @@ class RayExecutor(Executor):
         if started:
             # A local Ray's workers inherit this process's environment (PYTHONPATH, KDBENCH_*), and Ray sets their
             # OMP_NUM_THREADS to the task's CPUs. No dashboard: nothing needs it, and it slows a loaded machine.
+            if not self.console.is_terminal:  # a log file or a pipe: worker lines without colour codes
+                os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+            logging.getLogger(AUTH_LOGGER).addFilter(_no_default_auth_notice)
             for attempt in range(3):  # a loaded machine can miss Ray's fixed 30 s start-up wait: try again
                 try:
                     ray.init(address=opts.address, include_dashboard=False, configure_logging=False)
@@ -69,10 +80,9 @@ class RayExecutor(Executor):
         ray = self.ray
         task = ray.remote(_ray_job).options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)
         plan_ref, ctx_ref = ray.put(self.plan), ray.put(self.ctx)  # once per wave, not once per job
-        threads = max(1, int(self.cpus))
         for level in dependency_levels(jobs):
             while level:
-                running = {task.remote(plan_ref, job, ctx_ref, self.blocked(job, outcome), threads): job
+                running = {task.remote(plan_ref, job, ctx_ref, self.blocked(job, outcome)): job
                            for job in level}
                 held = self.collect(running, outcome)
                 if held:
@@ -94,9 +104,8 @@ class RayExecutor(Executor):
                         job, result = running.pop(ref), ray.get(ref)
                         if result.status == HELD:  # another kdbench process trains it: wait, then look again
                             held.append(job)
-                        else:
+                        else:  # the worker's own line ("done ...", "failed ...") says how it ended
                             outcome.record(result)
-                            self.console.print(f"[dim]ray:[/] {job.title}: {result.status}")
             except (Interrupted, KeyboardInterrupt):
                 for ref in running:
                     ray.cancel(ref)  # a KeyboardInterrupt in the task: its run is marked KILLED, its claim freed

@@ -23,9 +23,9 @@ from kdbench import KdbenchError
 from kdbench.storage.claims import Claim
 from kdbench import Interrupted
 from kdbench.run.executors.base import Executor, Outcome, dependency_levels
-from kdbench.run.job import FAILED, HELD, JobResult, run_job
+from kdbench.run.job import FAILED, HELD, JobResult, follow, run_job
 from kdbench.run.context import JobContext, Reporter, StopRequest
-from kdbench.run.devices import follow, join_slurm_task, leading
+from kdbench.run.devices import join_slurm_task, leading
 from kdbench.plan import Job, Plan
 
 try:
@@ -40,11 +40,8 @@ class SlurmTask(Checkpointable):
     """One array task. Checkpointable: on SIGUSR2 (time limit, preemption) submitit requeues this same call, which
     resumes from the job's checkpoint in the store."""
 
-    def __call__(self, plan: Plan, job: Job, ctx: JobContext, blocked: str | None, threads: int,
+    def __call__(self, plan: Plan, job: Job, ctx: JobContext, blocked: str | None,
                  devices: int = 1) -> JobResult | None:
-        import torch
-
-        torch.set_num_threads(threads)
         stop = StopRequest(Reporter().console)  # scancel's SIGTERM: checkpoint at the next step, then stop
         ctx.local.should_stop = stop
         with stop.installed():
@@ -89,7 +86,7 @@ class SlurmExecutor(Executor):
         self.logs = logs.resolve()
         executor = submitit.AutoExecutor(folder=self.logs, cluster="slurm")
         params = {"name": f"kdbench-{self.plan.suite.name}", "timeout_min": opts.time_min or 24 * 60,
-                  "cpus_per_task": max(1, int(opts.cpus_per_job or 1))}
+                  "cpus_per_task": opts.threads}  # torch gets as many threads: run_job sets the job's runtime
         if opts.partition:
             params["slurm_partition"] = opts.partition
         on_gpu = self.ctx.opts.device.type == "cuda"
@@ -104,7 +101,6 @@ class SlurmExecutor(Executor):
             params["mem_gb"] = opts.mem_gb
         executor.update_parameters(**params)
         self.executor = executor
-        self.threads = params["cpus_per_task"]
         self.console.print(f"slurm: job logs in {self.logs}/ (<SLURM job id>_..._log.out and .err, "
                            "one pair per job)")
         yield
@@ -115,7 +111,7 @@ class SlurmExecutor(Executor):
             while level:
                 n = len(level)
                 tasks = self.executor.map_array(SlurmTask(), [self.plan] * n, level, [self.ctx] * n,
-                                                [self.blocked(job, outcome) for job in level], [self.threads] * n,
+                                                [self.blocked(job, outcome) for job in level],
                                                 [self.devices] * n)
                 ids = sorted({t.job_id.split("_")[0] for t in tasks})
                 self.console.print(f"slurm: submitted {n} job(s) as array {', '.join(ids)}: "

@@ -1,0 +1,109 @@
+"""The same numbers however the jobs are launched: in-process with default settings, on Ray and on SLURM, bit for
+bit, accuracies, losses and the stored teacher's weights; and `--cpus-per-job` reaches the jobs.
+
+tests/conftest.py sets OMP_NUM_THREADS=1 for the tests; a user's shell does not. The kdbench processes started here
+run without it (and without MKL_NUM_THREADS), so torch's own default, a thread per core, is what they start with:
+before each job ran at one fixed thread count, the in-process run here differed from Ray's in the last bits.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import TINY, finished_jobs, slurm_missing
+from mlflow.tracking import MlflowClient
+
+from kdbench.config.load import load_suite
+from kdbench.plan import make_plan, runtime_config
+from kdbench.storage.store import ModelStore
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def kdbench(root: Path, *args: str) -> tuple[str, str]:
+    """`kdbench run SUITE ARGS` in its own store and MLflow database under `root`, with the environment a user has
+    (no thread variables); returns (parent run id, stderr)."""
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+    env.update(KDBENCH_STORE=str(root / "store"), MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
+    done = subprocess.run([sys.executable, "-m", "kdbench.cli", "run", *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return re.search(r"parent run (\w+)", done.stderr).group(1), done.stderr
+
+
+def numbers(root: Path, parent: str) -> dict:
+    """Per job: role, final test accuracy and training loss; per stored model: its weights."""
+    jobs = finished_jobs(f"sqlite:///{root / 'mlflow.db'}", parent)
+    store = ModelStore(root / "store")
+    weights = {e.key: store.load_final(e.key) for e in store.entries() if e.kind == "model"}
+    return {"jobs": jobs, "weights": weights}
+
+
+def child_runs(root: Path, parent: str) -> list:
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def same(a: dict, b: dict) -> None:
+    assert a["jobs"] == b["jobs"]  # the same keys, accuracies and losses, bit for bit
+    assert a["weights"].keys() == b["weights"].keys() and a["weights"]
+    for key, state in a["weights"].items():
+        assert all(torch.equal(state[name], b["weights"][key][name]) for name in state), key
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("suite") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def in_process(suite, tmp_path_factory) -> dict:
+    """The suite in-process, as `kdbench run SUITE` runs it by default."""
+    root = tmp_path_factory.mktemp("inprocess")
+    parent, _ = kdbench(root, str(suite), "--device", "cpu")
+    got = numbers(root, parent)
+    runs = child_runs(root, parent)
+    assert {r.data.params["runtime.threads"] for r in runs} == {"1"}  # recorded with every run
+    assert {r.data.params["runtime.deterministic_algorithms"] for r in runs} == {"True"}
+    assert len(got["jobs"]) == 3 and not any((root / "store" / "jobs").iterdir())  # no empty jobs/<key>/ left
+    return got
+
+
+def test_ray_gives_the_in_process_numbers_and_weights(suite, in_process, tmp_path):
+    pytest.importorskip("ray")
+    _, err = kdbench(tmp_path, str(suite), "--device", "cpu", "--executor", "ray")
+    same(numbers(tmp_path, re.search(r"parent run (\w+)", err).group(1)), in_process)
+    # A log file gets plain lines: no colour codes, one line per job (the worker's), no notice of Ray's defaults.
+    assert "\x1b[" not in err and "Token authentication" not in err, err
+    assert len(re.findall(r"\) (done|collapsed) teacher", err)) >= 1 and "ray: teacher" not in err, err
+
+
+@pytest.mark.skipif(slurm_missing() is not None, reason=str(slurm_missing()))
+def test_slurm_gives_the_in_process_numbers_and_weights(suite, in_process, tmp_path):
+    parent, _ = kdbench(tmp_path, str(suite), "--device", "cpu", "--executor", "slurm", "--time-min", "30")
+    same(numbers(tmp_path, parent), in_process)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a 2-CPU Ray task needs 2 CPUs")
+def test_cpus_per_job_reaches_a_ray_job_and_its_key(tmp_path):
+    pytest.importorskip("ray")
+    path = tmp_path / "one.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "methods": ["baseline"], "train": {**TINY["train"], "epochs": 1}}))
+    parent, err = kdbench(tmp_path, str(path), "--device", "cpu", "--executor", "ray", "--cpus-per-job", "2")
+    assert "2 CPU and 0 GPU per job" in err, err
+    plan = make_plan(load_suite(path), path)
+    runs = child_runs(tmp_path, parent)
+    keys = {r.data.tags["kdbench.job"] for r in runs}
+    assert keys == {j.key for j in plan.for_runtime(runtime_config("cpu", 2)).jobs}  # keyed by two threads...
+    assert not keys & {j.key for j in plan.jobs}  # ...so never mistaken for a one-thread job
+    assert {r.data.params["runtime.threads"] for r in runs} == {"2"}
