@@ -2,20 +2,17 @@
 
 Imported by `kdbench.cli.main` once its signal handlers are installed.
 """
-from __future__ import annotations
 
-import time
+from __future__ import annotations
 from pathlib import Path
 from typing import Optional
-
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
-
 from kdbench import KdbenchError
 from kdbench.storage.store import ModelStore
-from kdbench.plan import STORED_ROLES, make_plan, runtime_config
+from kdbench.plan import make_plan
+from kdbench.runtime import runtime_config
 from kdbench.config.load import load_suite
 from kdbench.config.schema import MAX_EPOCHS, MAX_SEEDS
 from kdbench.seeding import MAX_SEED
@@ -40,15 +37,13 @@ from kdbench.tools.bench_setup import BenchSettings
 from kdbench.tools.bench_output import print_result, write_result
 from kdbench.tools.bench import run_bench
 from kdbench.train.engine import EngineOptions
+from kdbench.printing import DRY_RUN_LISTED, err, out, pairs_table, print_entries, print_plan, print_table, size_text
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kdbench: knowledge distillation benchmarks on timm models, logged to MLflow.")
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # log lines stay whole: paths must stay copyable
 
 SuiteArg = typer.Argument(..., help="suite file (YAML)", show_default=False)
-DRY_RUN_LISTED = 200  # a dry run lists plans of up to this many jobs; larger ones get a summary (--all lists them)
-SUMMARY_PAIRS = 50  # pairs shown in a summary's per-pair table
 STORE_HELP = "the model store: trained teachers, route checkpoints, assistants [default: $KDBENCH_STORE, else ./kdbench-store]"
 
 
@@ -108,38 +103,10 @@ def _data_error(suite_path: Path, exc: Exception) -> KdbenchError:
     return KdbenchError(f"{suite_path}: field '{field}': {text}")
 
 
-def _print_table(table: Table) -> None:
-    """A table on a terminal; into a file or a pipe, plain aligned text at full width: no cell cut to 80 columns,
-    no box lines, every column kept (model names, keys)."""
-    if out.is_terminal:
-        out.print(table)
-        return
-    rows = [[str(c.header) for c in table.columns]] + [[str(cell) for cell in row]
-                                                        for row in zip(*(c.cells for c in table.columns))]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(table.columns))]
-    right = [c.justify == "right" for c in table.columns]
-    lines = [str(table.title)] if table.title else []
-    lines += ["  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip() for row in rows]
-    lines += [str(table.caption)] if table.caption else []
-    for line in lines:
-        out.print(line, markup=False, highlight=False, soft_wrap=True)
-
-
-def _pairs_table(plan) -> Table:
-    table = Table(title=f"{plan.suite.name}: {len(plan.pairs)} pairs", box=box.SIMPLE_HEAD)
-    for col in ("teacher", "params M", "MACs M", "student", "params M", "MACs M", "gap"):
-        names = col in ("teacher", "student")
-        table.add_column(col, justify="left" if names else "right", no_wrap=names)
-    for p in plan.pairs:
-        table.add_row(p.teacher.name, f"{p.teacher.params / 1e6:.2f}", f"{p.teacher.macs / 1e6:.1f}",
-                      p.student.name, f"{p.student.params / 1e6:.2f}", f"{p.student.macs / 1e6:.1f}", f"{p.gap:.1f}")
-    return table
-
-
 @app.command()
 def pairs(suite: Path = SuiteArg) -> None:
     """Print the suite's teacher-student pairs with parameters, MACs and capacity gap (needs no data)."""
-    _print_table(_pairs_table(load_plan(suite)))
+    print_table(pairs_table(load_plan(suite)))
 
 
 @app.command()
@@ -178,14 +145,14 @@ def methods() -> None:
         needs = needs or "-"
         defaults = ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "-"
         table.add_row(name, defaults, needs, cls.summary)
-    _print_table(table)
+    print_table(table)
     table = Table(title="modifiers", box=box.SIMPLE_HEAD,
                   caption="with any method that declares logit losses: {method: kd, modify: logit_std} (label kd+logit_std)")
     for col in ("name", "defaults", "what it does"):
         table.add_column(col)
     for name, cls in modifier_registry().items():
         table.add_row(name, ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "-", cls.summary)
-    _print_table(table)
+    print_table(table)
 
 
 @app.command()
@@ -238,7 +205,7 @@ def run(
     root = resolve_data_root(str(data_root) if data_root else None)
     if dry_run:  # keys as the run will make them where the data's fingerprint is known without reading the data
         runtime = runtime_config(EngineOptions.for_device(device).device.type, options.threads)
-        _print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)).for_runtime(runtime),
+        print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)).for_runtime(runtime),
                     model_store, every_job)
         if world > 1:
             err.print(layout_line(plan, world), markup=False, highlight=False)
@@ -428,34 +395,14 @@ store_app = typer.Typer(no_args_is_help=True, help="What the model store holds, 
 app.add_typer(store_app, name="store")
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return ""  # pragma: no cover
-
-
-def _print_entries(title: str, entries) -> None:
-    """Plain aligned lines, never cut to the terminal's width: keys and paths stay whole and copyable."""
-    rows = [("key", "kind", "model", "role", "size", "date")]
-    rows += [(e.key, e.kind, e.model or "-", e.role or "-", _size(e.size),
-              time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))) for e in entries]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out.print(title, markup=False, highlight=False, soft_wrap=True)
-    for r in rows:
-        out.print("  ".join(c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip(),
-                  markup=False, highlight=False, soft_wrap=True)
-
-
 @store_app.command("list")
 def store_list(store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP, show_default=False)) -> None:
     """Every entry of the store (trained models, unfinished jobs' checkpoints, corrupted entries moved aside)."""
     model_store = _store(store)
     entries = model_store.entries()
-    _print_entries(f"{model_store.root}: {len(entries)} entries", entries)
+    print_entries(f"{model_store.root}: {len(entries)} entries", entries)
     total = folder_size(model_store.root) if model_store.root.is_dir() else 0
-    out.print(f"total {_size(total)} in {model_store.root}", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"total {size_text(total)} in {model_store.root}", markup=False, highlight=False, soft_wrap=True)
 
 
 @store_app.command("gc")
@@ -482,67 +429,12 @@ def store_gc(
         err.print(f"nothing to remove in {model_store.root}: every entry is referenced by a run in {tracking_uri()}",
                   markup=False, highlight=False)
         return
-    _print_entries(f"{'removing' if yes else 'would remove'} {len(doomed)} entries ({_size(total)}) from "
+    print_entries(f"{'removing' if yes else 'would remove'} {len(doomed)} entries ({size_text(total)}) from "
                    f"{model_store.root}", doomed)
     if not yes:
         err.print("dry run: nothing removed; pass --yes to remove them", markup=False, highlight=False)
         return
     busy = [e for e in doomed if not model_store.remove(e)]
     freed = total - sum(e.size for e in busy)
-    err.print(f"removed {len(doomed) - len(busy)} entries, {_size(freed)} freed"
+    err.print(f"removed {len(doomed) - len(busy)} entries, {size_text(freed)} freed"
               + (f"; {len(busy)} in use by a running process, kept" if busy else ""), markup=False, highlight=False)
-
-
-def _print_plan(plan, store, every_job: bool = False) -> None:
-    if every_job or len(plan.jobs) <= DRY_RUN_LISTED:
-        _print_table(_pairs_table(plan))
-        _print_table(_jobs_table(plan, store))
-        return
-    _print_summary(plan, store)
-
-
-def _jobs_table(plan, store) -> Table:
-    table = Table(title=f"{len(plan.jobs)} jobs, {len(plan.cells)} cells", box=box.SIMPLE_HEAD)
-    for col in ("#", "role", "model", "method", "seed", "teacher", "epochs", "key", "store"):
-        table.add_column(col, no_wrap=col in ("model", "teacher", "method"))
-    for i, job in enumerate(plan.jobs, 1):
-        stored = "reuse" if job.role in STORED_ROLES and store.has(job.key) else ""
-        teacher = (job.teacher_model or "") + (" (fresh)" if job.teacher_init == "random" else "")
-        teacher += "".join(f" > {a}" for a in job.assistants)
-        table.add_row(str(i), job.role, job.model, job.method.label, str(job.seed), teacher,
-                      str(job.train.epochs), job.key, stored)
-    return table
-
-
-def _count_table(title: str, columns: tuple[str, ...], rows: dict[str, tuple[int, ...]], more: int = 0) -> Table:
-    table = Table(title=title, box=box.SIMPLE_HEAD, caption=f"and {more} more (--all lists them)" if more else None)
-    for i, col in enumerate(columns):
-        table.add_column(col, justify="right" if i else "left", no_wrap=not i)
-    for name, counts in rows.items():
-        table.add_row(name, *map(str, counts))
-    return table
-
-
-def _print_summary(plan, store) -> None:
-    """A large plan in counts (jobs per role and stored models reused; cells and student jobs per method and per
-    pair), not one line per job: thousands of lines help no one see what will run."""
-    roles: dict[str, list[int]] = {}
-    for job in plan.jobs:
-        counts = roles.setdefault(job.role, [0, 0])
-        counts[0] += 1
-        counts[1] += int(job.role in STORED_ROLES and store.has(job.key))
-    groups: dict[str, dict[str, tuple[list, set]]] = {"method": {}, "pair": {}}
-    for cell in plan.cells:
-        for kind, name in (("method", cell.method), ("pair", cell.pair.name)):
-            cells, jobs = groups[kind].setdefault(name, ([], set()))
-            cells.append(cell)
-            jobs.add(cell.job)
-    methods, pairs = ({name: (len(c), len(j)) for name, (c, j) in groups[k].items()} for k in ("method", "pair"))
-    seeds = len({c.seed for c in plan.cells})
-    out.print(f"{plan.suite.name}: {len(plan.pairs)} pairs x {len(methods)} methods x {seeds} seeds = "
-              f"{len(plan.cells)} cells, {len(plan.jobs)} jobs; a summary: `--dry-run --all` lists every job",
-              markup=False, highlight=False, soft_wrap=True)
-    _print_table(_count_table("jobs by role", ("role", "jobs", "reuse"), {r: tuple(c) for r, c in roles.items()}))
-    _print_table(_count_table("by method", ("method", "cells", "student jobs"), methods))
-    shown = dict(list(pairs.items())[:SUMMARY_PAIRS])
-    _print_table(_count_table("by pair", ("pair", "cells", "student jobs"), shown, len(pairs) - len(shown)))

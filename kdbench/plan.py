@@ -5,24 +5,22 @@ reuse a trained teacher in another suite and can never reuse a stale one after a
 """
 
 from __future__ import annotations
-
-import hashlib
-import json
-from dataclasses import dataclass, field
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
-
 from kdbench import KdbenchError
 from kdbench.data.spec import DatasetInfo, dataset_info
 from kdbench.method import AUTO, BETWEEN, Needs
 from kdbench.registry import get_method, get_modifier, method_hash, modifier_hash
-from kdbench.storage.files import sha256
+from kdbench.storage.files import content_hash, sha256
 from kdbench.config.checks import check_method_models
 from kdbench.config.schema import AugmentConfig, MethodEntry, Suite, TrainConfig
 from kdbench.zoo import (ModelStats, known_models, matching_models, model_kwargs_problem, model_stats,
                          models_between)
 from kdbench.data.sources import data_fingerprint
+from kdbench.runtime import runtime_config
+from kdbench.schedule import default_route_every, scale_epoch_params
+
 
 STORE_VERSION = 2  # bump when a change to the engine changes what a given config trains to
 # 2: channels_last on CPU too (other convolution kernels, so other last bits)
@@ -32,12 +30,6 @@ TEACHER_METHOD = MethodEntry(method="baseline", label="baseline")
 STORED_ROLES = ("teacher", "reference", "assistant")
 # The data fields of the streaming loader, at the values that leave a job as it was before they existed.
 STREAM_DEFAULTS = {"loader": "device", "train_crop": "exact", "eval_resize": None}
-# What besides a job's own settings decides its numbers: torch's configuration on the device it runs on. Every job's
-# key holds it (`runtime_config`), and run_job sets torch to it before the job trains, whatever the executor: a model
-# trained under one configuration is never reused under another. On CPU the intra-op thread count changes how the
-# larger layers' sums are split, and so the last bits: one thread by default (jobs run side by side, not wide).
-DEFAULT_THREADS = 1
-MATMUL_PRECISION = "highest"  # float32 matmuls in float32 (no TF32, no bf16 passes), whatever a library set
 WAVES = {"teacher": 0, "reference": 0, "assistant": 1, "student": 2}  # jobs run wave by wave
 
 
@@ -224,22 +216,6 @@ class Plan:
         return replace(self, jobs=in_waves(jobs.values())), failed
 
 
-def runtime_config(device: str = "cpu", threads: int = DEFAULT_THREADS) -> dict[str, Any]:
-    """The torch configuration a job on a `device` kind ("cpu", "cuda") with `threads` CPU threads runs under.
-
-    CPU: the thread count and deterministic algorithms; bit for bit the same numbers for the same key on the same
-    CPU and torch. CUDA: cuDNN's deterministic kernels, no autotuning; the thread count is left out (the data and
-    the models are on the GPU), and bit-identity is not promised there (README, "Same numbers")."""
-    if device == "cuda":
-        return {"device": "cuda", "cudnn_deterministic": True, "cudnn_benchmark": False,
-                "matmul_precision": MATMUL_PRECISION}
-    return {"device": "cpu", "threads": int(threads), "deterministic_algorithms": True,
-            "matmul_precision": MATMUL_PRECISION}
-
-
-def content_hash(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
 
 def _without_method_code(value: Any, ids: dict[str, str]) -> Any:
     """`value` with method_hash entries dropped and other jobs' keys replaced by their identities."""
@@ -248,40 +224,6 @@ def _without_method_code(value: Any, ids: dict[str, str]) -> Any:
     if isinstance(value, (list, tuple)):
         return [_without_method_code(v, ids) for v in value]
     return ids.get(value, value) if isinstance(value, str) else value
-
-
-def scale_epochs(value: int, old: int, new: int) -> int:
-    """An epoch count on a schedule of `old` epochs, moved to one of `new` (as milestones are): at least 1 if it was."""
-    scaled = round(value * new / old) if old else value
-    return max(1, scaled) if value >= 1 else scaled
-
-
-def scale_epoch_params(method, params: dict[str, Any], old: int, new: int, teacher_old: int, teacher_new: int,
-                       route: list[int]) -> dict[str, Any]:
-    """A method's epoch-counted params for a schedule shrunk by --epochs from `old` to `new` epochs (its
-    `epoch_params`) and a teachers' run shrunk from `teacher_old` to `teacher_new` (its `teacher_epoch_params`:
-    moved to the nearest of the teacher's `route` epochs, ties to the earlier; 0, the final teacher, stays)."""
-    out = dict(params)
-    for name in method.epoch_params:
-        if isinstance(out.get(name), (int, float)) and not isinstance(out[name], bool):
-            out[name] = type(out[name])(scale_epochs(out[name], old, new))
-    for name in method.teacher_epoch_params:
-        value = out.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0 and route:
-            scaled = scale_epochs(value, teacher_old, teacher_new)
-            out[name] = min(route, key=lambda e: (abs(e - scaled), e))
-    return out
-
-
-ROUTE_CHECKPOINTS = 24  # at most this many route checkpoints by default
-
-
-def default_route_every(epochs: int) -> int:
-    """The smallest divisor of `epochs` that keeps at most 24 route checkpoints (240 epochs: every 10): `epochs`
-    over its largest divisor up to 24 (a prime number of epochs over 24: only the last)."""
-    if not epochs:
-        return 1
-    return epochs // max(q for q in range(1, ROUTE_CHECKPOINTS + 1) if epochs % q == 0)
 
 
 def in_waves(jobs) -> list[Job]:

@@ -109,10 +109,19 @@ def _expanded_size(root: yaml.Node) -> int:
     return size(root)
 
 
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """PyYAML's safe loader (plain data only), reading 5e-4 as a number: YAML 1.1 wants a dot in a float, so PyYAML
+    alone gives the string "5e-4", which the strict number fields would refuse; YAML 1.2 reads a float."""
+
+
+EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789"))
+
+
 def _bounded_load(text: str) -> Any:
     """Safe YAML: the document is composed into nodes (aliases are shared nodes there), measured with every
     alias expanded, and only then built into Python objects."""
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:

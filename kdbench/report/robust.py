@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import stats
 
 REPS = 10_000  # bootstrap resamples
 SEED = 0
@@ -23,6 +22,8 @@ CONFIDENCE = 0.95
 
 def iqm(values: np.ndarray, axis: int | None = None) -> np.ndarray | float:
     """The interquartile mean: the mean of the middle half (the lowest and highest quarter cut, as scipy cuts)."""
+    from scipy import stats  # not at start-up: `kdbench run` never needs it (as report/stats.py)
+
     return stats.trim_mean(values, 0.25, axis=axis)
 
 

@@ -25,7 +25,8 @@ from kdbench import KdbenchError
 from kdbench.config.schema import MethodEntry, SearchRange, Suite
 from kdbench.config.tuning import search_space
 from kdbench.data.load import data_fingerprint
-from kdbench.plan import Job, Plan, content_hash, in_waves, make_plan
+from kdbench.storage.files import content_hash
+from kdbench.plan import Job, Plan, in_waves, make_plan
 from kdbench.run.executors.base import Executor, Outcome
 from kdbench.storage.store import ModelStore
 from kdbench.tracking import (SEARCH_SUFFIX, TUNED_LABEL, TUNED_SUFFIX, TUNING_TAG, RunEnd, RunStatus, SuiteTags,

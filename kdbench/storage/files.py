@@ -4,6 +4,7 @@ the checkpoint format (a hash line, then a weights-only torch payload).
 
 from __future__ import annotations
 import hashlib
+import json
 import io
 import os
 import tempfile
@@ -121,3 +122,8 @@ def folder_size(path: Path) -> int:
 
 def folder_mtime(path: Path) -> float:
     return max([path.stat().st_mtime] + [p.stat().st_mtime for p in path.rglob("*") if p.is_file()])
+
+
+def content_hash(config: dict[str, Any]) -> str:
+    """A job's key: the sha256 of its configuration as canonical JSON, first 16 hex digits."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -4,7 +4,9 @@ pair) in a screenful, and `--all` lists every job."""
 import sys
 
 import pytest
+from rich.console import Console
 
+from kdbench import commands
 from kdbench.cli import main
 from kdbench.plan import WAVES
 
@@ -13,7 +15,7 @@ ROLES = tuple(WAVES)
 
 def dry_run(monkeypatch, capsys, suite, *args) -> list[str]:
     monkeypatch.setattr(sys, "argv", ["kdbench", "run", str(suite), "--dry-run", *args])
-    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(commands, "out", Console(width=200))  # wide enough that no column is cut
     with pytest.raises(SystemExit) as done:
         main()
     assert done.value.code in (0, None)

@@ -21,7 +21,8 @@ from conftest import TINY, finished_jobs, slurm_missing
 from mlflow.tracking import MlflowClient
 
 from kdbench.config.load import load_suite
-from kdbench.plan import make_plan, runtime_config
+from kdbench.plan import make_plan
+from kdbench.runtime import runtime_config
 from kdbench.storage.store import ModelStore
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")

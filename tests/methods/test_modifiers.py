@@ -13,7 +13,8 @@ from kdbench.config.load import load_suite
 from kdbench.config.schema import SuiteError
 from kdbench.method import Batch, Outputs
 from kdbench.modifier import modify
-from kdbench.plan import _without_method_code, content_hash, make_plan
+from kdbench.storage.files import content_hash
+from kdbench.plan import _without_method_code, make_plan
 from kdbench.registry import get_method, get_modifier, method_hash, methods, modifier_hash, modifiers
 from kdbench.report.cells import report_scope
 

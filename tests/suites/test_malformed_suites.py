@@ -125,3 +125,15 @@ def test_the_largest_epoch_counts_allowed_plan_in_moments(write_suite):
         assert time.perf_counter() - start < 2
         teacher = next(j for j in plan.jobs if j.role == "teacher")
         assert teacher.train.epochs == (epochs or 99991) and teacher.route_every == (epochs or 99991)
+
+
+def test_numbers_in_exponent_form_are_numbers(write_suite):
+    """Strict number fields refuse strings; PyYAML alone reads `5e-4` (no dot: YAML 1.1) as the string "5e-4",
+    so the suite loader reads it as YAML 1.2 does, a float, in fields and method params alike."""
+    from kdbench.config.load import load_suite
+
+    suite = load_suite(write_suite(text="name: e\ndata: {dataset: synthetic, train_size: 64, test_size: 32}\n"
+                                        "teachers: [cifar_resnet14]\nstudents: [cifar_resnet8]\n"
+                                        "methods: [{kd: {T: 4e0}}]\nseeds: [0]\n"
+                                        "train: {epochs: 1, lr: 5e-2, weight_decay: 5E-4}\n"))
+    assert (suite.train.lr, suite.train.weight_decay, suite.methods[0].params["T"]) == (0.05, 0.0005, 4.0)

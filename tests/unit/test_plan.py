@@ -4,7 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kdbench.plan import default_route_every, make_plan
+from kdbench.schedule import default_route_every
+from kdbench.plan import make_plan
 from kdbench.config.load import load_suite
 
 from conftest import REPO

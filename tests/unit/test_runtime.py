@@ -11,7 +11,8 @@ import torch
 
 from kdbench import KdbenchError
 from kdbench.config.load import load_suite
-from kdbench.plan import make_plan, runtime_config
+from kdbench.plan import make_plan
+from kdbench.runtime import runtime_config
 from kdbench.run.context import job_runtime
 from kdbench.run.executors import ExecutorOptions
 from kdbench.storage.store import ModelStore

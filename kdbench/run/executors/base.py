@@ -23,7 +23,8 @@ from kdbench.train.engine import EngineOptions
 from kdbench.run.executors.options import ExecutorOptions
 from kdbench.run.job import COLLAPSED, FAILED, FINISHED, HELD, SKIPPED, JobResult, stored_accuracy
 from kdbench.run.context import JobContext, ProcessCache, Reporter
-from kdbench.plan import STORED_ROLES, Job, Plan, runtime_config
+from kdbench.plan import STORED_ROLES, Job, Plan
+from kdbench.runtime import runtime_config
 from kdbench.storage.store import ModelStore
 from kdbench.tracking import (TEACHER_FAILED, RunStatus, SuiteTags, Tracker, absolute_uri, code_version, environment,
                               flatten)
