@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 from kdbench import KdbenchError
-from kdbench.data.spec import DatasetInfo, dataset_info
+from kdbench.data.spec import DatasetInfo, dataset_info, keyed_data_fields
 from kdbench.method import AUTO, BETWEEN, Needs
 from kdbench.registry import get_method, get_modifier, method_hash, modifier_hash
 from kdbench.storage.files import content_hash, sha256
@@ -28,8 +28,6 @@ TEACHER_METHOD = MethodEntry(method="baseline", label="baseline")
 # Roles whose trained models the store keeps and reuses. A "reference" is a model trained alone with the
 # teachers' recipe so that its accuracy can choose an assistant (it is the same job as that model's teacher job).
 STORED_ROLES = ("teacher", "reference", "assistant")
-# The data fields of the streaming loader, at the values that leave a job as it was before they existed.
-STREAM_DEFAULTS = {"loader": "device", "train_crop": "exact", "eval_resize": None}
 WAVES = {"teacher": 0, "reference": 0, "assistant": 1, "student": 2}  # jobs run wave by wave
 
 
@@ -233,12 +231,9 @@ def in_waves(jobs) -> list[Job]:
 
 def base_config(suite: Suite, data_fingerprint: str | None = None,
                 runtime: dict[str, Any] | None = None) -> dict[str, Any]:
-    data = suite.data.model_dump()
+    data = keyed_data_fields(suite.data.model_dump())  # the streaming loader's fields only where they are set
     if not data["val_size"]:  # no validation split trains on what suites before val_size trained on: same keys
         del data["val_size"]
-    for field, default in STREAM_DEFAULTS.items():  # likewise: device-resident data keeps the keys it had
-        if data[field] == default:
-            del data[field]
     config = {"store_version": STORE_VERSION, "data": data, "augment": suite.augment.model_dump(),
               "runtime": runtime or runtime_config()}
     if data_fingerprint is not None:  # data read from disk: its content, not only its name (see data.py)

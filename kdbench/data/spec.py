@@ -83,6 +83,14 @@ class DataSpec:
 
 LOADERS = ("device", "stream")
 TRAIN_CROPS = ("exact", "random_resized")
+# The streaming fields at the values that leave a job as it was before they existed: left out of its key there.
+STREAM_DEFAULTS = {"loader": "device", "train_crop": "exact", "eval_resize": None}
+
+
+def keyed_data_fields(data: dict) -> dict:
+    """A suite's data section as a job's key holds it: the streaming loader's fields only where they are set, so
+    every device-resident dataset keeps the keys it had."""
+    return {k: v for k, v in data.items() if k not in STREAM_DEFAULTS or v != STREAM_DEFAULTS[k]}
 
 
 def _check_stream_fields(spec: "DataSpec") -> None:
