@@ -133,14 +133,15 @@ def trial_jobs(plan: Plan, study: Study, params: dict[str, Any]) -> list[Job]:
 
 
 def merged(plan: Plan, suite: Suite, parts: list[Plan] | list[list[Job]], cells=()) -> Plan:
-    """One plan of several plans' (or job lists') jobs, each job once, in waves; its data already fingerprinted."""
+    """One plan of several plans' (or job lists') jobs, each job once, in waves; keyed already by its data and
+    runtime (an executor re-plans a plan from its suite when those differ, which would drop the merged jobs)."""
     jobs: dict[str, Job] = {}
     for part in parts:
         for job in (part.jobs if isinstance(part, Plan) else part):
             jobs.setdefault(job.key, job)
     pairs = [p for part in parts if isinstance(part, Plan) for p in part.pairs]
     return Plan(suite, plan.suite_path, plan.models, pairs, list(cells), in_waves(jobs.values()),
-                plan.student_train, {"data_fingerprint": plan.options.get("data_fingerprint")})
+                plan.student_train, {k: plan.options.get(k) for k in ("data_fingerprint", "runtime")})
 
 
 # ---------------------------------------------------------------------------------------------- the executors
@@ -322,7 +323,8 @@ def tune_suite(plan: Plan, backend: type[Executor], make_executor: Callable[[typ
                tracker: Tracker, store: ModelStore, data_root: Path | None,
                ray_address: str | None = None) -> tuple[dict[str, Choice], Outcome]:
     """The search to its budget, then the tuned settings (and the defaults) on every reporting seed."""
-    plan = data_plan(plan, data_root)
+    # Keyed by the runtime the executors run with before any trial plan is made from it.
+    plan = data_plan(plan, data_root).for_runtime(make_executor(backend, plan).runtime)
     search = Search(plan, backend, make_executor, tracker, store)
     with kept_ray(backend, ray_address):
         choices = search.run()

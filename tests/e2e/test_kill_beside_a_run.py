@@ -84,7 +84,7 @@ def test_sigkill_during_store_gc_beside_a_run(tmp_path, write_suite):
     assert again.returncode == 0 and "removed" in again.stderr, again.stderr
     assert not any(f.exists() for f in fakes) and not any((store / "trash").glob("*"))
     rerun = kdbench("run", str(suite), "--device", "cpu", cwd=tmp_path)
-    assert rerun.returncode == 0 and "already done before" in rerun.stderr, rerun.stderr
+    assert rerun.returncode == 0 and "nothing to do" in rerun.stderr, rerun.stderr  # every job already finished
 
 
 def test_sigkill_during_report_beside_a_run(tmp_path, write_suite):
