@@ -3,7 +3,8 @@
 The engine on two devices computes what it computes on one at the same global batch: in float64 the weights agree
 to round-off in the order of additions; in float32 the two-device run is as close to that exact result as the
 one-device run is. `kdbench run --devices 2` (torchrun) writes only from its first process, records the batch's
-layout, and a run stopped by SIGTERM and started again ends bit for bit as an uninterrupted one.
+layout, and a run stopped by SIGTERM, started again, SIGKILLed with its processes and started again ends bit for bit
+as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -132,6 +133,12 @@ def command(tmp_path):
     return suite, start
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes `pid` started (torchrun's workers), and theirs, from /proc."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [p for child in map(int, children) for p in (*descendants(child), child)]
+
+
 def job_runs(uri: str) -> dict:
     """The suite's child runs by role, and how many runs there are in all."""
     client = MlflowClient(uri)
@@ -146,7 +153,7 @@ def numbers(uri: str, run) -> dict[str, list[float]]:
             if k not in ("epoch_time", "images_per_sec", "wall_time")}
 
 
-def test_kdbench_run_on_two_devices_writes_once_and_resumes_as_uninterrupted(command, tmp_path, monkeypatch):
+def test_kdbench_run_on_two_devices_writes_once_and_resumes_from_a_stop_or_a_kill(command, tmp_path, monkeypatch):
     suite, start = command
     whole, uri = start("whole")
     out, _ = whole.communicate(timeout=900)
@@ -169,6 +176,20 @@ def test_kdbench_run_on_two_devices_writes_once_and_resumes_as_uninterrupted(com
     out, _ = stopped.communicate(timeout=300)
     assert stopped.returncode != 0 and "kdbench: interrupted (stopped " in out, out[-3000:]
     assert job_runs(uri)[0]["student"].info.status == "KILLED"
+    # resumed, then SIGKILLed with its processes as soon as it saves the next epoch's checkpoint (a crash: no one
+    # saves or says anything; the claim's owner is gone)
+    checkpoint = next((tmp_path / "stopped" / "jobs").glob("*/checkpoint.pt"))
+    saved = checkpoint.stat().st_mtime_ns
+    crashed, uri = start("stopped")
+    deadline = time.time() + 600
+    while crashed.poll() is None and checkpoint.exists() and checkpoint.stat().st_mtime_ns == saved \
+            and time.time() < deadline:
+        time.sleep(0.02)
+    assert crashed.poll() is None, crashed.communicate()[0][-3000:]  # killed before the job ended
+    for pid in [*descendants(crashed.pid), crashed.pid]:  # the workers, then torchrun
+        os.kill(pid, signal.SIGKILL)
+    assert crashed.wait(timeout=60) == -signal.SIGKILL
+    assert job_runs(uri)[0]["student"].info.status == "RUNNING"  # nothing could say it ended
     resumed, uri = start("stopped")
     out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0 and "resuming kd cifar_resnet8" in out, out[-3000:]
