@@ -209,6 +209,7 @@ def test_kdbench_run_on_two_devices_writes_once_and_resumes_from_a_stop_or_a_kil
     assert {r.data.tags["kdbench.job"] for r in runs.values()} == \
         {r.data.tags["kdbench.job"] for r in job_runs(uri)[0].values()}  # the device count is not in a job's key
     one = numbers(f"sqlite:///{tmp_path / 'one'}.db", runs["student"])
+    # measured: the same test accuracy every epoch, losses at most 1.1e-7 apart (float32 sums in another order)
     for metric in ("train_loss", "test_loss", "test_acc"):
         for a, b in zip(one[metric], uninterrupted["student"][metric]):
-            assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (metric, one[metric], uninterrupted["student"][metric])
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (metric, one[metric], uninterrupted["student"][metric])
