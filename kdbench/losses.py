@@ -1,4 +1,4 @@
-"""Loss functions shared by the method plugins. Each has a float64 golden test in tests/test_losses.py."""
+"""Loss functions shared by the method plugins. Each has a float64 golden test in tests/unit/test_losses.py."""
 
 import torch
 import torch.nn.functional as F

@@ -198,6 +198,9 @@ class Method(nn.Module):
     # False: the student's update is not a sum of several named terms (ProKT: one KL term in its own step()),
     # so a suite's `combine: pcgrad` would change nothing and is refused when the suite is loaded.
     combinable: ClassVar[bool] = True
+    # True: the method only computes losses (no step, stage, draw or procedure of its own), so the seeds of a cell
+    # may train as one stacked model (a suite's `stack_seeds`, kdbench.train.stacked); see `stack_problem`.
+    stackable: ClassVar[bool] = False
 
     def __init__(self, params: dict[str, Any], student: nn.Module, teacher: nn.Module | None,
                  input_shape: tuple[int, int, int]):
@@ -214,6 +217,11 @@ class Method(nn.Module):
     def check_params(cls, params: dict[str, Any]) -> str | None:
         """A reason why these params (defaults filled in) cannot work, found at suite load time; None if fine."""
         return None
+
+    @classmethod
+    def stack_problem(cls, params: dict[str, Any]) -> str | None:
+        """Why the seeds of these params cannot train as one stacked model; None when they can."""
+        return None if cls.stackable else "it has a procedure of its own (or has not declared `stackable`)"
 
     @classmethod
     def check_models(cls, params: dict[str, Any], student: nn.Module, teacher: nn.Module | None) -> str | None:

@@ -9,21 +9,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 from kdbench import KdbenchError
-from kdbench.data.spec import DatasetInfo, dataset_info, keyed_data_fields
+from kdbench.data.spec import DatasetInfo, dataset_info
 from kdbench.method import AUTO, BETWEEN, Needs
-from kdbench.registry import get_method, get_modifier, method_hash, modifier_hash
+from kdbench.registry import get_method, method_hash
 from kdbench.storage.files import content_hash, sha256
 from kdbench.config.checks import check_method_models
 from kdbench.config.schema import AugmentConfig, MethodEntry, Suite, TrainConfig
-from kdbench.zoo import (ModelStats, known_models, matching_models, model_kwargs_problem, model_stats,
+from kdbench.zoo import (ModelStats, known_models, matching_models, meta_model, model_kwargs_problem, model_stats,
                          models_between)
 from kdbench.data.sources import data_fingerprint
 from kdbench.runtime import runtime_config
+from kdbench.job_config import STORE_VERSION, base_config, combine_config, modify_config  # noqa: F401 (STORE_VERSION)
 from kdbench.schedule import default_route_every, scale_epoch_params
+from kdbench.stacking import entry_problem, model_problem
 
 
-STORE_VERSION = 2  # bump when a change to the engine changes what a given config trains to
-# 2: channels_last on CPU too (other convolution kernels, so other last bits)
 TEACHER_METHOD = MethodEntry(method="baseline", label="baseline")
 # Roles whose trained models the store keeps and reuses. A "reference" is a model trained alone with the
 # teachers' recipe so that its accuracy can choose an assistant (it is the same job as that model's teacher job).
@@ -67,6 +67,7 @@ class Job:
     assistants: tuple[str, ...] = ()  # models between the pair's teacher and this one; ("auto",) until chosen
     assistant_choice: str = ""  # how an "auto" assistant was chosen (filled in at run time)
     trial: bool = False  # a tuning trial (kdbench.run.tune): evaluated on validation only, the test split never read
+    stack: str = ""  # stack_seeds: the id its cell's seeds share when they train together as one model ("": alone)
 
     @property
     def pending(self) -> bool:
@@ -112,6 +113,7 @@ class Plan:
     student_train: TrainConfig | None = None  # the students' schedule (after --epochs): assistants train with it
     options: dict[str, Any] = field(default_factory=dict)  # make_plan's keyword arguments, to plan again
     suite_hash: str = ""  # the plan hash before the data's fingerprint was known (what a report matches)
+    unstacked: dict[str, str] = field(default_factory=dict)  # stack_seeds: "method on pair" -> why its seeds train apart
     _ids: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def job(self, key: str) -> Job:
@@ -122,6 +124,10 @@ class Plan:
         """Identifies 'the same suite run': running it again resumes the parent run with this hash."""
         return content_hash({"suite": self.suite.name, "jobs": [j.key for j in self.jobs],
                              "cells": [(c.pair.name, c.method, c.seed, c.job) for c in self.cells]})
+
+    def stacked_with(self, job: Job) -> list[Job]:
+        """The jobs that train together with `job` as one stacked model, `job` among them, in seed order."""
+        return sorted((j for j in self.jobs if j.stack and j.stack == job.stack), key=lambda j: j.seed)
 
     def identities(self) -> dict[str, str]:
         """Job key -> the job's identity: its content hash with every method_hash left out (its own and those
@@ -229,18 +235,6 @@ def in_waves(jobs) -> list[Job]:
     return sorted(jobs, key=lambda j: WAVES[j.role])
 
 
-def base_config(suite: Suite, data_fingerprint: str | None = None,
-                runtime: dict[str, Any] | None = None) -> dict[str, Any]:
-    data = keyed_data_fields(suite.data.model_dump())  # the streaming loader's fields only where they are set
-    if not data["val_size"]:  # no validation split trains on what suites before val_size trained on: same keys
-        del data["val_size"]
-    config = {"store_version": STORE_VERSION, "data": data, "augment": suite.augment.model_dump(),
-              "runtime": runtime or runtime_config()}
-    if data_fingerprint is not None:  # data read from disk: its content, not only its name (see data.py)
-        config["data_fingerprint"] = data_fingerprint
-    return config
-
-
 def assistant_jobs(suite: Suite, student_train: TrainConfig, teacher_key: str, teacher_model: str,
                    chain: tuple[str, ...], entry: MethodEntry, params: dict[str, Any],
                    data_fingerprint: str | None = None, runtime: dict[str, Any] | None = None) -> list[Job]:
@@ -264,22 +258,6 @@ def assistant_jobs(suite: Suite, student_train: TrainConfig, teacher_key: str, t
         jobs.append(job)
         prev_key, prev_model = job.key, name
     return jobs
-
-
-def combine_config(entry: MethodEntry) -> dict[str, str]:
-    """How the entry combines its loss terms, for a job's hash: absent when summed, so existing keys stay valid."""
-    return {"combine": entry.combine} if entry.combine != "sum" else {}
-
-
-def modify_config(entry: MethodEntry, suite_epochs: int, epochs: int) -> dict[str, Any]:
-    """The entry's modifier for a job's hash: its name, every param (defaults filled in; its epoch counts scaled
-    from the suite's schedule to the job's, as a method's) and its code's hash (a `method_hash`: left out of the
-    job's identity, like the method's). Absent without a modifier, so existing keys stay valid."""
-    if entry.modify is None:
-        return {}
-    modifier = get_modifier(entry.modify)
-    params = scale_epoch_params(modifier, {**modifier.defaults, **entry.modify_params}, suite_epochs, epochs, 0, 0, [])
-    return {"modify": {"name": entry.modify, "params": params, "method_hash": modifier_hash(entry.modify)}}
 
 
 CHAIN_PARAMS = ("assistants", "max_assistants")  # choose the chain (its keys say which): not an assistant's loss
@@ -307,9 +285,10 @@ def make_plan(suite: Suite, suite_path: Path, *, methods: list[str] | None = Non
     for pair, (t, s) in zip(pairs, pair_names):
         for entry in entries:
             distillation = planner.distillation(entry, t, s)
+            planner.stack(distillation, seeds)
             cells += [Cell(pair, entry.label, seed, planner.student_job(distillation, seed)) for seed in seeds]
     return Plan(suite, suite_path, planner.models, pairs, cells, in_waves(planner.jobs.values()),
-                planner.student_train, options)
+                planner.student_train, options, unstacked=planner.unstacked)
 
 
 def chosen_methods(suite: Suite, suite_path: Path, labels: list[str] | None) -> list[MethodEntry]:
@@ -353,6 +332,7 @@ class _Planner:
     jobs: dict[str, Job] = field(default_factory=dict)
     teacher_keys: dict[str, str] = field(default_factory=dict)
     checked: set[tuple[str, str]] = field(default_factory=set)
+    unstacked: dict[str, str] = field(default_factory=dict)  # see Plan.unstacked
 
     @classmethod
     def start(cls, suite: Suite, suite_path: Path, epochs: int | None, data_fingerprint: str | None,
@@ -450,6 +430,18 @@ class _Planner:
             self.assistant_chain(d)
         return d
 
+    def stack(self, d: Distillation, seeds: list[int]) -> None:
+        """stack_seeds: the seeds of `d` train as one model, their list in every one's key; or why they cannot."""
+        if not self.suite.stack_seeds or len(seeds) < 2:
+            return
+        student = meta_model(d.student, self.info.num_classes, self.info.input_shape[0],
+                             self.suite.model_kwargs.get(d.student, {}))
+        why = entry_problem(get_method(d.entry.method), d.params, d.needs, d.entry) or model_problem(student)
+        if why:
+            self.unstacked[f"{d.entry.label} on {d.teacher}->{d.student}"] = why
+        else:
+            d.extra["stack_seeds"] = sorted(seeds)
+
     def auto_assistants(self, d: Distillation) -> None:
         """An assistant chosen at run time: the reference jobs it is chosen by (none between: no assistant)."""
         t, s = d.teacher, d.student
@@ -488,10 +480,11 @@ class _Planner:
                   **modify_config(entry, self.suite.train.epochs, self.student_train.epochs)}
         key = content_hash(config)
         if key not in self.jobs:
+            stack = content_hash({**config, "seed": None}) if "stack_seeds" in config else ""
             has_teacher = d.needs.teacher != "none"
             self.jobs[key] = Job(key, "student", s, seed, entry, train, self.suite.augment, config,
                                  teacher=d.teacher_key, teacher_model=d.teacher if has_teacher else None,
                                  pair=f"{d.teacher}->{s}" if has_teacher else None, teacher_init=d.needs.teacher,
                                  teacher_epoch=d.needs.teacher_epoch, assistants=d.assistants,
-                                 assistant_choice=d.choice)
+                                 assistant_choice=d.choice, stack=stack)
         return key

@@ -156,18 +156,34 @@ def get_method(name: str) -> type[Method]:
 # (the default step(), run_model, feature hooks) and the shared losses. A fix there must retrain the
 # methods. The engine, data pipeline and models are left out on purpose: they are shared by every job,
 # so a hash over them would retrain everything after any edit; a change there that changes numbers
-# bumps plan.STORE_VERSION instead.
+# bumps job_config.STORE_VERSION instead.
 CONTRACT_MODULES = (method, losses)
 
 
+# What a method class may declare that decides no job's numbers: whether its seeds may train stacked (a stacked
+# job says so in its own key). Left out of the hash like comments, so declaring it keeps every job's key.
+NOT_NUMBERS = ("stackable", "stack_problem")
+
+
+def _declares(node: ast.AST) -> str | None:
+    """The name a class-body statement defines (an assignment or a function), or None."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return node.name
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+    return targets[0].id if len(targets) == 1 and isinstance(targets[0], ast.Name) else None
+
+
 def normalized_source(path: str) -> str:
-    """A Python file's code without comments, docstrings or formatting: editing those changes no number."""
+    """A Python file's code without comments, docstrings, formatting or NOT_NUMBERS declarations: editing those
+    changes no number."""
     text = Path(path).read_text()
     try:
         tree = ast.parse(text)
     except SyntaxError:
         return text
     for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            node.body = [n for n in node.body if _declares(n) not in NOT_NUMBERS] or [ast.Pass()]
         body = getattr(node, "body", None)
         if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
                 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)

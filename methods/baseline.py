@@ -9,6 +9,7 @@ class Baseline(Method):
     summary = "student alone, cross-entropy only"
     needs_teacher = False
     combinable = False  # one term: PCGrad would change nothing
+    stackable = True  # losses only: its seeds may train as one stacked model
 
     def losses(self, batch, student, teacher):
         return {"ce": cross_entropy(student.logits, batch.labels)}

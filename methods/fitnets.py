@@ -37,6 +37,7 @@ class FitNets(Method):
     defaults = {"hint_layer": None, "guided_layer": None, "hint_weight": 100.0, "ce_weight": 1.0, "kd_weight": 0.0,
                 "T": 4.0, "two_stage": False, "hint_fraction": 0.25}
     param_types = {"hint_layer": (int, str), "guided_layer": (int, str)}
+    stackable = True  # one-stage: losses only (each seed's regressor is its own); see stack_problem
     search_space = {"hint_weight": {"low": 1.0, "high": 1000.0, "log": True}}  # what `kdbench tune` searches
 
     @classmethod
@@ -47,6 +48,10 @@ class FitNets(Method):
             return f"hint_fraction must lie strictly between 0 and 1, got {params['hint_fraction']}"
         # hint_layer and guided_layer are checked against the models when the plan builds the method
         return check_ranges(params, positive=("T",), non_negative=("hint_weight", "ce_weight", "kd_weight"))
+
+    @classmethod
+    def stack_problem(cls, params):
+        return "two_stage: its stage switch and stage-1 step" if params["two_stage"] else None
 
     @classmethod
     def check_models(cls, params, student, teacher):

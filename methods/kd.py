@@ -12,6 +12,7 @@ class KD(Method):
     summary = "Hinton's soft targets: CE + T^2 KL(teacher || student), batchmean"
     defaults = {"T": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
     teacher_logits_only = True
+    stackable = True  # losses only: its seeds may train as one stacked model
     # What `kdbench tune` searches (kdbench.config.tuning): the temperature over the range papers use, the KD weight
     search_space = {"T": {"low": 1.0, "high": 8.0, "log": True}, "kd_weight": {"low": 0.1, "high": 1.0}}
 

@@ -183,7 +183,7 @@ def plan_steps(args, work: Path, data: Path | None) -> list[Step]:
         bench64 = ["--pairs", "cifar_resnet14:cifar_resnet8", "--batch-sizes", "8", "--rounds", "1", "--steps", "1",
                    "--workers", "0"]
         bench512 = None
-        tests = ["tests/test_compile.py"]  # collecting one file is enough on CPU, where they all skip
+        tests = ["tests/e2e/test_compile.py"]  # collecting one file is enough on CPU, where they all skip
     else:
         bench64 = ["--batch-sizes", "64", "--rounds", "3", "--steps", "100", "--cache-cell", "--cell-train-size",
                    "10000", "--cell-epochs", "1"]

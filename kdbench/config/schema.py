@@ -223,6 +223,10 @@ class Suite(Strict):
     # Speed only, numbers unchanged (so in no job's hash): methods that read only the teacher's logits get
     # them from one cache per teacher, data and augmentation, shared across epochs, methods and seeds.
     teacher_cache: Flag = False
+    # The seeds of each (method, pair) cell train together as one stacked model where the method and the student
+    # allow it (kdbench.stacking), else as separate jobs. In the stacked jobs' keys: the same numbers within
+    # float32 round-off, not bit for bit.
+    stack_seeds: Flag = False
     tune: TuneConfig | None = None  # `kdbench tune`: search each method's setting on validation first
 
     @field_validator("methods", mode="before")

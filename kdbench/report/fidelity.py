@@ -15,7 +15,7 @@ import math
 import pandas as pd
 
 from kdbench.report.cells import TEACHER, ReportScope, student_cell, teacher_cell
-from kdbench.report.figures import _errors, dodge_offsets, shown_methods
+from kdbench.report.figures import _errors, dodge_offsets, method_colors, shown_methods
 from kdbench.report.format import DASH, interval, markdown_table, spread
 from kdbench.report.runs import MEASURES
 from kdbench.report.tables import pair_header, row_title
@@ -104,7 +104,7 @@ def agreement_figure(table: pd.DataFrame, scope: ReportScope, methods: list[str]
     students = scope.students
     fig = Figure(figsize=(11, 4.3 * len(students) + 0.9), layout="constrained")
     grid = fig.subplots(len(students), 2, squeeze=False)
-    colors = {label: f"C{scope.methods.index(label) % 10}" for label in shown}
+    colors = method_colors(scope, shown)
     points_all = table[(table.role == "student") & (table.agreement_n > 0) & table.row.isin(shown)]
     offsets = dict(zip(shown, dodge_offsets(list(points_all.gap) or [1.0], len(shown), True)))
     handles = {}

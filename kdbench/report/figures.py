@@ -67,14 +67,19 @@ class _Methods:
         return values * self.offsets[label] if self.log else values + self.offsets[label]
 
 
-def _methods(table: pd.DataFrame, scope: ReportScope, x: str, methods: list[str] | None) -> _Methods:
+def method_colors(scope: ReportScope, shown: list[str]) -> dict[str, object]:
+    """A method's colour, the same in every figure of a report: matplotlib's default cycle for ten methods or
+    fewer; more: tab20, so no two methods share a colour."""
     import matplotlib
 
-    shown = shown_methods(scope, methods)
-    # Ten methods or fewer: matplotlib's default cycle; more: tab20, so no two methods share a colour.
     palette = [f"C{i}" for i in range(10)] if len(scope.methods) <= 10 else \
         [matplotlib.colormaps["tab20"](i / 20) for i in range(20)]
-    colors = {label: palette[scope.methods.index(label) % len(palette)] for label in shown}
+    return {label: palette[scope.methods.index(label) % len(palette)] for label in shown}
+
+
+def _methods(table: pd.DataFrame, scope: ReportScope, x: str, methods: list[str] | None) -> _Methods:
+    shown = shown_methods(scope, methods)
+    colors = method_colors(scope, shown)
     xs = list(table.loc[(table.role == "student") & (table.n > 0), x].dropna())
     offsets = dict(zip(shown, dodge_offsets(xs or [1.0], len(shown), x == "gap")))
     return _Methods(scope, x, shown, colors, offsets)

@@ -114,6 +114,8 @@ class ProcessCache:
     should_stop: Callable[[], bool] | None = None  # asked at every step: stop now, resumably
     teacher_cache: tuple[str, TeacherCache] | None = None  # one at a time: jobs come grouped by pair
     claim: Claim | None = None  # the running job's claim
+    # Stacked seeds trained with another member's call: their results, handed out when their own call comes.
+    stacked: dict[str, Any] = field(default_factory=dict)
 
 
 _LAST_CACHE: tuple[str, ProcessCache] | None = None  # what unpickled contexts share in this process: one suite

@@ -27,8 +27,9 @@ from kdbench.plan import STORED_ROLES, Job, Plan
 from kdbench.method import Method
 from kdbench.modifier import modify
 from kdbench.registry import get_method, get_modifier
-from kdbench.storage.files import CorruptFile, load_checkpoint, save_checkpoint
+from kdbench.storage.files import CorruptFile, content_hash, load_checkpoint, save_checkpoint
 from kdbench.storage.store import ModelStore
+from kdbench.train.stacked import StackedMethod, StackedStudent
 from kdbench.train.teacher_cache import TeacherCache
 from kdbench.tracking import DIVERGED, JobTags, RunEnd, RunStatus, Tracker, flatten
 from kdbench.run.context import JobContext, ProcessCache, Reporter, StopRequest, job_runtime
@@ -55,6 +56,8 @@ class JobResult:
 def run_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None = None) -> JobResult:
     """Claim `job` and live its life; HELD if another process has it. `blocked`: why it cannot run (the driver
     knows: its teacher failed, its assistant could not be chosen); it is then recorded as failed."""
+    if job.stack and not blocked:  # its cell's seeds train together, once (the others' results wait in ctx.local)
+        return ctx.local.stacked.pop(job.key, None) or _run_stack(plan, job, ctx)
     claim = Claim(ctx.store.claim_path(job.key))
     if not claim.acquire():
         return JobResult(job.key, HELD)
@@ -75,16 +78,24 @@ def run_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None = None) -
         claim.release()
 
 
+def _ended(ctx: JobContext, job: Job) -> tuple[JobResult | None, str | None]:
+    """(its result, None) for a job whose run has finished or diverged; else (None, its run to go on in or None)."""
+    existing = ctx.tracker.job_run(ctx.parent_run, job.key)
+    ended = RunEnd.of(existing) if existing is not None else None
+    if ended is not None and ended.status == RunStatus.FINISHED:
+        return (JobResult(job.key, COLLAPSED, ended.collapsed) if ended.collapsed
+                else JobResult(job.key, SKIPPED)), None
+    if ended is not None and ended.diverged:  # deterministic: never retried
+        return JobResult(job.key, FAILED, ended.failure), None
+    return None, existing.info.run_id if existing is not None else None
+
+
 def _run_claimed(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobResult:
     tracker, store, say = ctx.tracker, ctx.store, ctx.reporter.print
     parent = ctx.parent_run
-    existing = tracker.job_run(parent, job.key)
-    ended = RunEnd.of(existing) if existing is not None else None
-    if ended is not None and ended.status == RunStatus.FINISHED:
-        return JobResult(job.key, COLLAPSED, ended.collapsed) if ended.collapsed else JobResult(job.key, SKIPPED)
-    if ended is not None and ended.diverged:  # deterministic: never retried
-        return JobResult(job.key, FAILED, ended.failure)
-    run_id = existing.info.run_id if existing is not None else None
+    done, run_id = _ended(ctx, job)
+    if done is not None:
+        return done
     if blocked:
         run_id = run_id or tracker.start_job(parent, job.title, job_tags(plan, job), job_params(plan, job, ctx))
         tracker.end(run_id, RunStatus.FAILED, blocked)
@@ -369,3 +380,130 @@ def _shared_teacher_outputs(job: Job, teacher: torch.nn.Module, data: DeviceData
         cache = TeacherCache(teacher, data.train, data.info, job.augment.crop_padding, job.augment.flip, ctx.opts)
         ctx.local.teacher_cache = (key, cache)
     return ctx.local.teacher_cache[1]
+
+
+# ---------------------------------------------------------------------------------------------- stacked seeds
+
+def _run_stack(plan: Plan, job: Job, ctx: JobContext) -> JobResult:
+    """Claim every job stacked with `job` and train those not done yet together; HELD if another process has one."""
+    members = plan.stacked_with(job)
+    claims: list[Claim] = []
+    for member in members:
+        claims.append(Claim(ctx.store.claim_path(member.key)))
+        if not claims[-1].acquire():
+            for claim in claims[:-1]:
+                claim.release()
+            return JobResult(job.key, HELD)
+    outer = ctx.local.should_stop or _never
+    ctx.local.should_stop = lambda: outer() or any(c.lost for c in claims)  # taken over: stop, unfinished
+    try:
+        with job_runtime(job.config["runtime"], ctx.opts.device):
+            results = _run_stack_claimed(plan, members, ctx)
+    except Interrupted:
+        if any(c.lost for c in claims):
+            ctx.reporter.print(f"[yellow]lost the claim[/] on {job.title} to another worker; leaving it to them")
+            return JobResult(job.key, HELD)
+        raise
+    finally:
+        ctx.local.should_stop = None if outer is _never else outer
+        for claim in claims:
+            claim.release()
+    ctx.local.stacked.update({k: r for k, r in results.items() if k != job.key})
+    return results[job.key]
+
+
+def _run_stack_claimed(plan: Plan, members: list[Job], ctx: JobContext) -> dict[str, JobResult]:
+    tracker, say = ctx.tracker, ctx.reporter.print
+    results, runs = {}, {}
+    for member in members:
+        done, run_id = _ended(ctx, member)
+        if done is not None:
+            results[member.key] = done
+        else:
+            runs[member.key] = run_id
+    lanes = [m for m in members if m.key in runs]
+    if not lanes:
+        return results
+    for m in lanes:
+        if runs[m.key] is not None:
+            tracker.reopen(runs[m.key])
+        else:
+            runs[m.key] = tracker.start_job(ctx.parent_run, m.title, job_tags(plan, m), job_params(plan, m, ctx))
+    ctx.reporter.job_started(lanes[0])
+    start = time.perf_counter()
+    try:
+        fitted = _train_stack(plan, lanes, ctx, runs)
+    except (Interrupted, KeyboardInterrupt):
+        for run_id in runs.values():
+            tracker.end(run_id, RunStatus.KILLED, "interrupted: run the same command again to resume")
+        raise
+    except Exception as exc:  # a bug, or a KdbenchError: every seed of the stack failed with it
+        why = str(exc) if isinstance(exc, KdbenchError) else traceback.format_exc()
+        say(f"[red]failed[/] {len(lanes)} stacked seeds of {lanes[0].title}: {why}")
+        for m in lanes:
+            tracker.end(runs[m.key], RunStatus.FAILED, why)
+            results[m.key] = JobResult(m.key, FAILED, why if isinstance(exc, KdbenchError) else
+                                       f"{type(exc).__name__}: {exc}")
+        return results
+    finally:
+        ctx.reporter.job_ended()
+    wall = (time.perf_counter() - start) / len(lanes)  # each seed's share of the stack's time
+    for m, result in zip(lanes, fitted.lanes):
+        results[m.key] = _end_lane(plan, m, ctx, runs[m.key], result, wall)
+    ctx.store.drop_checkpoint(_stack_key(lanes))
+    return results
+
+
+def _end_lane(plan: Plan, job: Job, ctx: JobContext, run_id: str, result, wall: float) -> JobResult:
+    """One stacked seed's run ended as a lone job's would: diverged (failed), collapsed or finished."""
+    if result.diverged:
+        why = f"{DIVERGED}{result.diverged}"
+        ctx.tracker.end(run_id, RunStatus.FAILED, why)
+        ctx.reporter.print(f"[red]diverged[/] {job.title}: {result.diverged}")
+        return JobResult(job.key, FAILED, why)
+    final = {"wall_time": wall, **{k: float(v) for k, v in asdict(result.passes).items()}}
+    ctx.tracker.log_metrics(run_id, final, step=job.train.epochs)
+    status, why = _finish(plan, job, ctx, run_id, result.history)
+    ctx.reporter.print(f"done {job.title} (stacked): test acc {result.metrics['test_acc']:.2f}% ({wall:.1f} s)")
+    return JobResult(job.key, status, why, test_acc=result.metrics.get("test_acc"))
+
+
+def _stack_key(lanes: list[Job]) -> str:
+    """Where the stack's checkpoint lives: the same seeds still to train find it again."""
+    return content_hash(sorted(m.key for m in lanes))
+
+
+def _train_stack(plan: Plan, lanes: list[Job], ctx: JobContext, runs: dict[str, str]):
+    """Build each seed's student, teacher and method as its own job would (the same draws), stack and train them."""
+    data, opts, store, tracker = job_data(plan, lanes[0], ctx), ctx.opts, ctx.store, ctx.tracker
+    students, methods, teachers = [], [], []
+    for m in lanes:
+        students.append(build_model(m, data, opts))
+        teachers.append(build_teacher(plan, m, data, store, opts))
+        methods.append(get_method(m.method.method)(m.config["method_params"], students[-1], teachers[-1],
+                                                   data.info.input_shape).to(opts.device))
+    path = store.checkpoint_path(_stack_key(lanes))
+    resume, _ = _resume_state(lanes[0], path, ctx)
+    for i, m in enumerate(lanes):
+        if resume is None and tracker.last_step(runs[m.key], logged_metric(m)) > 0:  # as a lone job: a new run
+            tracker.end(runs[m.key], RunStatus.FAILED, "no usable checkpoint to resume from; restarted in a new run")
+            runs[m.key] = tracker.start_job(ctx.parent_run, m.title, job_tags(plan, m), job_params(plan, m, ctx))
+        if resume is not None:
+            _log_history(tracker, runs[m.key], resume["histories"][i], logged_metric(m))
+
+    def on_lanes(epoch: int, metrics: list[dict[str, float] | None]) -> None:
+        for m, lane in zip(lanes, metrics):
+            if lane is not None:
+                tracker.log_metrics(runs[m.key], lane, step=epoch)
+        ctx.reporter.epoch(epoch)
+
+    hooks = Hooks(on_lanes=on_lanes, checkpoint=lambda state: save_checkpoint({**state, "route": {}}, path),
+                  should_stop=ctx.local.should_stop or _never)
+    method = StackedMethod(methods, [m.seed for m in lanes])
+    result = fit(StackedStudent(students), method, teachers[0], data, lanes[0].train, lanes[0].augment,
+                 lanes[0].seed, opts, eval_batch_size=plan.suite.eval_batch_size, hooks=hooks,
+                 provided=_provided(plan, lanes[0], ctx, teachers[0], methods[0]), resume=resume)
+    for m, lane in zip(lanes, methods):
+        if lane.record:
+            tracker.log_params(runs[m.key], {f"procedure.{k}": v for k, v in lane.record.items()})
+    return result

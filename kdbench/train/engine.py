@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from kdbench import Interrupted, KdbenchError
-from kdbench.train.combine import PCGrad
 from kdbench.data.batches import (DeviceData, Split, epoch_batches, epoch_views, eval_batches, eval_labels,
                                   make_generator, normalize)
 from kdbench.method import Batch, Method, PassCounts, StepContext, TeacherRoute
@@ -25,6 +24,9 @@ from kdbench.seeding import stream_seed
 from kdbench.config.schema import AugmentConfig, TrainConfig
 from kdbench.train.measures import EvalTotals
 from kdbench.train.parallel import mean_over_devices, sum_over_devices
+from kdbench.train.stacked import StackedMethod
+from kdbench.train.training import (COMPILED_PREFIX, EpochTotals, Training, make_optimizer,  # noqa: F401 (read here)
+                                    plain_state_dict)
 from kdbench.train.teacher_cache import TeacherCache, split_logits
 
 EXPLODED = 1e4  # an epoch's mean training loss above this ends the job as diverged
@@ -121,32 +123,6 @@ def for_steps(model: nn.Module | None, opts: EngineOptions) -> nn.Module | None:
     return Compiled(model, opts) if opts.compile and model is not None else model
 
 
-COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper puts before every state_dict key
-
-
-def plain_state_dict(state: dict[str, Any]) -> dict[str, Any]:
-    """A state_dict saved from a torch.compile'd module, with the wrapper's key prefix removed (others unchanged)."""
-    return {k.removeprefix(COMPILED_PREFIX): v for k, v in state.items()}
-
-
-def lr_factor(train: TrainConfig, epoch: int) -> float:
-    """Multiplier of the base rate during 0-based `epoch` (the step schedule multiplies after each milestone)."""
-    if epoch < train.warmup_epochs:
-        return (epoch + 1) / train.warmup_epochs
-    if train.schedule == "step":
-        return train.gamma ** sum(epoch >= m for m in train.milestones)
-    if train.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * epoch / train.epochs))
-    return 1.0
-
-
-def make_optimizer(params: list[nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
-    if train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, nesterov=train.nesterov,
-                               weight_decay=train.weight_decay)
-    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, data: DeviceData, opts: EngineOptions, batch_size: int,
              teacher_logits: torch.Tensor | None = None) -> dict[str, float]:
@@ -173,6 +149,8 @@ class FitResult:
     metrics: dict[str, float]  # the last epoch's metrics: the headline numbers
     history: list[dict[str, float]] = field(default_factory=list)
     passes: PassCounts = field(default_factory=PassCounts)
+    diverged: str = ""  # a stacked seed that diverged: why (a lone job raises Diverged instead)
+    lanes: list["FitResult"] = field(default_factory=list)  # stacked seeds: each seed's result, in seed order
 
 
 def _never() -> bool:
@@ -188,6 +166,8 @@ class Hooks:
     on_route: Callable[[int, dict[str, torch.Tensor]], None] | None = None
     checkpoint: Callable[[dict[str, Any]], None] | None = None  # the training state (Training.state_dict)
     should_stop: Callable[[], bool] = _never  # asked after every step and epoch: stop resumably (Interrupted)
+    # Stacked seeds, after an epoch (and its checkpoint): each seed's metrics, None for a seed that has diverged.
+    on_lanes: Callable[[int, list[dict[str, float] | None]], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -201,108 +181,6 @@ class Provided:
     # reads only the teacher's logits (the same numbers, computed once for all the jobs that share them).
     teacher_cache: TeacherCache | None = None
     combine: str = "sum"  # "sum", or "pcgrad" (kdbench.train.combine)
-
-
-@dataclass
-class EpochTotals:
-    """An epoch's loss terms summed on the device (no host sync per step), and its steps and images so far."""
-
-    terms: dict[str, torch.Tensor] = field(default_factory=dict)
-    steps: int = 0
-    images: int = 0
-
-    def add(self, terms: dict[str, torch.Tensor], images: int) -> None:
-        for name, value in terms.items():
-            self.terms[name] = self.terms.get(name, 0) + value.float()
-        self.steps += 1
-        self.images += images
-
-    def means(self) -> dict[str, float]:
-        return {f"train_{k}": (v / self.steps).item() for k, v in self.terms.items()}
-
-    @classmethod
-    def restored(cls, state: dict[str, Any], device: torch.device) -> "EpochTotals":
-        return cls({k: v.to(device) for k, v in state["totals"].items()}, state["steps"], state["images_seen"])
-
-
-class Training:
-    """The models that train (the student with the method's modules; the teacher when the method trains it),
-    their optimisers, the update a method applies through `ctx.update`, and the run's history and pass
-    counts: all that a checkpoint saves and a resumed run restores, with the method's state and the RNGs."""
-
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, method: Method, train: TrainConfig,
-                 seed: int, combine: str, device: torch.device):
-        self.models = {"student": student}
-        self.params = {"student": list(student.parameters()) + list(method.parameters())}
-        if teacher is not None and method.trains_teacher:
-            self.models["teacher"] = teacher
-            self.params["teacher"] = list(teacher.parameters())
-        self.optimizers = {k: make_optimizer(p, train) for k, p in self.params.items()}
-        self.combiner = PCGrad(seed) if combine == "pcgrad" else None
-        self.method, self.train, self.device = method, train, device
-        self.passes = PassCounts()
-        self.history: list[dict[str, float]] = []
-
-    def start_epoch(self, epoch: int) -> None:
-        for opt in self.optimizers.values():
-            for group in opt.param_groups:
-                group["lr"] = self.train.lr * lr_factor(self.train, epoch)
-        self.models["student"].train()
-        self.method.train()
-        if "teacher" in self.models:
-            self.models["teacher"].train()
-
-    @property
-    def lr(self) -> float:
-        return self.optimizers["student"].param_groups[0]["lr"]
-
-    def update(self, epoch: int, step: int, which: str, loss: torch.Tensor | dict[str, torch.Tensor],
-               clip_grad_norm: float | None = None) -> None:
-        """`ctx.update` of step `step` of 0-based `epoch` (fit binds both): PCGrad draws the projection order of a
-        step from (seed, epoch, step), so a resumed run draws the same orders."""
-        opt = self.optimizers[which]
-        opt.zero_grad(set_to_none=True)
-        backwards = 1
-        if self.combiner is not None and which == "student" and isinstance(loss, dict):
-            backwards = self.combiner.backward(loss, self.params[which], epoch, step)
-        else:
-            (sum(loss.values()) if isinstance(loss, dict) else loss).backward()
-        if clip_grad_norm is not None:
-            nn.utils.clip_grad_norm_(self.params[which], clip_grad_norm)
-        opt.step()
-        setattr(self.passes, f"{which}_backward", getattr(self.passes, f"{which}_backward") + backwards)
-        model = self.models[which]
-        if getattr(model, "max_norm", None):  # Hinton 2012's max-norm constraint, where the model asks for it
-            model.apply_max_norm_(model.max_norm)
-
-    def epoch_metrics(self) -> dict[str, float]:
-        return self.combiner.epoch_metrics() if self.combiner is not None else {}  # PCGrad: conflicts, cosines
-
-    def state_dict(self, epoch: int, batch: int, totals: EpochTotals) -> dict[str, Any]:
-        """The state of a run about to do step `batch` of 0-based `epoch`, with that epoch's totals so far."""
-        return {"epoch": epoch, "batch": batch, "steps": totals.steps, "images_seen": totals.images,
-                "totals": {k: v.detach().clone() for k, v in totals.terms.items()},
-                "models": {k: m.state_dict() for k, m in self.models.items()},
-                "method": self.method.state_dict(), "method_extra": self.method.extra_state(),
-                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "history": list(self.history), "passes": asdict(self.passes), "cpu_rng": torch.get_rng_state(),
-                "combine": self.combiner.state_dict() if self.combiner is not None else None,
-                "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, sd in state["models"].items():
-            self.models[k].load_state_dict(plain_state_dict(sd))
-        self.method.load_state_dict(state["method"])
-        self.method.load_extra_state(state["method_extra"])
-        for k, sd in state["optimizers"].items():
-            self.optimizers[k].load_state_dict(sd)
-        self.history[:] = state["history"]
-        self.passes.__dict__.update(state["passes"])
-        if self.combiner is not None and state.get("combine"):
-            self.combiner.load_state_dict(state["combine"])
-        torch.set_rng_state(state["cpu_rng"])
-        if state["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
 def probe_validation(data: DeviceData, opts: EngineOptions, method_name: str,
@@ -371,15 +249,84 @@ def epoch_generators(seed: int, epoch: int, device: torch.device) -> tuple[torch
             make_generator(device, stream_seed(seed, "aug", epoch)))
 
 
-def training_loss(totals: EpochTotals, epoch: int) -> dict[str, float]:
-    """The epoch's mean loss terms and their sum; Diverged when the sum is not finite or exploded."""
-    terms = totals.means()
+def training_loss(totals: EpochTotals, epoch: int, lane: int | None = None) -> dict[str, float]:
+    """The epoch's mean loss terms and their sum (of stacked seed `lane`); Diverged when the sum is not finite or
+    exploded."""
+    terms = totals.means(lane)
     total = sum(terms.values())
     if not math.isfinite(total):
         raise Diverged(f"training loss became {total} in epoch {epoch + 1}")
     if total > EXPLODED:
         raise Diverged(f"training loss exploded to {total:.3g} in epoch {epoch + 1}")
     return {"train_loss": total, **terms}
+
+
+def epoch_steps(data: DeviceData, train: TrainConfig, augment: AugmentConfig, seeds: list[int], epoch: int,
+                opts: EngineOptions, cache: TeacherCache | None, skip: int,
+                stacked: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """An epoch's steps from `skip` on: (step, normalised images, labels, shared teacher logits or None). Each seed
+    draws its own order and views from its generators; stacked seeds' batches come stacked, (seeds, B, ...)."""
+    # a resumed epoch replays its draws up to the step where it stopped: the batches before are drawn, not read
+    streams = [epoch_batches(data.train, train.batch_size, *epoch_generators(seed, epoch, opts.device),
+                             augment.crop_padding, augment.flip, with_views=cache is not None, start=skip)
+               for seed in seeds]
+    for step, drawn in enumerate(zip(*streams), start=skip):
+        images = [normalize(images, data.info, channels_last=opts.channels_last) for images, *_ in drawn]
+        labels = [labels for _, labels, *_ in drawn]
+        logits = [cache.lookup(*views) for _, _, *views in drawn] if cache is not None else None
+        if not stacked:
+            yield step, images[0], labels[0], logits[0] if logits else None
+        else:
+            yield step, torch.stack(images), torch.stack(labels), torch.stack(logits) if logits else None
+
+
+def stacked_evaluation(training: Training, totals: EpochTotals, epoch: int, teacher: nn.Module | None,
+                       data: DeviceData, opts: EngineOptions, batch_size: int,
+                       references: dict[str, torch.Tensor]) -> list[dict[str, float] | None]:
+    """Each stacked seed's epoch numbers (its losses, its own student evaluated), None for one that has diverged:
+    a diverged seed is its own job's failure, and the others go on."""
+    stacked, out = training.method, []
+    for lane, student in enumerate(training.models["student"].unstack()):
+        if not training.diverged[lane]:
+            try:
+                losses = training_loss(totals, epoch, lane)
+            except Diverged as exc:
+                training.diverged[lane] = str(exc)
+        if training.diverged[lane]:
+            out.append(None)
+            continue
+        out.append({**losses, **evaluation(student, teacher, stacked, data, opts, batch_size, references),
+                    **stacked.lanes[lane].epoch_metrics()})
+    return out
+
+
+def epoch_end(training: Training, totals: EpochTotals, epoch: int, teacher: nn.Module | None, data: DeviceData,
+              opts: EngineOptions, batch_size: int, references: dict[str, torch.Tensor],
+              start: float) -> list[dict[str, float] | None]:
+    """The epoch's metrics, one dict per seed (one for a lone job), added to the history of each seed."""
+    train_time = time.perf_counter() - start
+    if isinstance(training.method, StackedMethod):
+        lanes = stacked_evaluation(training, totals, epoch, teacher, data, opts, batch_size, references)
+    else:
+        lanes = [{**training_loss(totals, epoch),
+                  **evaluation(training.models["student"], teacher, training.method, data, opts, batch_size,
+                               references)}]
+    timing = {"lr": training.lr, "epoch_time": time.perf_counter() - start,
+              "images_per_sec": totals.images / train_time}
+    for lane, metrics in enumerate(lanes):
+        if metrics is not None:
+            metrics.update(timing)
+            if not isinstance(training.method, StackedMethod):
+                metrics.update(training.method.epoch_metrics())  # a method's own per-epoch numbers (attention...)
+            metrics.update(training.epoch_metrics())
+            training.histories[lane].append(metrics)
+    return lanes
+
+
+def lane_results(training: Training) -> list[FitResult]:
+    """Each stacked seed's result: its last epoch's metrics, its history, the shared pass counts, why it diverged."""
+    return [FitResult(h[-1] if h else {}, h, training.passes, why) for h, why in zip(training.histories,
+                                                                                    training.diverged)]
 
 
 def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: DeviceData, train: TrainConfig,
@@ -392,10 +339,15 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
     steps (then Interrupted is raised); fit(..., resume=state) goes on from there with the numbers of a run never
     stopped: an epoch's draws come from generators seeded by (seed, epoch), and a resumed epoch replays them up
     to its step. `method.resumed(ctx)` restores what the method holds outside its state.
+
+    Stacked seeds (kdbench.train.stacked): `student` a StackedStudent and `method` a StackedMethod; each seed draws
+    from its own generators, hooks.on_lanes gets each seed's metrics, and the result's `lanes` each seed's result.
     """
     for frozen in [*([teacher] if teacher is not None and not method.trains_teacher else []), *provided.guides]:
         frozen.eval().requires_grad_(False)  # a fixed teacher, guides: running statistics, no dropout, no gradient
-    training = Training(student, teacher, method, train, seed, provided.combine, opts.device)
+    stacked = isinstance(method, StackedMethod)
+    seeds = method.seeds if stacked else [seed]
+    training = Training(student, teacher, method, train, seed, provided.combine, opts.device, len(seeds))
     cache = usable_teacher_cache(provided, teacher, method, data, augment)
     # The teacher as given, before a method loads another of its checkpoints into it or a resume restores one.
     references = {} if method.trains_teacher else teacher_references(teacher, data, opts, eval_batch_size, cache)
@@ -422,40 +374,33 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
             method.start_epoch(epoch, train.epochs, ctx)
         training.start_epoch(epoch)
         if cache is not None:  # the epoch's draws replayed ahead: fill the views never computed, then only gathers
-            training.passes.teacher_forward += cache.fill(
-                epoch_views(len(data.train), train.batch_size, *epoch_generators(seed, epoch, opts.device),
-                            augment.crop_padding, augment.flip), train.batch_size)
-        # a resumed epoch replays its draws up to the step where it stopped: the batches before are drawn, not read
-        batches = epoch_batches(data.train, train.batch_size, *epoch_generators(seed, epoch, opts.device),
-                                augment.crop_padding, augment.flip, with_views=cache is not None, start=skip_batches)
-        for step, (images, labels, *drawn) in enumerate(batches, start=skip_batches):
-            images = normalize(images, data.info, channels_last=opts.channels_last)
-            logits = cache.lookup(*drawn) if cache is not None else None
+            for lane_seed in seeds:
+                training.passes.teacher_forward += cache.fill(
+                    epoch_views(len(data.train), train.batch_size, *epoch_generators(lane_seed, epoch, opts.device),
+                                augment.crop_padding, augment.flip), train.batch_size)
+        for step, images, labels, logits in epoch_steps(data, train, augment, seeds, epoch, opts, cache, skip_batches,
+                                                         stacked):
             if graphs:  # a new iteration: CUDA-graph outputs of the last step may be overwritten from here on
                 torch.compiler.cudagraph_mark_step_begin()
             ctx.update = partial(training.update, epoch, step)
             terms = method.step(Batch(images, labels, epoch, train.epochs, logits, step=step), ctx)
-            totals.add(mean_over_devices(data.train, terms), labels.shape[0])  # several devices: the whole batch's
+            totals.add(mean_over_devices(data.train, terms), labels.shape[-1])  # several devices: the whole batch's
             if hooks.should_stop():
                 if hooks.checkpoint is not None:
                     hooks.checkpoint(training.state_dict(epoch, step + 1, totals))
                 raise Interrupted(f"stopped in epoch {epoch + 1} after step {step + 1}")
         skip_batches = 0
-        losses = training_loss(totals, epoch)
-        train_time = time.perf_counter() - start
-        metrics = {**losses, **evaluation(student, teacher, method, data, opts, eval_batch_size, references),
-                   "lr": training.lr,
-                   "epoch_time": time.perf_counter() - start, "images_per_sec": totals.images / train_time}
-        metrics.update(method.epoch_metrics())  # a method's own per-epoch numbers (attention weights...)
-        metrics.update(training.epoch_metrics())
-        training.history.append(metrics)
+        lanes = epoch_end(training, totals, epoch, teacher, data, opts, eval_batch_size, references, start)
+        metrics = lanes[0] or {}
         if hooks.keep_route is not None and hooks.on_route is not None and hooks.keep_route(epoch + 1):
             hooks.on_route(epoch + 1, {k: v.detach().clone() for k, v in student.state_dict().items()})
         # Checkpoint before logging: a crash in between re-logs this epoch from the checkpoint's history, once.
         if hooks.checkpoint is not None:
             hooks.checkpoint(training.state_dict(epoch + 1, 0, EpochTotals()))
-        if hooks.on_epoch is not None:
+        if hooks.on_epoch is not None and not stacked:
             hooks.on_epoch(epoch + 1, metrics)
+        if hooks.on_lanes is not None and stacked:
+            hooks.on_lanes(epoch + 1, lanes)
         if hooks.should_stop() and epoch + 1 < train.epochs:
             raise Interrupted(f"stopped after epoch {epoch + 1}")
-    return FitResult(metrics, training.history, training.passes)
+    return FitResult(metrics, training.history, training.passes, lanes=lane_results(training) if stacked else [])

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import math
+import shutil
+import sqlite3
 import statistics
 import sys
 from pathlib import Path
@@ -27,6 +29,7 @@ from kdbench.data.batches import normalize
 from kdbench.data.load import load_data
 from kdbench.plan import make_plan
 from kdbench.report.artifacts import ARTIFACT_PATH, log_report
+from kdbench.report.runs import MEASURES
 from kdbench.report.write import write_report
 from kdbench.run.executors.inprocess import InProcessExecutor as Executor
 from kdbench.storage.store import ModelStore
@@ -157,14 +160,25 @@ def test_a_report_whose_artifacts_cannot_be_written_says_so_and_keeps_its_files(
     assert len(heard) == 1 and "cannot be written" in heard[0] and (folder / "report.md").is_file()
 
 
+def before_the_measures(store: Path, copy: Path) -> Path:
+    """A copy of a store as kdbench wrote it before the fidelity measures: the same runs without those metrics."""
+    shutil.copyfile(store, copy)
+    logged = [f"{split}_{m}" for split in ("test", "val") for m in MEASURES]
+    with sqlite3.connect(copy) as db:
+        for table in ("metrics", "latest_metrics"):
+            db.execute(f"delete from {table} where key in ({','.join('?' * len(logged))})", logged)
+    return copy
+
+
 def test_a_store_from_before_the_measures_keeps_its_numbers_and_says_why_the_rest_are_missing(tmp_path):
-    committed = REPO / "results" / "quickstart"
-    if not (committed / "mlflow.db").is_file():
+    committed = REPO / "results" / "quickstart" / "mlflow.db"
+    if not committed.is_file():
         pytest.skip("results/quickstart/mlflow.db not present")
-    folder = write_report(REPO / "suites" / "quickstart.yaml", tmp_path, uri=f"sqlite:///{committed / 'mlflow.db'}")
+    old = before_the_measures(committed, tmp_path / "old.db")
+    folder = write_report(REPO / "suites" / "quickstart.yaml", tmp_path / "report", uri=f"sqlite:///{old}")
     table = pd.read_csv(folder / "comparison.csv", keep_default_na=False, na_values=[""])
     runs = pd.read_csv(folder / "runs.csv", keep_default_na=False, na_values=[""])
-    client = MlflowClient(f"sqlite:///{committed / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{old}")
     losses = {r: client.get_run(r).data.metrics.get("test_loss") for r in runs.run_id}
     assert all(runs.test_nll[i] == pytest.approx(losses[r], abs=1e-6) for i, r in enumerate(runs.run_id)
                if runs.status[i] == "FINISHED")  # the NLL every run has always logged as its test loss

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY, finished_jobs, slurm_missing
+from conftest import REPO, TINY, finished_jobs, slurm_missing
 from mlflow.tracking import MlflowClient
 
 from kdbench.config.load import load_suite
@@ -108,3 +108,37 @@ def test_cpus_per_job_reaches_a_ray_job_and_its_key(tmp_path):
     assert keys == {j.key for j in plan.for_runtime(runtime_config("cpu", 2)).jobs}  # keyed by two threads...
     assert not keys & {j.key for j in plan.jobs}  # ...so never mistaken for a one-thread job
     assert {r.data.params["runtime.threads"] for r in runs} == {"2"}
+
+
+def committed_numbers(db: Path) -> dict[str, tuple[str, float, float]]:
+    """Per job key of the latest parent run in a committed MLflow store, read-only: (role, test_acc, train_loss)."""
+    import sqlite3
+
+    last = """(select value from metrics m where m.run_uuid = r.run_uuid and m.key = '{}'
+               order by m.step desc, m.timestamp desc limit 1)"""
+    tag = "(select value from tags t where t.run_uuid = r.run_uuid and t.key = '{}')"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        parent = con.execute("""select r.run_uuid from runs r join tags t on t.run_uuid = r.run_uuid
+                                where t.key = 'kdbench.role' and t.value = 'suite'
+                                order by r.start_time desc limit 1""").fetchone()[0]
+        rows = con.execute(f"""select {tag.format('kdbench.job')}, {tag.format('kdbench.role')},
+                                      {last.format('test_acc')}, {last.format('train_loss')}
+                               from runs r where r.status = 'FINISHED' and {tag.format('mlflow.parentRunId')} = ?""",
+                           (parent,)).fetchall()
+    return {key: (role, acc, loss) for key, role, acc, loss in rows}
+
+
+def test_a_fresh_store_reproduces_the_committed_tour(mnist_root, tmp_path):
+    """Part of the committed tour (results/quickstart/, `make quickstart` in a fresh clone) trained again from
+    scratch, as a user's shell runs it: the 400x2 teacher, the student alone and KD from it, seed 0. Every number
+    is the committed one, bit for bit (before the jobs' threads were fixed, this teacher came out 95.24 or 95.02)."""
+    committed = REPO / "results" / "quickstart" / "mlflow.db"
+    suite = yaml.safe_load((REPO / "suites" / "quickstart.yaml").read_text())
+    suite.update(teachers=["mnist_mlp_400x2"], seeds=[0], methods=["baseline", "kd"])
+    path = tmp_path / "quickstart.yaml"
+    path.write_text(yaml.safe_dump(suite, sort_keys=False))
+    parent, _ = kdbench(tmp_path, str(path), "--data-root", str(mnist_root))
+    got = finished_jobs(f"sqlite:///{tmp_path / 'mlflow.db'}", parent, "quickstart")
+    want = committed_numbers(committed)
+    assert sorted(role for role, *_ in got.values()) == ["student", "student", "teacher"]
+    assert got == {key: want.get(key) for key in got}  # the same job keys, accuracies and losses

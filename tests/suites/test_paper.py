@@ -138,6 +138,16 @@ def test_quickstart_report_and_readme_snippet_are_what_the_code_writes(tmp_path)
     assert "results/quickstart/accuracy_vs_gap.png" in snippet
 
 
+def test_the_readmes_job_counts_are_the_tours():
+    """The tour's job counts where a newcomer reads them: planned (the dry run's count) and run (the committed run's
+    child runs: TAKD's assistants are added once chosen), on the front page and in the tour's own README."""
+    suite = REPO / "suites" / "quickstart.yaml"
+    planned, ran = len(make_plan(load_suite(suite), suite).jobs), len(read(REPO / "results" / "quickstart" / "runs.csv"))
+    assert ran > planned
+    for readme in (REPO / "README.md", REPO / "results" / "quickstart" / "README.md"):
+        assert f"{planned} jobs planned, {ran} run" in readme.read_text(), readme
+
+
 STUDIES = sorted(p.parent.name for p in (REPO / "results").glob("study_*/mlflow.db"))
 
 

@@ -117,6 +117,9 @@ class Executor:
             methods = ", ".join(dict.fromkeys(j.method.method for j in changed))
             self.console.print(f"{len(changed)} jobs retrain because their method's code changed since this "
                                f"suite last ran them ({methods})")
+        if plan.unstacked:  # once per suite run, not per job
+            self.console.print(f"stack_seeds: {len(plan.unstacked)} cells train their seeds as separate jobs: "
+                               + "; ".join(f"{cell} ({why})" for cell, why in plan.unstacked.items()))
         ctx.parent_run = self.parent_run(ctx.env)  # before any worker starts: workers only add child runs
         self.ctx = ctx
         outcome = Outcome(ctx.parent_run)
