@@ -21,7 +21,7 @@ from kdbench.data.spec import DataError
 from kdbench.data.load import resolve_data_root
 from kdbench.data.sources import cached_fingerprint
 from kdbench.run.devices import devices_for_run, layout_line, leading, start_processes
-from kdbench.run.job import follow_suite
+from kdbench.run.follow import follow_suite
 from kdbench.train import parallel
 from kdbench.run.executors import get_executor, load_options
 from kdbench.run.tune import tune_suite

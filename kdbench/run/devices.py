@@ -7,7 +7,7 @@ another. The first process (rank 0) does all a job's bookkeeping as on one devic
 reuses or resumes it, logs to MLflow and writes checkpoints and the model store (`lead`, from kdbench.run.job).
 When it trains a job it sends the others the plan, the job and the checkpoint it resumes from; they build the same
 models (the teacher is replicated on every device, for its forward passes), train alongside it on their part of
-every batch (kdbench.train.parallel), and write nothing (kdbench.run.job.follow). When it is done with the suite it
+every batch (kdbench.train.parallel), and write nothing (kdbench.run.follow). When it is done with the suite it
 releases them.
 
 A stop request on any device (Ctrl-C, which reaches the processes once through torchrun; SIGTERM; a lost claim)

@@ -32,8 +32,8 @@ from kdbench.storage.store import ModelStore
 from kdbench.train.stacked import StackedMethod, StackedStudent
 from kdbench.train.teacher_cache import TeacherCache
 from kdbench.tracking import DIVERGED, JobTags, RunEnd, RunStatus, Tracker, flatten
-from kdbench.run.context import JobContext, ProcessCache, Reporter, StopRequest, job_runtime
-from kdbench.run.devices import lead, prepare
+from kdbench.run.context import JobContext, job_runtime
+from kdbench.run.devices import lead
 from kdbench.train import parallel
 
 
@@ -263,7 +263,7 @@ def _never() -> bool:
     return False
 
 
-def _job_models(plan: Plan, job: Job, ctx: JobContext):
+def job_models(plan: Plan, job: Job, ctx: JobContext):
     """(data, student, teacher, method) as the job trains them; in this order, so every process draws alike."""
     data, opts, store = job_data(plan, job, ctx), ctx.opts, ctx.store
     model = build_model(job, data, opts)
@@ -278,7 +278,7 @@ def _job_models(plan: Plan, job: Job, ctx: JobContext):
 
 def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
     opts, store, tracker = ctx.opts, ctx.store, ctx.tracker
-    data, model, teacher, method = _job_models(plan, job, ctx)
+    data, model, teacher, method = job_models(plan, job, ctx)
 
     checkpoint_path = store.checkpoint_path(job.key)
     resume, route = _resume_state(job, checkpoint_path, ctx)
@@ -302,7 +302,7 @@ def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
 
     hooks = Hooks(on_epoch=on_epoch, keep_route=job.keeps_route, on_route=on_route, checkpoint=checkpoint,
                   should_stop=ctx.local.should_stop or _never)
-    provided = _provided(plan, job, ctx, teacher, method)
+    provided = job_provided(plan, job, ctx, teacher, method)
     if parallel.current() is not None:  # one job on several devices: the other processes train it with this one
         hooks = replace(hooks, should_stop=lead(plan, job, ctx, run_id, checkpoint_path if resume is not None
                                                 else None, model, teacher, method, hooks.should_stop))
@@ -316,7 +316,7 @@ def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
     return run_id, result
 
 
-def _provided(plan: Plan, job: Job, ctx: JobContext, teacher: torch.nn.Module | None, method: Method) -> Provided:
+def job_provided(plan: Plan, job: Job, ctx: JobContext, teacher: torch.nn.Module | None, method: Method) -> Provided:
     """What the job's method needs besides its models (a route, guides), shared teacher outputs, the update rule."""
     data, store, needs = job_data(plan, job, ctx), ctx.store, method.needs(method.params)
     cache = None
@@ -328,47 +328,6 @@ def _provided(plan: Plan, job: Job, ctx: JobContext, teacher: torch.nn.Module | 
                     guides=build_guides(plan, job, teacher, data, store, ctx.opts)
                     if needs.dense and teacher is not None else [],
                     teacher_cache=cache, combine=job.method.combine)
-
-
-# ---------------------------------------------------------------------------------------------- several devices
-
-def follow(ctx: JobContext) -> None:
-    """One job on several devices, in the processes other than the first (kdbench.run.devices): train each job the
-    first sends, alongside it, until it releases them; then leave the group."""
-    try:
-        while True:
-            message = parallel.receive()
-            if message is None:
-                return
-            plan, job, resume_from = message
-            try:
-                _train_alongside(plan, job, ctx, Path(resume_from) if resume_from else None)
-            except KdbenchError:  # a diverged or failed job: the first process met the same, and records it
-                continue
-    finally:
-        parallel.stop()
-
-
-def follow_suite(store_root: Path, data_root: Path | None, device: str, download: bool, console) -> None:
-    """`kdbench run` in a process other than the first of a torchrun launch: train what the first sends until it is
-    done, writing nothing. Ctrl-C and SIGTERM ask for a stop at the next step, which every device then agrees on."""
-    stop = StopRequest(console)
-    ctx = JobContext(parent_run="", tracking_uri="", store_root=store_root, data_root=data_root, device=device,
-                     compile=False, download=download, local=ProcessCache(reporter=Reporter(console), should_stop=stop))
-    with stop.installed():
-        follow(ctx)
-
-
-def _train_alongside(plan: Plan, job: Job, ctx: JobContext, resume_from: Path | None) -> None:
-    """What _train trains in the first process, built in the same order and trained with it; nothing written."""
-    with job_runtime(job.config["runtime"], ctx.opts.device):
-        data, model, teacher, method = _job_models(plan, job, ctx)
-        resume = load_checkpoint(resume_from) if resume_from is not None else None
-        provided = _provided(plan, job, ctx, teacher, method)
-        should_stop = prepare(model, teacher, method, ctx.local.should_stop or _never)
-        fit(model, method, teacher, data, job.train, job.augment, job.seed, ctx.opts,
-            eval_batch_size=plan.suite.eval_batch_size, hooks=Hooks(should_stop=should_stop), provided=provided,
-            resume=resume)
 
 
 def _shared_teacher_outputs(job: Job, teacher: torch.nn.Module, data: DeviceData, ctx: JobContext) -> TeacherCache:
@@ -502,7 +461,7 @@ def _train_stack(plan: Plan, lanes: list[Job], ctx: JobContext, runs: dict[str, 
     method = StackedMethod(methods, [m.seed for m in lanes])
     result = fit(StackedStudent(students), method, teachers[0], data, lanes[0].train, lanes[0].augment,
                  lanes[0].seed, opts, eval_batch_size=plan.suite.eval_batch_size, hooks=hooks,
-                 provided=_provided(plan, lanes[0], ctx, teachers[0], methods[0]), resume=resume)
+                 provided=job_provided(plan, lanes[0], ctx, teachers[0], methods[0]), resume=resume)
     for m, lane in zip(lanes, methods):
         if lane.record:
             tracker.log_params(runs[m.key], {f"procedure.{k}": v for k, v in lane.record.items()})

@@ -23,7 +23,8 @@ from kdbench import KdbenchError
 from kdbench.storage.claims import Claim
 from kdbench import Interrupted
 from kdbench.run.executors.base import Executor, Outcome, dependency_levels
-from kdbench.run.job import FAILED, HELD, JobResult, follow, run_job
+from kdbench.run.follow import follow
+from kdbench.run.job import FAILED, HELD, JobResult, run_job
 from kdbench.run.context import JobContext, Reporter, StopRequest
 from kdbench.run.devices import join_slurm_task, leading
 from kdbench.plan import Job, Plan
