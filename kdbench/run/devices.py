@@ -102,7 +102,7 @@ def leading():
 def devices_for_run(plan: Plan, executor: str, devices: int | None, compile: bool | None,
                     teacher_cache: bool) -> int:
     """How many devices each job trains on (--devices, or the processes torchrun started), refused in one line
-    where it cannot be: Ray, a batch that does not split, torch.compile, shared teacher outputs."""
+    where it cannot be: Ray, a batch that does not split, stacked seeds, torch.compile, shared teacher outputs."""
     launched = parallel.launched_world()
     if devices is not None and devices < 1:
         raise KdbenchError(f"--devices: expected a positive number of devices, got {devices}")
@@ -117,6 +117,10 @@ def devices_for_run(plan: Plan, executor: str, devices: int | None, compile: boo
     if executor == "ray" or (executor == "slurm" and launched > 1):
         raise KdbenchError(f"--devices {world}: one job on several devices runs in-process (torchrun) or with "
                            f"--executor slurm (started by kdbench, not by torchrun), not with --executor {executor}")
+    stacked = next((job for job in plan.jobs if job.stack), None)
+    if stacked is not None:  # the stacked path trains in the first process alone, which holds only its part
+        raise KdbenchError(f"{plan.suite_path}: field 'stack_seeds': not with several devices yet ({stacked.title} "
+                           f"trains with its cell's other seeds as one stacked model); set it false, or use one device")
     if compile:
         raise KdbenchError("--compile: not with several devices yet (BatchNorm over the whole batch and the "
                            "gradient averaging run eagerly); leave it out")
