@@ -4,7 +4,7 @@
 #   make bench         kdbench bench: classic loop vs kdbench vs ceiling, results into results/perf/
 #   make perf-executors  a suite's wall time in-process and on Ray (two one-thread workers), into results/perf/
 #   make bench-micro   pytest-benchmark micro-benchmarks, saved to results/perf/micro/ and compared with the last
-#   make test-slow     the slow tests (torch.compile on CPU: minutes), left out of `make test`
+#   make test-slow     the slow tests (torch.compile on CPU, one job on two gloo processes: minutes), left out of `make test`
 #   make device-prep   wheels (.whl/) and a CIFAR-10 subset (.data/) for a GPU machine without network
 #   make device-check  scripts/device_check.py on this machine's GPU, results into device-check-out/
 VENV ?= .venv

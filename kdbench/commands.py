@@ -18,7 +18,11 @@ from kdbench.config.schema import MAX_EPOCHS, MAX_SEEDS
 from kdbench.seeding import MAX_SEED
 from kdbench.registry import methods as registry, modifiers as modifier_registry
 from kdbench.data.spec import DataError
-from kdbench.data.load import cached_fingerprint, resolve_data_root
+from kdbench.data.load import resolve_data_root
+from kdbench.data.sources import cached_fingerprint
+from kdbench.run.devices import devices_for_run, layout_line, leading, start_processes
+from kdbench.run.follow import follow_suite
+from kdbench.train import parallel
 from kdbench.run.executors import get_executor, load_options
 from kdbench.run.tune import tune_suite
 from kdbench.tracking import Tracker
@@ -200,6 +204,8 @@ def run(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the models for "
                                            "training steps (CUDA graphs on a GPU) [default: on for CUDA, off on CPU]"),
     store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP, show_default=False),
+    devices: Optional[int] = typer.Option(None, "--devices", help="each job on N devices, data parallel (batch_size "
+                                          "the global batch): torchrun here, or --executor slurm's N-task jobs"),
 ) -> None:
     """Run every job of a suite: teachers, then students of every method and seed, logged to MLflow."""
     plan = load_plan(suite, methods, seeds, epochs)
@@ -208,12 +214,20 @@ def run(
     executor_cls = get_executor(executor)
     options = load_options(executor, executor_config, cpus_per_job=cpus_per_job, gpus_per_job=gpus_per_job,
                            address=ray_address, partition=partition, mem_gb=mem_gb, time_min=time_min,
-                           logs=slurm_logs, workers=_workers(executor, workers))
+                           logs=slurm_logs, workers=_workers(executor, workers), devices_per_job=devices)
+    world = devices_for_run(plan, executor, options.devices_per_job, compile, teacher_cache)
+    if world > 1 and executor == "local":  # one job on several devices: torchrun's processes, a job at a time
+        if workers is not None and workers > 1:
+            raise KdbenchError(f"--workers {workers} with --devices {world}: a job on several devices runs one job "
+                               "at a time; leave --workers out")
+        executor, executor_cls = "inprocess", get_executor("inprocess")
     root = resolve_data_root(str(data_root) if data_root else None)
     if dry_run:  # keys as the run will make them where the data's fingerprint is known without reading the data
         runtime = runtime_config(EngineOptions.for_device(device).device.type, options.threads)
         print_plan(plan.for_data(cached_fingerprint(plan.suite.data.spec(), root)).for_runtime(runtime),
                     model_store, every_job)
+        if world > 1:
+            err.print(layout_line(plan, world), markup=False, highlight=False)
         return
 
     # The executor checks the device and how many jobs it packs here before anything is written.
@@ -222,8 +236,13 @@ def run(
     check_tracking()  # before any data is read: a dead server or a read-only database is one line, at once
     _check_database()
     check_writable(model_store.root, "model store")
+    if executor == "inprocess" and world > 1:  # torchrun's processes of this command (started here if need be)
+        device, compile = start_processes(suite, world, device), False
+        if not parallel.current().leads:  # the others train alongside the first process, which writes
+            return follow_suite(model_store.root, root, device, download, err)
     try:
-        outcome = runner.run()
+        with leading():
+            outcome = runner.run()
     except DataError as exc:  # the data is loaded before anything is written: name the suite and its field
         raise _data_error(suite, exc) from None
     where = f"MLflow {tracking_uri()}, parent run {outcome.parent_run}"

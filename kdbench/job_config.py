@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from kdbench.config.schema import MethodEntry, Suite
+from kdbench.data.spec import keyed_data_fields
 from kdbench.registry import get_modifier, modifier_hash
 from kdbench.runtime import runtime_config
 from kdbench.schedule import scale_epoch_params
@@ -20,7 +21,7 @@ STORE_VERSION = 2  # bump when a change to the engine changes what a given confi
 
 def base_config(suite: Suite, data_fingerprint: str | None = None,
                 runtime: dict[str, Any] | None = None) -> dict[str, Any]:
-    data = suite.data.model_dump()
+    data = keyed_data_fields(suite.data.model_dump())  # the streaming loader's fields only where they are set
     if not data["val_size"]:  # no validation split trains on what suites before val_size trained on: same keys
         del data["val_size"]
     config = {"store_version": STORE_VERSION, "data": data, "augment": suite.augment.model_dump(),

@@ -17,7 +17,7 @@ from kdbench.config.checks import check_method_models
 from kdbench.config.schema import AugmentConfig, MethodEntry, Suite, TrainConfig
 from kdbench.zoo import (ModelStats, known_models, matching_models, meta_model, model_kwargs_problem, model_stats,
                          models_between)
-from kdbench.data.load import data_fingerprint
+from kdbench.data.sources import data_fingerprint
 from kdbench.runtime import runtime_config
 from kdbench.job_config import STORE_VERSION, base_config, combine_config, modify_config  # noqa: F401 (STORE_VERSION)
 from kdbench.schedule import default_route_every, scale_epoch_params

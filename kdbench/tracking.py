@@ -127,6 +127,21 @@ class JobTags:
 
 
 @dataclass(frozen=True)
+class LayoutTags:
+    """How a job's batch was laid out over several devices (kdbench.run.devices), set when it trains on them; a run
+    on one device has none. A global batch or learning rate that silently changes with the number of GPUs is a
+    frequent source of numbers that cannot be reproduced: these say what it was."""
+    devices: int
+    global_batch: int  # train.batch_size: the batch a step's gradient is the mean over
+    per_device_batch: int
+    lr_scaling: str  # how the learning rate follows the number of devices (it does not)
+    batchnorm: str  # which images BatchNorm's statistics are taken over
+
+    def to_tags(self) -> dict[str, str]:
+        return {tag(f.name): str(getattr(self, f.name)) for f in fields(self)}
+
+
+@dataclass(frozen=True)
 class RunEnd:
     """How a run ended: MLflow's status, and why it has no number when it has none."""
     status: str  # a RunStatus, as MLflow has it

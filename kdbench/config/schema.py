@@ -66,6 +66,11 @@ class DataConfig(Strict):
     image_size: _int(gt=0, le=MAX_IMAGE_SIDE) | None = None
     download: Flag = False
     val_size: _int(ge=0, le=MAX_IMAGES) = 0  # held out of the training images for choices; train_size counts them too
+    # device: the whole split on the training device (default); stream: decoded from disk every epoch by loader
+    # processes, for image folders that do not fit on the device (imagenet must stream). kdbench.data.stream
+    loader: Literal["device", "stream"] = "device"
+    train_crop: Literal["exact", "random_resized"] = "exact"  # random_resized: ImageNet's RandomResizedCrop
+    eval_resize: _int(gt=0, le=MAX_IMAGE_SIDE) | None = None  # evaluation: shorter side resized, centre crop
 
     def spec(self) -> DataSpec:
         return DataSpec(**self.model_dump())
@@ -292,6 +297,13 @@ class Suite(Strict):
                              f"(a setting chosen on a seed would be reported on it)")
         if not self.data.val_size:
             raise ValueError("tune: the search chooses on validation accuracy: set data.val_size")
+        return self
+
+    @model_validator(mode="after")
+    def _cache_needs_resident_data(self):
+        if self.teacher_cache and self.data.loader == "stream":
+            raise ValueError("teacher_cache: expected false with data.loader stream (the cache gathers from the "
+                             "training split held on the device)")
         return self
 
     def teacher_train(self) -> TrainConfig:

@@ -194,14 +194,24 @@ def epoch_batches(
     flip: bool,
     drop_last: bool = False,
     with_views: bool = False,
+    start: int = 0,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
     """One training epoch: ``(uint8 images, labels)`` batches over a permutation drawn from ``order_gen``.
 
     Both generators must live on the split's device. Batches are augmented with ``aug_gen`` when it is
     given. Everything stays on the device; batch boundaries come from the (host-known) split length.
     ``with_views`` adds each batch's image indices and drawn :class:`Views` (None without augmentation).
+    ``start``: the batches before it are drawn (the generators end where a whole epoch leaves them) but not
+    gathered, for an epoch resumed in its middle. A split that makes its own batches (streamed from disk,
+    or shared among devices: kdbench.data.stream, kdbench.data.shard) is asked for them with the same draws.
     """
-    for idx, views in epoch_views(len(split), batch_size, order_gen, aug_gen, padding, flip, drop_last):
+    if not isinstance(split, Split):
+        yield from split.epoch_batches(batch_size, order_gen, aug_gen, padding, flip, drop_last, with_views, start)
+        return
+    for step, (idx, views) in enumerate(epoch_views(len(split), batch_size, order_gen, aug_gen, padding, flip,
+                                                    drop_last)):
+        if step < start:
+            continue
         images = apply_views(split.images.index_select(0, idx), views, padding)
         labels = split.labels.index_select(0, idx)
         yield (images, labels, idx, views) if with_views else (images, labels)
@@ -209,10 +219,20 @@ def epoch_batches(
 
 def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The split in order, without augmentation (views, no copies)."""
+    if not isinstance(split, Split):  # streamed from disk, or shared among devices: it reads its own batches
+        yield from split.eval_batches(batch_size)
+        return
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for start in range(0, len(split), batch_size):
         yield split.images[start : start + batch_size], split.labels[start : start + batch_size]
+
+
+def eval_labels(split: Split, batch_size: int) -> torch.Tensor:
+    """The labels in the order eval_batches gives the images (of a split shared among devices: this one's part)."""
+    if not isinstance(split, Split):
+        return split.eval_labels(batch_size)
+    return split.labels
 
 
 def make_generator(device: torch.device | str, seed: int) -> torch.Generator:

@@ -45,8 +45,8 @@ class DatasetInfo:
 class DataSpec:
     """What a suite asks for; built by the suite loader from YAML."""
 
-    dataset: str  # cifar100 | cifar10 | mnist | fashion_mnist | imagefolder | synthetic
-    path: str | None = None  # imagefolder: folder (relative: under the data root) or a .zip of it
+    dataset: str  # cifar100 | cifar10 | mnist | fashion_mnist | imagefolder | imagenet | synthetic
+    path: str | None = None  # imagefolder: folder (relative: under the data root) or a .zip of it; imagenet: folder
     train_size: int | None = None  # use only the first N training images (None = all); validation comes out of them
     test_size: int | None = None  # likewise for the test split
     num_classes: int | None = None  # imagefolder/synthetic: declared, so planning works without data
@@ -55,6 +55,11 @@ class DataSpec:
     # Images held out of the training images for choices (TAKD's auto assistant, RCO's greedy anchors): drawn by
     # a seeded stream fixed per dataset, so every job of a suite holds out the same ones; 0 = no validation split.
     val_size: int = 0
+    # Where batches come from (kdbench.data.stream): "device", the whole split held on the training device, or
+    # "stream", images decoded from disk every epoch by loader processes (folders too large for the device).
+    loader: str = "device"
+    train_crop: str = "exact"  # stream: "exact" (images already image_size) or "random_resized" (ImageNet's)
+    eval_resize: int | None = None  # stream: shorter side resized to this, then centre-cropped (None: exact size)
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -69,10 +74,45 @@ class DataSpec:
             raise DataError(f"{self.dataset}: val_size must be a non-negative integer, got {self.val_size!r}")
         if self.dataset == "synthetic":
             _check_synthetic_size(self)
+        _check_stream_fields(self)
         pool = training_pool(self)
         if pool is not None and self.val_size >= pool:
             raise DataError(f"{self.dataset}: val_size {self.val_size} leaves no training images: it must be smaller "
                             f"than the {pool} training images{' (train_size)' if self.train_size else ''}")
+
+
+LOADERS = ("device", "stream")
+TRAIN_CROPS = ("exact", "random_resized")
+# The streaming fields at the values that leave a job as it was before they existed: left out of its key there.
+STREAM_DEFAULTS = {"loader": "device", "train_crop": "exact", "eval_resize": None}
+
+
+def keyed_data_fields(data: dict) -> dict:
+    """A suite's data section as a job's key holds it: the streaming loader's fields only where they are set, so
+    every device-resident dataset keeps the keys it had."""
+    return {k: v for k, v in data.items() if k not in STREAM_DEFAULTS or v != STREAM_DEFAULTS[k]}
+
+
+def _check_stream_fields(spec: "DataSpec") -> None:
+    """What only the streaming loader can do is asked of it; ImageNet (150 GB of JPEGs of every size) streams."""
+    if spec.loader not in LOADERS:
+        raise DataError(f"{spec.dataset}: loader must be one of {', '.join(LOADERS)}, got {spec.loader!r}")
+    if spec.train_crop not in TRAIN_CROPS:
+        raise DataError(f"{spec.dataset}: train_crop must be one of {', '.join(TRAIN_CROPS)}, got {spec.train_crop!r}")
+    if spec.eval_resize is not None and (isinstance(spec.eval_resize, bool) or not isinstance(spec.eval_resize, int)
+                                         or spec.eval_resize < 1):
+        raise DataError(f"{spec.dataset}: eval_resize must be a positive integer, got {spec.eval_resize!r}")
+    if spec.loader == "device":
+        if spec.dataset == "imagenet":
+            raise DataError("imagenet: set loader: stream (its images do not fit on a device and come in every size)")
+        asked = [f for f, on in (("train_crop", spec.train_crop != "exact"), ("eval_resize", spec.eval_resize))
+                 if on]
+        if asked:
+            raise DataError(f"{spec.dataset}: {' and '.join(asked)} need loader: stream (the device-resident "
+                            f"splits hold images already at image_size)")
+    elif spec.dataset not in ("imagefolder", "imagenet"):
+        raise DataError(f"{spec.dataset}: loader: stream reads image folders (imagefolder, imagenet); "
+                        f"{spec.dataset} fits on the device: leave loader out")
 
 
 # The fixed datasets: classes, input shape (C, H, W), per-channel mean and std of the training split (what
@@ -92,10 +132,16 @@ _FIXED: dict[str, tuple[DatasetInfo, int, int]] = {
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# ImageNet (ILSVRC-2012): 1000 classes, its published train and validation sizes (the validation set is the test
+# split every paper reports); the crop side may be chosen (224, the standard, unless image_size says).
+IMAGENET_CLASSES = 1000
+IMAGENET_IMAGE_SIZE = 224
+IMAGENET_SPLITS = (1281167, 50000)
+
 _SYNTHETIC_DEFAULTS = {"num_classes": 10, "image_size": 32, "train_size": 512, "test_size": 256}
 _SYNTHETIC_SEED = 20240611  # fixed: the synthetic dataset is the same everywhere
 
-DATASETS = (*_FIXED, "imagefolder", "synthetic")
+DATASETS = (*_FIXED, "imagefolder", "imagenet", "synthetic")
 VAL_SEED = 0  # the cell seed of the validation stream: the held-out images depend only on the dataset
 
 
@@ -115,7 +161,10 @@ def fixed_info(name: str) -> DatasetInfo:
 
 
 def split_sizes(name: str) -> tuple[int, int] | None:
-    """The published (train, test) split sizes of a fixed dataset; None for generated data and image folders."""
+    """The published (train, test) split sizes of a fixed dataset or ImageNet; None for generated data and image
+    folders."""
+    if name == "imagenet":
+        return IMAGENET_SPLITS
     return _FIXED[name][1:] if name in _FIXED else None
 
 
@@ -147,6 +196,12 @@ def dataset_info(spec: DataSpec) -> DatasetInfo:
         if n_cls < 2:
             raise DataError(f"synthetic: num_classes must be at least 2, got {n_cls}")
         return DatasetInfo("synthetic", n_cls, (3, size, size), (0.5,) * 3, (0.25,) * 3)
+    if name == "imagenet":
+        if spec.num_classes is not None and spec.num_classes != IMAGENET_CLASSES:
+            raise DataError(f"imagenet has {IMAGENET_CLASSES} classes, but the suite declares num_classes: "
+                            f"{spec.num_classes} (a subset of ImageNet is an imagefolder)")
+        size = spec.image_size or IMAGENET_IMAGE_SIZE
+        return DatasetInfo("imagenet", IMAGENET_CLASSES, (3, size, size), _IMAGENET_MEAN, _IMAGENET_STD)
     if name == "imagefolder":
         missing = [f for f in ("num_classes", "image_size") if getattr(spec, f) is None]
         if missing:

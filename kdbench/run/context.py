@@ -16,7 +16,8 @@ from rich.console import Console
 from kdbench import KdbenchError, Stopped
 from kdbench.storage.claims import Claim
 from kdbench.data.batches import DeviceData
-from kdbench.data.load import load_data
+from kdbench.data.sources import load_splits
+from kdbench.train import parallel
 from kdbench.train.engine import EngineOptions
 from kdbench.plan import Job, Plan
 from kdbench.storage.store import ModelStore
@@ -175,6 +176,7 @@ class JobContext:
     def data(self, plan: Plan) -> DeviceData:
         if self.local.data is None:
             spec = plan.suite.data.spec()
-            self.local.data = load_data(replace(spec, download=spec.download or self.download), self.data_root,
-                                        self.opts.device)
+            group = parallel.current()  # one job on several devices: this one's part of every batch
+            self.local.data = load_splits(replace(spec, download=spec.download or self.download), self.data_root,
+                                          self.opts.device, group.shard if group is not None else None)
         return self.local.data

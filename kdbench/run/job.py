@@ -33,6 +33,8 @@ from kdbench.train.stacked import StackedMethod, StackedStudent
 from kdbench.train.teacher_cache import TeacherCache
 from kdbench.tracking import DIVERGED, JobTags, RunEnd, RunStatus, Tracker, flatten
 from kdbench.run.context import JobContext, job_runtime
+from kdbench.run.devices import lead
+from kdbench.train import parallel
 
 
 # JobResult.status
@@ -261,8 +263,9 @@ def _never() -> bool:
     return False
 
 
-def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
-    data, opts, store, tracker = job_data(plan, job, ctx), ctx.opts, ctx.store, ctx.tracker
+def job_models(plan: Plan, job: Job, ctx: JobContext):
+    """(data, student, teacher, method) as the job trains them; in this order, so every process draws alike."""
+    data, opts, store = job_data(plan, job, ctx), ctx.opts, ctx.store
     model = build_model(job, data, opts)
     teacher = build_teacher(plan, job, data, store, opts)
     method_cls = get_method(job.method.method)
@@ -270,6 +273,12 @@ def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
     if "modify" in job.config:  # a modifier of the method's logit losses (kdbench.modifier), with its own params
         spec = job.config["modify"]
         method = modify(method, get_modifier(spec["name"])(spec["params"]).to(opts.device))
+    return data, model, teacher, method
+
+
+def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
+    opts, store, tracker = ctx.opts, ctx.store, ctx.tracker
+    data, model, teacher, method = job_models(plan, job, ctx)
 
     checkpoint_path = store.checkpoint_path(job.key)
     resume, route = _resume_state(job, checkpoint_path, ctx)
@@ -293,9 +302,12 @@ def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
 
     hooks = Hooks(on_epoch=on_epoch, keep_route=job.keeps_route, on_route=on_route, checkpoint=checkpoint,
                   should_stop=ctx.local.should_stop or _never)
+    provided = job_provided(plan, job, ctx, teacher, method)
+    if parallel.current() is not None:  # one job on several devices: the other processes train it with this one
+        hooks = replace(hooks, should_stop=lead(plan, job, ctx, run_id, checkpoint_path if resume is not None
+                                                else None, model, teacher, method, hooks.should_stop))
     result = fit(model, method, teacher, data, job.train, job.augment, job.seed, opts,
-                 eval_batch_size=plan.suite.eval_batch_size, hooks=hooks,
-                 provided=_provided(plan, job, ctx, teacher, method), resume=resume)
+                 eval_batch_size=plan.suite.eval_batch_size, hooks=hooks, provided=provided, resume=resume)
     if method.record:  # procedure details the method chose while training (RCO's anchors, FitNets' layers)
         tracker.log_params(run_id, {f"procedure.{k}": v for k, v in method.record.items()})
     if job.role in STORED_ROLES:
@@ -304,11 +316,13 @@ def _train(plan: Plan, job: Job, ctx: JobContext, run_id: str):
     return run_id, result
 
 
-def _provided(plan: Plan, job: Job, ctx: JobContext, teacher: torch.nn.Module | None, method: Method) -> Provided:
+def job_provided(plan: Plan, job: Job, ctx: JobContext, teacher: torch.nn.Module | None, method: Method) -> Provided:
     """What the job's method needs besides its models (a route, guides), shared teacher outputs, the update rule."""
     data, store, needs = job_data(plan, job, ctx), ctx.store, method.needs(method.params)
     cache = None
-    if teacher is not None and (ctx.teacher_cache or plan.suite.teacher_cache) and method.teacher_logits_only:
+    # (not on several devices: each holds only its part of the training batches)
+    if teacher is not None and (ctx.teacher_cache or plan.suite.teacher_cache) and method.teacher_logits_only \
+            and parallel.current() is None:
         cache = _shared_teacher_outputs(job, teacher, data, ctx)
     return Provided(route=teacher_route(plan, job, store) if needs.route and job.teacher else None,
                     guides=build_guides(plan, job, teacher, data, store, ctx.opts)
@@ -447,7 +461,7 @@ def _train_stack(plan: Plan, lanes: list[Job], ctx: JobContext, runs: dict[str, 
     method = StackedMethod(methods, [m.seed for m in lanes])
     result = fit(StackedStudent(students), method, teachers[0], data, lanes[0].train, lanes[0].augment,
                  lanes[0].seed, opts, eval_batch_size=plan.suite.eval_batch_size, hooks=hooks,
-                 provided=_provided(plan, lanes[0], ctx, teachers[0], methods[0]), resume=resume)
+                 provided=job_provided(plan, lanes[0], ctx, teachers[0], methods[0]), resume=resume)
     for m, lane in zip(lanes, methods):
         if lane.record:
             tracker.log_params(runs[m.key], {f"procedure.{k}": v for k, v in lane.record.items()})

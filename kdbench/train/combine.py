@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from kdbench.seeding import stream_seed
+from kdbench.train.parallel import average_term_gradients
 
 COMBINES = ("sum", "pcgrad")
 
@@ -82,7 +83,7 @@ class PCGrad:
         for index, (name, term) in enumerate(live.items()):
             got = torch.autograd.grad(term, params, retain_graph=index < len(live) - 1, allow_unused=True)
             # cloned: under a compiled step replayed as CUDA graphs, the next term's backward may reuse this memory
-            grads[name] = [g.clone() if g is not None else None for g in got]
+            grads[name] = average_term_gradients([g.clone() if g is not None else None for g in got])
         if not grads:
             return 0
         generator = torch.Generator().manual_seed(stream_seed(self.seed, "pcgrad", epoch, step))

@@ -17,11 +17,13 @@ import torch
 from torch import nn
 
 from kdbench import Interrupted, KdbenchError
-from kdbench.data.batches import DeviceData, Split, epoch_batches, epoch_views, eval_batches, make_generator, normalize
+from kdbench.data.batches import (DeviceData, Split, epoch_batches, epoch_views, eval_batches, eval_labels,
+                                  make_generator, normalize)
 from kdbench.method import Batch, Method, PassCounts, StepContext, TeacherRoute
 from kdbench.seeding import stream_seed
 from kdbench.config.schema import AugmentConfig, TrainConfig
 from kdbench.train.measures import EvalTotals
+from kdbench.train.parallel import mean_over_devices, sum_over_devices
 from kdbench.train.stacked import StackedMethod
 from kdbench.train.training import (COMPILED_PREFIX, EpochTotals, Training, make_optimizer,  # noqa: F401 (read here)
                                     plain_state_dict)
@@ -137,6 +139,7 @@ def evaluate(model: nn.Module, split: Split, data: DeviceData, opts: EngineOptio
         end = start + labels.shape[0]
         totals.add(logits, labels, None if teacher_logits is None else teacher_logits[start:end])
         start = end
+    sum_over_devices(split, *totals.sums())  # one job on several devices: each device read its part of the split
     model.train(was_training)
     return totals.results(len(split))
 
@@ -221,7 +224,8 @@ def evaluation(student: nn.Module, teacher: nn.Module | None, method: Method, da
     references = teacher_references(teacher, data, opts, batch_size, None)
     if data.test is None:  # a tuning trial (kdbench.run.tune): no test split, nothing measured on it
         return evaluate_splits(student, data, opts, batch_size, references)
-    correct = (references["test"].argmax(1) == data.test.labels).sum()
+    correct = (references["test"].argmax(1) == eval_labels(data.test, batch_size)).sum()
+    sum_over_devices(data.test, correct)
     return {**evaluate_splits(student, data, opts, batch_size, references),
             "teacher_test_acc": correct.item() / len(data.test) * 100}
 
@@ -262,11 +266,11 @@ def epoch_steps(data: DeviceData, train: TrainConfig, augment: AugmentConfig, se
                 stacked: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """An epoch's steps from `skip` on: (step, normalised images, labels, shared teacher logits or None). Each seed
     draws its own order and views from its generators; stacked seeds' batches come stacked, (seeds, B, ...)."""
+    # a resumed epoch replays its draws up to the step where it stopped: the batches before are drawn, not read
     streams = [epoch_batches(data.train, train.batch_size, *epoch_generators(seed, epoch, opts.device),
-                             augment.crop_padding, augment.flip, with_views=cache is not None) for seed in seeds]
-    for step, drawn in enumerate(zip(*streams)):
-        if step < skip:  # replaying the draws of a resumed epoch up to where it stopped
-            continue
+                             augment.crop_padding, augment.flip, with_views=cache is not None, start=skip)
+               for seed in seeds]
+    for step, drawn in enumerate(zip(*streams), start=skip):
         images = [normalize(images, data.info, channels_last=opts.channels_last) for images, *_ in drawn]
         labels = [labels for _, labels, *_ in drawn]
         logits = [cache.lookup(*views) for _, _, *views in drawn] if cache is not None else None
@@ -379,7 +383,8 @@ def fit(student: nn.Module, method: Method, teacher: nn.Module | None, data: Dev
             if graphs:  # a new iteration: CUDA-graph outputs of the last step may be overwritten from here on
                 torch.compiler.cudagraph_mark_step_begin()
             ctx.update = partial(training.update, epoch, step)
-            totals.add(method.step(Batch(images, labels, epoch, train.epochs, logits, step=step), ctx), labels.shape[-1])
+            terms = method.step(Batch(images, labels, epoch, train.epochs, logits, step=step), ctx)
+            totals.add(mean_over_devices(data.train, terms), labels.shape[-1])  # several devices: the whole batch's
             if hooks.should_stop():
                 if hooks.checkpoint is not None:
                     hooks.checkpoint(training.state_dict(epoch, step + 1, totals))

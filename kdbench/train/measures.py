@@ -54,6 +54,10 @@ class EvalTotals:
             self.kl += nn.functional.kl_div(log_probs, torch.log_softmax(teacher, 1), log_target=True,
                                             reduction="sum").double()
 
+    def sums(self) -> list[torch.Tensor]:
+        """Every sum this pass keeps: each adds up over parts of a split (one job on several devices)."""
+        return [self.correct, self.nll, self.brier, self.bin_confidence, self.bin_correct, self.agree, self.kl]
+
     def results(self, n: int) -> dict[str, float]:
         """acc and loss as before; ece, nll, brier; agreement and kl where a teacher's outputs were given."""
         ece = (self.bin_correct - self.bin_confidence).abs().sum()

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from kdbench.data.spec import DatasetInfo
-from kdbench.data.batches import Split, Views, apply_views, normalize, num_views, view_ids, views_from_ids
+from kdbench.data.batches import Split, Views, apply_views, eval_batches, normalize, num_views, view_ids, views_from_ids
 
 
 class ForwardOptions(Protocol):
@@ -52,8 +52,8 @@ def split_logits(model: nn.Module, split: Split, info: DatasetInfo, opts: Forwar
     was_training = model.training
     model.eval()
     chunks = []
-    for start in range(0, len(split), batch_size):
-        images = normalize(split.images[start : start + batch_size], info, channels_last=opts.channels_last)
+    for images, _ in eval_batches(split, batch_size):  # as evaluate reads it (on several devices: this one's part)
+        images = normalize(images, info, channels_last=opts.channels_last)
         with opts.autocast():
             chunks.append(model(images).float())
     model.train(was_training)

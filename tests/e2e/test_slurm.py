@@ -13,12 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from conftest import finished_jobs, slurm_missing
 from rich.console import Console
 
 from kdbench.run.executors import get_executor
 from kdbench.plan import make_plan
 from kdbench.config.load import load_suite
+from kdbench.zoo import create_model
 
 
 pytestmark = pytest.mark.skipif(slurm_missing() is not None, reason=str(slurm_missing()))
@@ -69,3 +72,31 @@ def test_a_job_cancelled_by_scancel_resumes_and_the_suite_matches_in_process(wri
     local = get_executor("inprocess")(plan, None, "cpu", console=Console(file=io.StringIO())).run()
     in_process = finished_jobs(os.environ["MLFLOW_TRACKING_URI"], local.parent_run, "tinyslurm")
     assert len(on_slurm) == 3 and on_slurm == in_process  # the resumed teacher and its students, bit for bit
+
+
+@pytest.mark.slow
+def test_one_job_as_a_two_task_slurm_job_trains_as_torchrun_does(tmp_path):
+    """`--executor slurm --devices 2`: each job a 2-task SLURM job (gloo on the CPU), with the numbers, bit for bit,
+    of the same suite under torchrun on two processes."""
+    from test_devices import SUITE, image_folder, job_runs, numbers  # the suite and data of the torchrun tests
+
+    image_folder(tmp_path / "data" / "tree")
+    torch.manual_seed(3)
+    torch.save(create_model("cifar_resnet14", 3, 3).state_dict(), tmp_path / "teacher.pt")
+    suite = tmp_path / "devices.yaml"
+    suite.write_text(yaml.safe_dump(SUITE))
+    env = {**os.environ, "KDBENCH_DATA": str(tmp_path / "data"), "KDBENCH_CACHE": str(tmp_path / "cache"),
+           "KDBENCH_DATA_WORKERS": "0", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    results = {}
+    for name, options in (("torchrun", []), ("slurm", ["--executor", "slurm", "--cpus-per-job", "1",
+                                                        "--time-min", "30"])):
+        uri = f"sqlite:///{tmp_path / name}.db"
+        done = subprocess.run([sys.executable, "-m", "kdbench.cli", "run", str(suite), "--device", "cpu",
+                               "--devices", "2", *options], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=1200, env={**env, "MLFLOW_TRACKING_URI": uri,
+                                                 "KDBENCH_STORE": str(tmp_path / name)})
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs, count = job_runs(uri)
+        assert count == 3 and all(r.data.tags["kdbench.devices"] == "2" for r in runs.values())
+        results[name] = {role: numbers(uri, run) for role, run in runs.items()}
+    assert results["slurm"] == results["torchrun"]

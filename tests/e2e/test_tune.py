@@ -112,7 +112,7 @@ def test_a_search_keeps_its_budget_tags_its_trials_and_reports_default_and_tuned
 
 
 def poisoned(load):
-    """load_data whose test split raises on any use: a trial that evaluated, counted or read it would fail."""
+    """load_splits whose test split raises on any use: a trial that evaluated, counted or read it would fail."""
     class Untouchable(Split):
         def __getattribute__(self, name):
             raise AssertionError(f"the test split was read during a search ({name})")
@@ -133,14 +133,14 @@ def test_no_trial_reads_the_test_split(tmp_path, monkeypatch):
     make = executor_maker("inprocess", tracker, store)
     search = Search(plan, get_executor("inprocess"), make, tracker, store)
     search.run_teachers(search.parent())  # teachers are ordinary jobs (their test accuracy is reported): first
-    original = context.load_data
-    monkeypatch.setattr(context, "load_data", poisoned(original))
+    original = context.load_splits
+    monkeypatch.setattr(context, "load_splits", poisoned(original))
     choices = search.run()  # every trial ran (a failed job would stop the search) with the test split poisoned
     assert len(choices) == 2 and all(len(c.values) == 3 for c in choices.values())
     # The poison bites: a reporting job (which evaluates on the test split) fails on the same data
     with pytest.raises(AssertionError, match="the test split was read"):
         make(get_executor("inprocess"), tuned_plan(plan, choices)).run()
-    monkeypatch.setattr(context, "load_data", original)
+    monkeypatch.setattr(context, "load_splits", original)
 
 
 def start(suite: Path, env: dict[str, str]) -> subprocess.Popen:

@@ -238,6 +238,8 @@ def test_dataset_info_without_files():
     with pytest.raises(DataError, match="100 classes"):
         dataset_info(DataSpec("cifar100", num_classes=10))
     with pytest.raises(DataError, match="unknown dataset"):
+        DataSpec("places365")
+    with pytest.raises(DataError, match="imagenet: set loader: stream"):  # 150 GB of JPEGs: never device-resident
         DataSpec("imagenet")
 
 

@@ -43,6 +43,7 @@ class ExecutorOptions:
     time_min: int | None = None  # SLURM: time limit per job; a job stopped by it is requeued and resumes
     logs: str | None = None  # SLURM: where each job's stdout/stderr go [default: <store>/slurm-logs]
     max_retries: int = 3  # SLURM: resubmissions of a job that died unfinished (cancelled, node lost)
+    devices_per_job: int | None = None  # one job on N devices (data parallel): SLURM: N tasks on one node
     poll_s: float = 2.0  # SLURM: how often the driver looks at its jobs
 
     @property

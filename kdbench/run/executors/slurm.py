@@ -23,8 +23,10 @@ from kdbench import KdbenchError
 from kdbench.storage.claims import Claim
 from kdbench import Interrupted
 from kdbench.run.executors.base import Executor, Outcome, dependency_levels
+from kdbench.run.follow import follow
 from kdbench.run.job import FAILED, HELD, JobResult, run_job
 from kdbench.run.context import JobContext, Reporter, StopRequest
+from kdbench.run.devices import join_slurm_task, leading
 from kdbench.plan import Job, Plan
 
 try:
@@ -39,12 +41,21 @@ class SlurmTask(Checkpointable):
     """One array task. Checkpointable: on SIGUSR2 (time limit, preemption) submitit requeues this same call, which
     resumes from the job's checkpoint in the store."""
 
-    def __call__(self, plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobResult:
+    def __call__(self, plan: Plan, job: Job, ctx: JobContext, blocked: str | None,
+                 devices: int = 1) -> JobResult | None:
         stop = StopRequest(Reporter().console)  # scancel's SIGTERM: checkpoint at the next step, then stop
         ctx.local.should_stop = stop
         with stop.installed():
+            # one job on several devices: every task trains it, the first one (whose result the driver reads) leads
+            if devices > 1 and not join_slurm_task(ctx):
+                try:
+                    follow(ctx)
+                except Interrupted:
+                    pass
+                return None
             try:
-                result = run_job(plan, job, ctx, blocked)
+                with leading():
+                    result = run_job(plan, job, ctx, blocked)
             except Interrupted:
                 return JobResult(job.key, HELD, STOPPED)
         return result
@@ -81,6 +92,10 @@ class SlurmExecutor(Executor):
             params["slurm_partition"] = opts.partition
         on_gpu = self.ctx.opts.device.type == "cuda"
         gpus = int(opts.gpus_per_job) if opts.gpus_per_job is not None else int(on_gpu)
+        self.devices = int(opts.devices_per_job or 1)
+        if self.devices > 1:  # one task per device, on one node; a GPU each
+            params.update(nodes=1, tasks_per_node=self.devices)
+            gpus = self.devices if on_gpu else 0
         if gpus:
             params["gpus_per_node"] = gpus
         if opts.mem_gb:
@@ -97,7 +112,8 @@ class SlurmExecutor(Executor):
             while level:
                 n = len(level)
                 tasks = self.executor.map_array(SlurmTask(), [self.plan] * n, level, [self.ctx] * n,
-                                                [self.blocked(job, outcome) for job in level])
+                                                [self.blocked(job, outcome) for job in level],
+                                                [self.devices] * n)
                 ids = sorted({t.job_id.split("_")[0] for t in tasks})
                 self.console.print(f"slurm: submitted {n} job(s) as array {', '.join(ids)}: "
                                    + ", ".join(j.title for j in level))
