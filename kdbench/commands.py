@@ -79,6 +79,17 @@ def _workers(executor: str, workers: Optional[int]) -> Optional[int]:
     return workers
 
 
+def _for_devices(executor: str, executor_cls, world: int, workers: Optional[int]):
+    """The executor of a run whose jobs each train on `world` devices: with the default local executor, torchrun's
+    processes of this command, a job at a time (the in-process executor)."""
+    if world == 1 or executor != "local":
+        return executor, executor_cls
+    if workers is not None and workers > 1:
+        raise KdbenchError(f"--workers {workers} with --devices {world}: a job on several devices runs one job at "
+                           "a time; leave --workers out")
+    return "inprocess", get_executor("inprocess")
+
+
 def _csv(value: Optional[str]) -> Optional[list[str]]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -216,11 +227,7 @@ def run(
                            address=ray_address, partition=partition, mem_gb=mem_gb, time_min=time_min,
                            logs=slurm_logs, workers=_workers(executor, workers), devices_per_job=devices)
     world = devices_for_run(plan, executor, options.devices_per_job, compile, teacher_cache)
-    if world > 1 and executor == "local":  # one job on several devices: torchrun's processes, a job at a time
-        if workers is not None and workers > 1:
-            raise KdbenchError(f"--workers {workers} with --devices {world}: a job on several devices runs one job "
-                               "at a time; leave --workers out")
-        executor, executor_cls = "inprocess", get_executor("inprocess")
+    executor, executor_cls = _for_devices(executor, executor_cls, world, workers)
     root = resolve_data_root(str(data_root) if data_root else None)
     if dry_run:  # keys as the run will make them where the data's fingerprint is known without reading the data
         runtime = runtime_config(EngineOptions.for_device(device).device.type, options.threads)
@@ -230,9 +237,11 @@ def run(
             err.print(layout_line(plan, world), markup=False, highlight=False)
         return
 
-    # The executor checks the device and how many jobs it packs here before anything is written.
-    runner = executor_cls(plan, root, device, console=err, fresh=fresh, download=download, teacher_cache=teacher_cache,
-                          compile=compile, store=model_store, options=options)
+    def make_runner(device: str, compile: Optional[bool]):
+        return executor_cls(plan, root, device, console=err, fresh=fresh, download=download,
+                            teacher_cache=teacher_cache, compile=compile, store=model_store, options=options)
+
+    runner = make_runner(device, compile)  # checks the device and how many jobs it packs before anything is written
     check_tracking()  # before any data is read: a dead server or a read-only database is one line, at once
     _check_database()
     check_writable(model_store.root, "model store")
@@ -240,11 +249,17 @@ def run(
         device, compile = start_processes(suite, world, device), False
         if not parallel.current().leads:  # the others train alongside the first process, which writes
             return follow_suite(model_store.root, root, device, download, err)
+        runner = make_runner(device, compile)
     try:
         with leading():
             outcome = runner.run()
     except DataError as exc:  # the data is loaded before anything is written: name the suite and its field
         raise _data_error(suite, exc) from None
+    _print_outcome(outcome)
+
+
+def _print_outcome(outcome) -> None:
+    """A run's last line: what finished, failed and collapsed, and where it is in MLflow; exit 1 on a failure."""
     where = f"MLflow {tracking_uri()}, parent run {outcome.parent_run}"
     if outcome.nothing_to_do:
         collapsed = f" ({len(outcome.collapsed)} collapsed)" if outcome.collapsed else ""
