@@ -124,14 +124,19 @@ def test_hinton_results_are_what_the_committed_command_writes(hinton_runs, tmp_p
     assert "kdbench run suites/papers/hinton_mnist.yaml" in readme and "kdbench report" in readme
 
 
-def test_quickstart_report_and_readme_snippet_are_what_the_code_writes(tmp_path):
-    """results/quickstart/ regenerates byte for byte from its committed store, and the README shows it."""
-    quickstart = REPO / "results" / "quickstart"
-    if not (quickstart / "mlflow.db").is_file():
-        pytest.skip("results/quickstart/mlflow.db not present")
-    folder = write_report(REPO / "suites" / "quickstart.yaml", tmp_path, uri=f"sqlite:///{quickstart / 'mlflow.db'}")
+@pytest.mark.parametrize("tour", ["quickstart", "tour_all_methods"])
+def test_the_committed_tours_regenerate_byte_for_byte(tour, tmp_path):
+    """results/quickstart/ and results/tour_all_methods/ are what the report code writes from their stores."""
+    committed = REPO / "results" / tour
+    if not (committed / "mlflow.db").is_file():
+        pytest.skip(f"results/{tour}/mlflow.db not present")
+    folder = write_report(REPO / "suites" / f"{tour}.yaml", tmp_path, uri=f"sqlite:///{committed / 'mlflow.db'}")
     for name in ("comparison.md", "comparison.csv", "cost.md", "runs.csv", "accuracy_vs_gap.svg"):
-        assert (folder / name).read_bytes() == (quickstart / name).read_bytes(), name
+        assert (folder / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+def test_the_readme_shows_the_committed_quickstart_table():
+    quickstart = REPO / "results" / "quickstart"
     snippet = (REPO / "README.md").read_text()
     table = [line for line in (quickstart / "comparison.md").read_text().splitlines() if line.startswith("|")]
     assert table and all(line in snippet for line in table)
