@@ -2,7 +2,7 @@
 #   make quickstart    virtual environment, install, run suites/quickstart.yaml into ./mlflow.db
 #   make test          virtual environment, install with test extras, run the tests
 #   make bench         kdbench bench: classic loop vs kdbench vs ceiling, results into results/perf/
-#   make perf-executors  a suite's wall time in-process and on Ray (two one-thread workers), into results/perf/
+#   make perf-executors  a suite's wall time: one process, the default local workers, Ray; interleaved, into results/perf/
 #   make bench-micro   pytest-benchmark micro-benchmarks, saved to results/perf/micro/ and compared with the last
 #   make test-slow     the slow tests (torch.compile on CPU, one job on two gloo processes: minutes), left out of `make test`
 #   make device-prep   wheels (.whl/) and a CIFAR-10 subset (.data/) for a GPU machine without network

@@ -1,46 +1,58 @@
 #!/usr/bin/env bash
-# A suite's wall time in-process against Ray with two one-thread workers, back to back, each in a fresh store
-# and MLflow database (nothing reused), written to results/perf/executors.md with the command and the machine.
+# A suite's wall time with one process (--workers 1), with the default local workers (a worker per core) and on Ray
+# with the same number of one-thread workers, interleaved round by round (A B C A B C: a drift in the machine's
+# speed touches all three), each run in a fresh store and MLflow database (nothing reused); the table goes to
+# results/perf/executors.md with the command, the machine and the load.
 #   scripts/perf_executors.sh [SUITE] [extra kdbench run options]     (default suite: suites/quickstart.yaml)
-#   make perf-executors ARGS="suites/quickstart.yaml"
-# PERF_KEEP=DIR keeps both runs' stores and databases in DIR (DIR/inprocess/mlflow.db, DIR/ray/mlflow.db).
+#   make perf-executors ARGS="suites/quickstart.yaml"      ROUNDS=3 for three rounds (default 2)
 set -euo pipefail
 suite=${1:-suites/quickstart.yaml}; shift || true
 PY=${PYTHON:-$(command -v python3)}
 out=${PERF_OUT:-results/perf/executors.md}
-if [ -n "${PERF_KEEP:-}" ]; then
-  work=$PERF_KEEP; rm -rf "$work/inprocess" "$work/ray"; mkdir -p "$work"
-else
-  work=$(mktemp -d "${TMPDIR:-/tmp}/kdbench-perf.XXXXXX")
-  trap 'rm -rf "$work"' EXIT
-fi
-load_before=$(cut -d" " -f1-3 /proc/loadavg)
-export OMP_NUM_THREADS=1
-run() {  # name, kdbench run options...; prints the wall seconds
-  local name=$1; shift
-  mkdir -p "$work/$name"
-  local start end
+rounds=${ROUNDS:-2}
+work=$(mktemp -d "${TMPDIR:-/tmp}/kdbench-perf.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+names=(one_process local_workers ray)
+declare -A opts=([one_process]="--workers 1" [local_workers]="" [ray]="--executor ray --cpus-per-job 1")
+declare -A label=([one_process]="one process (\`--workers 1\`)" [local_workers]="local workers (the default)"
+                  [ray]="Ray, one-thread workers (\`--executor ray --cpus-per-job 1\`)")
+declare -A walls
+run() {  # name round: prints the wall seconds
+  local name=$1 dir="$work/$1-$2" start end
+  mkdir -p "$dir"
   start=$(date +%s.%N)
-  MLFLOW_TRACKING_URI="sqlite:///$work/$name/mlflow.db" KDBENCH_STORE="$work/$name/store" \
-    "$PY" -m kdbench.cli run "$suite" --device cpu "$@" > "$work/$name/log" 2>&1 \
-    || { echo "perf_executors: $name failed; its log:" >&2; tail -30 "$work/$name/log" >&2; exit 1; }
+  # shellcheck disable=SC2086
+  MLFLOW_TRACKING_URI="sqlite:///$dir/mlflow.db" KDBENCH_STORE="$dir/store" \
+    "$PY" -m kdbench.cli run "$suite" --device cpu ${opts[$name]} "$@" > "$dir/log" 2>&1 \
+    || { echo "perf_executors: $name failed; its log:" >&2; tail -30 "$dir/log" >&2; exit 1; }
   end=$(date +%s.%N)
-  awk "BEGIN { print $end - $start }"
+  awk "BEGIN { printf \"%.1f\", $end - $start }"
 }
-inproc=$(run inprocess --executor inprocess "$@")
-ray=$(run ray --executor ray --cpus-per-job 1 "$@")
+loads=()
+for round in $(seq "$rounds"); do
+  for name in "${names[@]}"; do
+    loads+=("$(cut -d' ' -f1 /proc/loadavg)")
+    walls[$name]+="$(run "$name" "$round" "$@") "
+  done
+done
+median() { tr ' ' '\n' <<< "$1" | grep . | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
+base=$(median "${walls[one_process]}")
 mkdir -p "$(dirname "$out")"
 {
   echo "# Executors: wall time of one suite"
   echo
-  echo "Suite \`$suite\` on $(nproc --all) CPU cores ($(uname -n), load average before: $load_before),"
-  echo "$(date -u +%Y-%m-%dT%H:%MZ), kdbench $(git rev-parse --short HEAD 2>/dev/null || echo '?'); each run in a fresh store and database."
+  echo "Suite \`$suite\` on $(nproc) usable CPU cores ($(uname -n)), $(date -u +%Y-%m-%dT%H:%MZ), kdbench"
+  echo "$(git rev-parse --short HEAD 2>/dev/null || echo '?'); $rounds interleaved rounds, each run in a fresh store and database;"
+  echo "1-minute load average before each run: ${loads[*]}."
   echo
-  echo "| executor | command | wall s |"
-  echo "| --- | --- | ---: |"
-  printf '| in-process | `kdbench run %s --device cpu %s` | %.1f |\n' "$suite" "$*" "$inproc"
-  printf '| Ray, 2 one-thread workers | `kdbench run %s --device cpu --executor ray --cpus-per-job 1 %s` | %.1f |\n' "$suite" "$*" "$ray"
+  echo "| executor | wall s, each round | median s | vs one process |"
+  echo "| --- | --- | ---: | ---: |"
+  for name in "${names[@]}"; do
+    m=$(median "${walls[$name]}")
+    printf '| %s | %s | %.1f | %.2fx |\n' "${label[$name]}" "${walls[$name]% }" "$m" "$(awk "BEGIN { print $base / $m }")"
+  done
   echo
-  echo "Ray's figure includes starting a local Ray (tens of seconds on a loaded machine)."
+  echo "Every figure is the whole command (\`kdbench run $suite --device cpu $*\` with the executor's options):"
+  echo "start-up, data, the local workers' or Ray's start, every job, MLflow writes. Ray's includes starting a local Ray."
 } > "$out"
 cat "$out"
