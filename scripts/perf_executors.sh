@@ -7,6 +7,7 @@
 #   make perf-executors ARGS="suites/quickstart.yaml"      ROUNDS=3 for three rounds (default 2)
 set -euo pipefail
 suite=${1:-suites/quickstart.yaml}; shift || true
+extra=("$@")  # more kdbench run options, the same for every run
 PY=${PYTHON:-$(command -v python3)}
 out=${PERF_OUT:-results/perf/executors.md}
 rounds=${ROUNDS:-2}
@@ -23,7 +24,7 @@ run() {  # name round: prints the wall seconds
   start=$(date +%s.%N)
   # shellcheck disable=SC2086
   MLFLOW_TRACKING_URI="sqlite:///$dir/mlflow.db" KDBENCH_STORE="$dir/store" \
-    "$PY" -m kdbench.cli run "$suite" --device cpu ${opts[$name]} "$@" > "$dir/log" 2>&1 \
+    "$PY" -m kdbench.cli run "$suite" --device cpu ${opts[$name]} "${extra[@]}" > "$dir/log" 2>&1 \
     || { echo "perf_executors: $name failed; its log:" >&2; tail -30 "$dir/log" >&2; exit 1; }
   end=$(date +%s.%N)
   awk "BEGIN { printf \"%.1f\", $end - $start }"
@@ -32,7 +33,7 @@ loads=()
 for round in $(seq "$rounds"); do
   for name in "${names[@]}"; do
     loads+=("$(cut -d' ' -f1 /proc/loadavg)")
-    walls[$name]+="$(run "$name" "$round" "$@") "
+    walls[$name]+="$(run "$name" "$round") "
   done
 done
 median() { tr ' ' '\n' <<< "$1" | grep . | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
@@ -52,7 +53,7 @@ mkdir -p "$(dirname "$out")"
     printf '| %s | %s | %.1f | %.2fx |\n' "${label[$name]}" "${walls[$name]% }" "$m" "$(awk "BEGIN { print $base / $m }")"
   done
   echo
-  echo "Every figure is the whole command (\`kdbench run $suite --device cpu $*\` with the executor's options):"
+  echo "Every figure is the whole command (\`kdbench run $suite --device cpu ${extra[*]}\` with the executor's options):"
   echo "start-up, data, the local workers' or Ray's start, every job, MLflow writes. Ray's includes starting a local Ray."
 } > "$out"
 cat "$out"
