@@ -163,6 +163,7 @@ def mid_trial(db: Path) -> bool:
         return False
 
 
+@pytest.mark.slow  # about 30-60 s on 2 cores: `make test-slow` runs it (CI does)
 def test_a_search_killed_mid_trial_resumes_to_the_uninterrupted_choice_and_numbers(tmp_path, monkeypatch):
     expected, expected_outcome = tune(write(tmp_path))
     expected_numbers = finished_jobs(os.environ["MLFLOW_TRACKING_URI"], expected_outcome.parent_run,
@@ -196,6 +197,7 @@ def test_a_search_killed_mid_trial_resumes_to_the_uninterrupted_choice_and_numbe
     assert finished_jobs(env["MLFLOW_TRACKING_URI"], outcome.parent_run, "tt" + TUNED_SUFFIX) == expected_numbers
 
 
+@pytest.mark.slow  # about 30-60 s on 2 cores: `make test-slow` runs it (CI does)
 def test_ray_picks_the_in_process_setting(tmp_path, monkeypatch):
     pytest.importorskip("ray")
     expected, _ = tune(write(tmp_path))

@@ -99,6 +99,7 @@ def test_two_workers_give_one_workers_numbers_and_students_wait_for_their_teache
 
 
 @pytest.mark.skipif(usable_cores() < 2, reason="two workers need two cores (the oversubscription guard)")
+@pytest.mark.slow  # about 30-60 s on 2 cores: `make test-slow` runs it (CI does)
 def test_ctrl_c_stops_two_workers_with_130_and_the_same_command_resumes_to_the_same_numbers(suite, one_worker,
                                                                                               tmp_path):
     args = command(suite, "--workers", "2")

@@ -80,6 +80,7 @@ def test_a_reader_refuses_a_store_that_is_not_there_and_creates_none(tmp_path):
 HELD_S = 23  # past MLflow's SQLite busy timeout (PRAGMA busy_timeout = 20000)
 
 
+@pytest.mark.slow  # holds the lock 23 s: `make test-slow` runs it (CI does)
 def test_a_write_waits_for_another_writer_that_holds_the_sqlite_lock_past_mlflows_busy_timeout(tmp_path):
     """Seen on a loaded 2-core machine with two Ray workers: a job failed with "database is locked" because the
     other worker held the lock for over the 20-second busy timeout MLflow gives SQLite. The tracker waits it out."""
