@@ -30,6 +30,10 @@ from filelock import FileLock
 
 from kdbench import KdbenchError
 
+# A database without runs changed this recently may be one another MLflow process (`mlflow ui`, a script) is
+# creating and migrating right now, without kdbench's lock: moving it aside would break that process.
+SETTLE_S = 5.0
+SETTLE_WAIT_S = 60.0
 # Tables every MLflow schema since 1.0 has: without them a database is not a complete MLflow store.
 CORE_TABLES = ("experiments", "runs", "metrics", "params", "tags", "alembic_version")
 _REVISION = re.compile(r'^(down_)?revision\s*=\s*(?:"([0-9a-f]+)"|\'([0-9a-f]+)\'|None)', re.MULTILINE)
@@ -110,8 +114,7 @@ def check_mlflow_db(path: Path, notice=None) -> None:
         return
     head, known = mlflow_revisions()
     with FileLock(str(path) + ".lock"):  # the lock kdbench.tracking creates databases under
-        state = read_state(path)
-        kind, what = diagnose(state, head, known)
+        state, kind, what = _settled_state(path, head, known)
         if kind == "current":
             return
         if kind == "foreign":
@@ -124,6 +127,24 @@ def check_mlflow_db(path: Path, notice=None) -> None:
                        f"one is created")
             return
     raise KdbenchError(_refusal(path, state.runs, kind, what))
+
+
+def _last_change(path: Path) -> float:
+    """Seconds since the database or its journal last changed (0 when it is gone)."""
+    times = [p.stat().st_mtime for p in (path, path.with_name(path.name + "-journal")) if p.exists()]
+    return time.time() - max(times) if times else 0.0
+
+
+def _settled_state(path: Path, head: str, known: frozenset[str]) -> tuple[SchemaState, str, str]:
+    """The state and diagnosis once no other process is still creating the database: an unfinished database
+    without runs is read again until it has not changed for SETTLE_S seconds (or SETTLE_WAIT_S have passed)."""
+    end = time.monotonic() + SETTLE_WAIT_S
+    while True:
+        state = read_state(path)
+        kind, what = diagnose(state, head, known)
+        if kind == "current" or state.runs or _last_change(path) >= SETTLE_S or time.monotonic() >= end:
+            return state, kind, what
+        time.sleep(0.5)
 
 
 def _refusal(path: Path, runs: int, kind: str, what: str) -> str:

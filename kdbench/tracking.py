@@ -235,7 +235,7 @@ def check_store_exists(uri: str, hint: str) -> None:
 
 
 def create_sqlite_store(path: Path) -> None:
-    """Create and migrate a new MLflow SQLite database under a temporary name, then rename it into place: a kill
+    """Create and migrate a new MLflow SQLite database under a temporary name, then link it into place: a kill
     at any moment leaves no database or a complete one, never a half-migrated one on which every run fails."""
     from mlflow.tracking import MlflowClient
 
@@ -247,7 +247,10 @@ def create_sqlite_store(path: Path) -> None:
         engine = getattr(client._tracking_client.store, "engine", None)
         if engine is not None:
             engine.dispose()
-        os.replace(tmp, path)
+        try:  # a link, not a rename: never replace a database another MLflow process created meanwhile
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
     finally:
         for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
             leftover.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import finished_jobs
@@ -88,7 +89,10 @@ def test_ctrl_c_on_a_ray_run_cancels_its_jobs_marks_them_killed_and_the_next_run
     command = [sys.executable, "-m", "kdbench.cli", "run", str(path), "--device", "cpu", "--executor", "ray",
                "--cpus-per-job", "1"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    client, deadline = MlflowClient(uri), time.time() + 240
+    deadline = time.time() + 240
+    while not Path(uri.removeprefix("sqlite:///")).exists() and time.time() < deadline:
+        time.sleep(0.2)  # a client made before would create the database itself, racing the run's creation
+    client = MlflowClient(uri)
     while time.time() < deadline and proc.poll() is None:  # wait until the teacher has logged an epoch
         experiment = client.get_experiment_by_name("tiny")
         runs = client.search_runs([experiment.experiment_id]) if experiment else []

@@ -90,10 +90,12 @@ def test_sigkill_during_store_gc_beside_a_run(tmp_path, write_suite):
 def test_sigkill_during_report_beside_a_run(tmp_path, write_suite):
     suite = write_suite({"train": {"epochs": 4, "batch_size": 64, "milestones": [2]}})
     run = kdbench("run", str(suite), "--device", "cpu", cwd=tmp_path, wait=False)
-    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
 
     def first_job_done() -> bool:
-        experiment = client.get_experiment_by_name("tiny") if (tmp_path / "mlflow.db").exists() else None
+        if not (tmp_path / "mlflow.db").exists():
+            return False  # a client made earlier would create the database itself, racing the run's creation
+        client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+        experiment = client.get_experiment_by_name("tiny")
         return experiment is not None and bool(client.search_runs(
             [experiment.experiment_id], "tags.`kdbench.role` = 'teacher' and attributes.status = 'FINISHED'"))
 

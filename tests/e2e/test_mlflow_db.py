@@ -11,13 +11,15 @@ import hashlib
 import os
 import sqlite3
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from kdbench.cli import main
-from kdbench.mlflow_db import mlflow_revisions
+from kdbench.mlflow_db import SETTLE_S, mlflow_revisions
 from kdbench.tracking import create_sqlite_store
 
 
@@ -40,6 +42,7 @@ def database(path: Path, runs: int, revision: str | None = None, leftover: str |
     db.commit()
     db.close()
     os.replace(made, path)
+    os.utime(path, (time.time() - 3600, time.time() - 3600))  # left by a process that ended an hour ago
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -97,6 +100,30 @@ def test_a_half_migrated_database_without_runs_is_moved_aside_and_the_run_works(
     client = MlflowClient(f"sqlite:///{path}")
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4  # the suite run, its teacher, 2 students
+
+
+def test_a_database_another_process_is_creating_now_is_waited_for_not_moved_aside(monkeypatch, capsys, tmp_path,
+                                                                                  write_suite):
+    """`mlflow ui` or a script creating the database (without kdbench's lock) while a run starts: the run sees it
+    half made and empty, waits until it stops changing, and uses it once its creator has finished."""
+    path = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
+    database(path, runs=0, leftover="experiments")
+    os.utime(path)  # changed just now: its creator is still at work
+
+    def finish_creating():
+        time.sleep(SETTLE_S / 2)
+        db = sqlite3.connect(path)
+        db.execute("DROP TABLE _alembic_tmp_experiments")
+        db.commit()
+        db.close()
+
+    creator = threading.Thread(target=finish_creating)
+    creator.start()
+    code, lines = kdbench(monkeypatch, capsys, "run", str(write_suite()), "--device", "cpu")
+    creator.join()
+    assert code == 0, lines
+    assert not any(p.name.startswith("mlflow.db.broken-") for p in tmp_path.iterdir())
+    assert not any("moved aside" in line for line in lines), lines
 
 
 def test_a_sqlite_file_that_is_not_mlflows_is_refused(monkeypatch, capsys, tmp_path, write_suite):
