@@ -18,6 +18,7 @@ from kdbench.config.reference import read_reference
 from kdbench.plan import make_plan
 from kdbench.report.runs import RUN_COLUMNS
 from kdbench.report.cells import report_scope
+from kdbench.report.tuned import write_tuned_report
 from kdbench.report.write import write_report
 from kdbench.config.schema import SuiteError
 from kdbench.config.load import load_suite
@@ -153,7 +154,8 @@ def test_the_readmes_job_counts_are_the_tours():
         assert f"{planned} jobs planned, {ran} run" in readme.read_text(), readme
 
 
-STUDIES = sorted(p.parent.name for p in (REPO / "results").glob("study_*/mlflow.db"))
+STUDIES = sorted(p.parent.name for p in (REPO / "results").glob("study_*/mlflow.db") if p.parent.suffix != ".tuned")
+TUNED_STUDIES = sorted(p.parent.name for p in (REPO / "results").glob("study_*.tuned/mlflow.db"))
 
 
 @pytest.mark.parametrize("study", STUDIES)
@@ -169,3 +171,20 @@ def test_study_results_are_what_the_committed_store_gives_and_the_readme_quotes_
     table = [line for line in (committed / "by_gap.md").read_text().splitlines() if line.startswith("|")]
     assert table and all(line in readme for line in table)
     assert f"kdbench run suites/{study}.yaml" in readme and f"kdbench report suites/{study}.yaml" in readme
+
+
+@pytest.mark.parametrize("study", TUNED_STUDIES)
+def test_tuned_study_results_are_what_the_committed_store_gives_and_the_readme_quotes_them(study, tmp_path):
+    """A committed tuned study (`kdbench tune`) regenerates byte for byte from its MLflow store: the tuned table,
+    the trials, the chosen settings, the sensitivity and its figure; its README quotes the tuned table."""
+    committed = REPO / "results" / study
+    suite = study.removesuffix(".tuned")
+    folder = write_tuned_report(REPO / "suites" / f"{suite}.yaml", tmp_path, uri=f"sqlite:///{committed / 'mlflow.db'}")
+    for name in ("tuned.csv", "trials.csv", "sensitivity.csv", "settings.csv", "sensitivity.svg"):
+        assert (folder / name).read_bytes() == (committed / name).read_bytes(), name
+    tables = [line for line in (folder / "tuned.md").read_text().splitlines() if line.startswith("|")]
+    assert tables == [line for line in (committed / "tuned.md").read_text().splitlines() if line.startswith("|")]
+    readme = (committed / "README.md").read_text()
+    first = (folder / "tuned.md").read_text().split("\n## ")[0]  # the tuned table, before the chosen settings
+    assert all(line in readme for line in first.splitlines() if line.startswith("|"))
+    assert f"kdbench tune suites/{suite}.yaml" in readme and f"kdbench report-tuned suites/{suite}.yaml" in readme
