@@ -157,3 +157,22 @@ def test_the_command_line_refuses_oversubscription_with_exit_2_before_anything_i
     wrong = subprocess.run(command(write_suite(), "--executor", "ray", "--workers", "2"), capture_output=True,
                            text=True, timeout=300)
     assert wrong.returncode == 2 and "--workers: only the local executor runs worker processes" in wrong.stderr
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="two workers need two cores (the oversubscription guard)")
+@pytest.mark.slow  # about 45 s on 2 cores: `make test-slow` runs it (CI does)
+def test_a_stack_of_seeds_goes_to_one_worker_and_gives_one_workers_numbers(tmp_path):
+    """stack_seeds: the seeds of a cell train as one model, so they go to one worker together; sent one by one, the
+    other worker found them claimed and waited, as for another kdbench process."""
+    path = tmp_path / "stacked.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "methods": ["baseline", "kd"], "seeds": [0, 1, 2], "stack_seeds": True},
+                                   sort_keys=False))
+    one, two = tmp_path / "one", tmp_path / "two"
+    expected = finished_jobs(f"sqlite:///{one / 'mlflow.db'}", kdbench(one, path, "--workers", "1"))
+    two.mkdir()
+    done = subprocess.run(command(path, "--workers", "2"), cwd=two, env=environment(two), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "waiting for another kdbench process" not in done.stderr and done.stderr.count("(stacked)") == 6
+    parent = re.search(r"parent run (\w+)", done.stderr).group(1)
+    assert finished_jobs(f"sqlite:///{two / 'mlflow.db'}", parent) == expected and len(expected) == 7

@@ -102,11 +102,12 @@ def _ready() -> None:
     """Nothing: sent once to each worker so that it starts (imports: seconds) before there is a job for it."""
 
 
-def _worker_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobResult:
+def _worker_jobs(plan: Plan, jobs: list[Job], ctx: JobContext, blocked: list[str | None]) -> list[JobResult]:
+    """One job, or the seeds of one stack: the first trains them all, the others take its results (ctx.local)."""
     ctx.local.reporter, ctx.local.should_stop = _worker["reporter"], _worker["should_stop"]
     _worker["busy"].set()
-    try:
-        return run_job(plan, job, ctx, blocked)  # torch threads and settings: the job's runtime, set by run_job
+    try:  # torch threads and settings: the job's runtime, set by run_job
+        return [run_job(plan, job, ctx, why) for job, why in zip(jobs, blocked)]
     finally:
         _worker["busy"].clear()
 
@@ -209,7 +210,7 @@ class LocalExecutor(InProcessExecutor):
         if self.pool is None:
             return super().run_jobs(jobs, outcome)
         self.progress.update(self.jobs_bar, total=len(self.plan.jobs))  # assistants resolved: the count may change
-        running: dict[Future, Job] = {}
+        running: dict[Future, list[Job]] = {}
         try:
             self.run_parallel(list(jobs), running, outcome)
         except BaseException as exc:  # a stop request, a job's bug, a lost worker: the running jobs stop first
@@ -220,7 +221,7 @@ class LocalExecutor(InProcessExecutor):
                                    "to resume its job") from None
             raise
 
-    def run_parallel(self, waiting: list[Job], running: dict[Future, Job], outcome: Outcome) -> None:
+    def run_parallel(self, waiting: list[Job], running: dict[Future, list[Job]], outcome: Outcome) -> None:
         """Send each job out once its teacher is done and a worker is free; record the results as they come."""
         held: dict[str, Job] = {}  # jobs another kdbench process holds, tried again once it lets them go
         while waiting or running or held:
@@ -232,33 +233,39 @@ class LocalExecutor(InProcessExecutor):
                 continue
             done, _ = wait(running, timeout=POLL_S, return_when=FIRST_COMPLETED)
             self.bars.relay(self.pool.messages)
-            for future in done:
-                job, result = running.pop(future), future.result()  # a worker's exception is raised here
-                if result.status == HELD:
-                    self.console.print(f"waiting for another kdbench process to finish {job.title}")
-                    held[job.key] = job
-                else:  # the worker's own line ("done ...", "failed ...") says how it ended
-                    outcome.record(result)
-                    self.progress.advance(self.jobs_bar)
+            for future in done:  # a worker's exception is raised by result()
+                for job, result in zip(running.pop(future), future.result()):
+                    if result.status == HELD:
+                        self.console.print(f"waiting for another kdbench process to finish {job.title}")
+                        held[job.key] = job
+                    else:  # the worker's own line ("done ...", "failed ...") says how it ended
+                        outcome.record(result)
+                        self.progress.advance(self.jobs_bar)
 
-    def send_ready(self, waiting: list[Job], running: dict[Future, Job], held: dict[str, Job],
+    def send_ready(self, waiting: list[Job], running: dict[Future, list[Job]], held: dict[str, Job],
                    outcome: Outcome) -> list[Job]:
-        """Send out, in plan order, the jobs whose teacher is done, while a worker is free; return the rest."""
+        """Send out, in plan order, the jobs whose teacher is done, while a worker is free; return the rest. The
+        seeds of one stack go to one worker together: they train as one model there."""
         for key in list(held):
             claim = Claim(self.store.claim_path(key))
             if claim.stale(claim.holder()):  # the other process finished it (skipped here) or died (resumed here)
                 waiting.insert(0, held.pop(key))
-        unfinished = {j.key for j in waiting} | {j.key for j in running.values()} | set(held)
-        later = []
+        unfinished = {j.key for j in waiting} | {j.key for js in running.values() for j in js} | set(held)
+        later, sent = [], set()
         for job in waiting:
+            if job.key in sent:
+                continue
             if len(running) < self.size and job.teacher not in unfinished:
-                future = self.pool.executor.submit(_worker_job, self.plan, job, self.ctx, self.blocked(job, outcome))
-                running[future] = job
+                stack = [j for j in waiting if job.stack and j.stack == job.stack] or [job]
+                future = self.pool.executor.submit(_worker_jobs, self.plan, stack, self.ctx,
+                                                   [self.blocked(j, outcome) for j in stack])
+                running[future] = stack
+                sent.update(j.key for j in stack)
             else:
                 later.append(job)
         return later
 
-    def wind_down(self, running: dict[Future, Job], outcome: Outcome) -> None:
+    def wind_down(self, running: dict[Future, list[Job]], outcome: Outcome) -> None:
         """Wait for the running jobs to stop at their next step (runs KILLED, checkpoints saved), recording those
         that finished meanwhile; a second Ctrl-C ends the wait at once."""
         while running:
@@ -266,6 +273,7 @@ class LocalExecutor(InProcessExecutor):
             self.bars.relay(self.pool.messages)
             for future in done:
                 running.pop(future)
-                if future.exception() is None and future.result().status != HELD:
-                    outcome.record(future.result())
-                    self.progress.advance(self.jobs_bar)
+                for result in future.result() if future.exception() is None else []:
+                    if result.status != HELD:
+                        outcome.record(result)
+                        self.progress.advance(self.jobs_bar)
