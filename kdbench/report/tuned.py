@@ -16,6 +16,7 @@ import pandas as pd
 from kdbench import KdbenchError
 from kdbench.config.load import load_suite
 from kdbench.config.tuning import search_space
+from kdbench.plan import make_plan
 from kdbench.report.figures import save_figure
 from kdbench.report.format import markdown_table, number, p_value, write_csv, write_text
 from kdbench.report.runs import find_parent, load_runs, open_client
@@ -37,11 +38,14 @@ def seed_values(rows: pd.DataFrame, label: str, student: str, pair: str) -> dict
     return dict(zip(mine.seed.astype(int), mine.test_acc))
 
 
-def tuned_frame(runs: pd.DataFrame, labels: list[str], baseline: str, kd: str | None) -> pd.DataFrame:
+def tuned_frame(runs: pd.DataFrame, labels: list[str], baseline: str, kd: str | None,
+                pair_order: list[str] = ()) -> pd.DataFrame:
     """Per pair and method: default and tuned mean test accuracy, tuned minus default, and the tuned method
-    against the tuned student alone and tuned KD; one Holm family over every paired test of the table."""
+    against the tuned student alone and tuned KD; one Holm family over every paired test of the table. Pairs in
+    `pair_order` (by growing capacity gap), any others after them by name."""
     rows = student_rows(runs)
-    pairs = sorted({p for p in rows.pair if p})
+    rank = {pair: i for i, pair in enumerate(pair_order)}
+    pairs = sorted({p for p in rows.pair if p}, key=lambda p: (rank.get(p, len(rank)), p))
     out = []
     for pair in pairs:
         student = pair.split("->")[1]
@@ -176,7 +180,8 @@ def write_tuned_report(suite_path: Path, out: Path = Path("results"), uri: str |
     labels = [m.label for m in suite.methods]
     baseline = next((m.label for m in suite.methods if m.method == "baseline"), labels[0])
     kd = next((m.label for m in suite.methods if m.method == "kd"), None)
-    frame = tuned_frame(runs, labels, baseline, kd)
+    pair_order = [p.name for p in sorted(make_plan(suite, suite_path).pairs, key=lambda p: p.gap)]
+    frame = tuned_frame(runs, labels, baseline, kd, pair_order)
     trials = trial_frame(client, suite.name)
     sensitivity = sensitivity_frame(trials)
     settings = settings_frame(client, parent, labels)

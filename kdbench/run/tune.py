@@ -13,6 +13,7 @@ trials told are those of whole earlier batches, whatever happened in between.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from kdbench.config.tuning import search_space
 from kdbench.data.load import data_fingerprint
 from kdbench.storage.files import content_hash
 from kdbench.plan import Job, Plan, in_waves, make_plan
+from kdbench.registry import get_method
 from kdbench.run.executors.base import Executor, Outcome
 from kdbench.run.executors.options import usable_cores
 from kdbench.storage.store import ModelStore
@@ -98,15 +100,28 @@ def make_sampler(suite: Suite, study: str, number: int) -> optuna.samplers.BaseS
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, tune.trials // 2))
 
 
+def own_setting(study: Study) -> dict[str, Any]:
+    """The entry's own values of the searched parameters (the suite's, else the method's defaults): trial 0 of
+    every search, so a tuned setting is never one the search found worse on validation than the default."""
+    given = {**get_method(study.entry.method).defaults, **study.entry.params}
+    return {name: given[name] for name in study.space if name in given}
+
+
 def suggest(trial: optuna.Trial, space: dict[str, SearchRange]) -> dict[str, Any]:
-    """The trial's draw from a search space, in the space's order."""
+    """The trial's draw from a search space, in the space's order (trial 0: the entry's own setting, which may lie
+    outside the ranges: Optuna's warning about it is silenced)."""
     out: dict[str, Any] = {}
-    for name, r in space.items():
-        if r.integer:
-            out[name] = trial.suggest_int(name, round(r.low), round(r.high), log=r.log)
-        else:
-            out[name] = trial.suggest_float(name, r.low, r.high, log=r.log)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")
+        for name, r in space.items():
+            out[name] = _suggest_one(trial, name, r)
     return out
+
+
+def _suggest_one(trial: optuna.Trial, name: str, r: SearchRange) -> Any:
+    if r.integer:
+        return trial.suggest_int(name, round(r.low), round(r.high), log=r.log)
+    return trial.suggest_float(name, r.low, r.high, log=r.log)
 
 
 # ---------------------------------------------------------------------------------------------- trial jobs
@@ -221,11 +236,15 @@ class Search:
         trials = self.load(study).get_trials(deepcopy=False)
         told = sum(t.state.is_finished() for t in trials)
         running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+        asked = [t for t in trials if t.state != optuna.trial.TrialState.WAITING]  # WAITING: enqueued, not asked
         size = min(tune.batch, tune.trials - told)
         batch = [(t.number, t.params) for t in running]
         while len(batch) < size:
-            number = len(trials) + len(batch) - len(running)
-            trial = self.load(study, number).ask()
+            number = len(asked) + len(batch) - len(running)
+            optuna_study = self.load(study, number)
+            if number == 0 and study.space and len(asked) == len(trials):
+                optuna_study.enqueue_trial(own_setting(study))
+            trial = optuna_study.ask()
             batch.append((trial.number, suggest(trial, study.space)))
         return batch
 

@@ -39,7 +39,7 @@ TUNING = {
              "image_size": 28},
     "teachers": ["mnist_mlp_100x2"],
     "students": ["mnist_mlp_30x2"],
-    "methods": ["baseline", "kd"],
+    "methods": ["baseline", {"kd": {"T": 1.0, "kd_weight": 0.1}}],  # a poor own setting: the search beats it
     "seeds": [0],
     "train": {"epochs": 3, "batch_size": 64, "lr": 0.01, "schedule": "constant"},
     "tune": {"trials": 3, "seeds": [7], "batch": 2},
@@ -80,6 +80,7 @@ def test_a_search_keeps_its_budget_tags_its_trials_and_reports_default_and_tuned
     kd = choices["kd|mnist_mlp_100x2->mnist_mlp_30x2"]
     assert len(kd.values) == 3 and set(kd.params) == {"T", "kd_weight"} and 1 <= kd.params["T"] <= 8
     assert kd.value == max(v for _, _, v in kd.values)  # the best trial on validation is chosen
+    assert kd.values[0][:2] == (0, {"T": 1.0, "kd_weight": 0.1}) and kd.trial != 0  # trial 0: its own setting
     assert choices["baseline|mnist_mlp_100x2->mnist_mlp_30x2"].params == {}  # no search space: tuned on nothing
     uri = os.environ["MLFLOW_TRACKING_URI"]
     trials = trial_runs(uri)
