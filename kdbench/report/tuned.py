@@ -96,10 +96,14 @@ def trial_frame(client, suite_name: str) -> pd.DataFrame:
     return frame.sort_values(["method", "pair", "job", "seed"], kind="stable").reset_index(drop=True)
 
 
-def sensitivity_frame(trials: pd.DataFrame) -> pd.DataFrame:
-    """Per method and pair: the settings tried, and the spread of their validation accuracy (seed means)."""
+def sensitivity_frame(trials: pd.DataFrame, pair_order: list[str] = ()) -> pd.DataFrame:
+    """Per method and pair (pairs by `pair_order`): the settings tried, and the spread of their validation
+    accuracy (seed means)."""
     out = []
-    for (method, pair), rows in trials.groupby(["method", "pair"], sort=True):
+    rank = {pair: i for i, pair in enumerate(pair_order)}
+    groups = sorted(trials.groupby(["method", "pair"], sort=True),
+                    key=lambda group: (group[0][0], rank.get(group[0][1], len(rank))))
+    for (method, pair), rows in groups:
         per_setting = rows.assign(setting=rows.params.map(lambda p: tuple(sorted(p.items())))) \
             .groupby("setting", sort=True).val_acc.mean()
         low, high = mean_ci(list(per_setting))
@@ -183,7 +187,7 @@ def write_tuned_report(suite_path: Path, out: Path = Path("results"), uri: str |
     pair_order = [p.name for p in sorted(make_plan(suite, suite_path).pairs, key=lambda p: p.gap)]
     frame = tuned_frame(runs, labels, baseline, kd, pair_order)
     trials = trial_frame(client, suite.name)
-    sensitivity = sensitivity_frame(trials)
+    sensitivity = sensitivity_frame(trials, pair_order)
     settings = settings_frame(client, parent, labels)
     spaces = {m.label: next(iter(search_space(suite, m)), "") for m in suite.methods}
     folder = out / (suite.name + TUNED_SUFFIX)
