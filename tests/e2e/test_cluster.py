@@ -76,6 +76,7 @@ def test_ray_with_an_mlflow_server_gives_the_in_process_runs_and_numbers(write_s
     assert on_ray == in_process  # same jobs, same final accuracy and loss, bit for bit
 
 
+@pytest.mark.slow  # about 70 s on 2 cores: `make test-slow` runs it (CI does)
 def test_ctrl_c_on_a_ray_run_cancels_its_jobs_marks_them_killed_and_the_next_run_finishes(write_suite, tmp_path):
     """The driver answers Ctrl-C within seconds, not at the end of a wave: the running tasks are cancelled,
     their runs and the parent end KILLED, the exit code is 130, and the same command then finishes the suite."""
