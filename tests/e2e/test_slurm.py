@@ -32,6 +32,7 @@ def running(name: str) -> list[str]:
     return out.stdout.split()
 
 
+@pytest.mark.slow  # about 50 s on 2 cores: `make test-slow` runs it (CI does)
 def test_a_job_cancelled_by_scancel_resumes_and_the_suite_matches_in_process(write_suite, tmp_path, monkeypatch):
     suite = write_suite({"name": "tinyslurm", "train": {"epochs": 3, "batch_size": 32, "lr": 0.05,
                                                        "schedule": "step", "milestones": [2]}})
