@@ -36,7 +36,7 @@ def resolve_data_root(cli_root: str | None) -> Path | None:
     return None
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     env = os.environ.get("KDBENCH_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "kdbench"
 
@@ -117,7 +117,7 @@ def _source_files(spec: DataSpec, root: Path | None) -> list[Path] | None:
     if spec.dataset == "synthetic":
         return None
     if spec.dataset == "imagefolder":
-        path = _user_path(spec.path or "", root)
+        path = user_path(spec.path or "", root)
         return [path] if path.is_file() else [p for p, _ in _list_files(_tree_root(path, path))]
     folder = {"cifar100": "cifar-100-python", "cifar10": "cifar-10-batches-py", "mnist": "MNIST/raw",
               "fashion_mnist": "FashionMNIST/raw"}[spec.dataset]
@@ -130,7 +130,7 @@ def _fingerprint_cache(spec: DataSpec, root: Path | None) -> Path | None:
     if files is None:
         return None
     stamps = [(str(p), *_stamp(p, p.stat())) for p in files]
-    return _cache_dir() / "fingerprints" / f"{spec.dataset}-{_key({'dataset': spec.dataset, 'files': stamps})}.txt"
+    return cache_dir() / "fingerprints" / f"{spec.dataset}-{_key({'dataset': spec.dataset, 'files': stamps})}.txt"
 
 
 def _fingerprint(spec: DataSpec, root: Path | None, splits) -> str | None:
@@ -177,7 +177,7 @@ def _real_root(spec: DataSpec, root: Path | None) -> Path:
         return root
     if spec.download:
         # The user allowed a download but named no folder: use the kdbench cache, not the cwd.
-        return _cache_dir() / "datasets"
+        return cache_dir() / "datasets"
     raise DataError(
         f"no data root for {spec.dataset}: {_HOW_TO_PROVIDE} to the folder holding it, "
         "or set `download: true` in the suite's data section to let torchvision download it"
@@ -298,11 +298,11 @@ _CACHE_FORMAT = 1  # bump when the cached tensors' layout or ordering changes
 def _load_imagefolder(spec: DataSpec, info: DatasetInfo, root: Path | None):
     if not spec.path:
         raise DataError("imagefolder: set `path` in the suite's data section (a folder with train/ and test/, or a .zip of it)")
-    path = _user_path(spec.path, root)
+    path = user_path(spec.path, root)
     if not path.exists():
         raise DataError(f"imagefolder: {path} does not exist; give `path` relative to the data root ({_HOW_TO_PROVIDE}) or as an absolute path")
     size = info.input_shape[1]
-    cache = _cache_dir()
+    cache = cache_dir()
     if path.is_file():
         if path.suffix.lower() != ".zip":
             raise DataError(f"imagefolder: {path} is a file but not a .zip; give a folder with train/ and test/ or a .zip of one")
@@ -330,7 +330,7 @@ def _load_imagefolder(spec: DataSpec, info: DatasetInfo, root: Path | None):
     return (cached["train_images"], cached["train_labels"]), (cached["test_images"], cached["test_labels"])
 
 
-def _user_path(path: str, root: Path | None) -> Path:
+def user_path(path: str, root: Path | None) -> Path:
     p = Path(path).expanduser()
     if p.is_absolute():
         return p

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from kdbench.data.batches import Views, apply_views, epoch_views
-from kdbench.data.load import _cache_dir, _user_path, carve_validation
+from kdbench.data.load import cache_dir, user_path, carve_validation
 from kdbench.data.shard import Shard, slice_views
 from kdbench.data.spec import DataError, DataSpec, DatasetInfo, dataset_info
 from kdbench.seeding import stream_seed
@@ -261,7 +261,7 @@ class StreamData:
 
 def _folders(spec: DataSpec, root: Path | None) -> tuple[Path, Path, Path]:
     """(the dataset folder, its training folder, its test folder): train/ and test/, or ImageNet's train/ and val/."""
-    path = _user_path(spec.path or (IMAGENET_FOLDER if spec.dataset == "imagenet" else ""), root)
+    path = user_path(spec.path or (IMAGENET_FOLDER if spec.dataset == "imagenet" else ""), root)
     test = next((path / name for name in ("test", "val") if (path / name).is_dir()), None)
     if not (path / "train").is_dir() or test is None:
         raise DataError(f"{spec.dataset}: {path} has no train/ and test/ (or val/) folders (expected "
@@ -293,7 +293,7 @@ def _fingerprint(folder: Path, splits: list[tuple[list[str], list[str]]]) -> str
 
 def _fingerprint_note(spec: DataSpec, folder: Path) -> Path:
     key = hashlib.sha1(json.dumps([str(folder.resolve()), spec.dataset]).encode(), usedforsecurity=False)
-    return _cache_dir() / "fingerprints" / f"stream-{spec.dataset}-{key.hexdigest()[:16]}.txt"
+    return cache_dir() / "fingerprints" / f"stream-{spec.dataset}-{key.hexdigest()[:16]}.txt"
 
 
 def cached_stream_fingerprint(spec: DataSpec, root: Path | None) -> str | None:

@@ -38,14 +38,19 @@ def seed_values(rows: pd.DataFrame, label: str, student: str, pair: str) -> dict
     return dict(zip(mine.seed.astype(int), mine.test_acc))
 
 
+def _by_gap(pair_order: list[str]):
+    """A sort key: pairs in `pair_order` (by growing capacity gap) first, in that order, any others after by name."""
+    rank = {pair: i for i, pair in enumerate(pair_order)}
+    return lambda pair: (rank.get(pair, len(rank)), pair)
+
+
 def tuned_frame(runs: pd.DataFrame, labels: list[str], baseline: str, kd: str | None,
                 pair_order: list[str] = ()) -> pd.DataFrame:
     """Per pair and method: default and tuned mean test accuracy, tuned minus default, and the tuned method
     against the tuned student alone and tuned KD; one Holm family over every paired test of the table. Pairs in
     `pair_order` (by growing capacity gap), any others after them by name."""
     rows = student_rows(runs)
-    rank = {pair: i for i, pair in enumerate(pair_order)}
-    pairs = sorted({p for p in rows.pair if p}, key=lambda p: (rank.get(p, len(rank)), p))
+    pairs = sorted({p for p in rows.pair if p}, key=_by_gap(pair_order))
     out = []
     for pair in pairs:
         student = pair.split("->")[1]
@@ -100,9 +105,9 @@ def sensitivity_frame(trials: pd.DataFrame, pair_order: list[str] = ()) -> pd.Da
     """Per method and pair (pairs by `pair_order`): the settings tried, and the spread of their validation
     accuracy (seed means)."""
     out = []
-    rank = {pair: i for i, pair in enumerate(pair_order)}
+    by_gap = _by_gap(pair_order)
     groups = sorted(trials.groupby(["method", "pair"], sort=True),
-                    key=lambda group: (group[0][0], rank.get(group[0][1], len(rank))))
+                    key=lambda group: (group[0][0], by_gap(group[0][1])))
     for (method, pair), rows in groups:
         per_setting = rows.assign(setting=rows.params.map(lambda p: tuple(sorted(p.items())))) \
             .groupby("setting", sort=True).val_acc.mean()
