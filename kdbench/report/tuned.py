@@ -163,7 +163,8 @@ def sensitivity_figure(trials: pd.DataFrame, spaces: dict[str, str]):
     import matplotlib.pyplot as plt
 
     shown = [m for m in sorted(spaces) if spaces[m] and m in set(trials.method)]
-    fig, axes = plt.subplots(1, max(len(shown), 1), figsize=(3.2 * max(len(shown), 1), 3), squeeze=False)
+    fig, axes = plt.subplots(1, max(len(shown), 1), figsize=(3.2 * max(len(shown), 1), 3.4), squeeze=False,
+                             layout="constrained")
     for ax, method in zip(axes[0], shown):
         rows = trials[trials.method == method]
         for pair, group in rows.groupby("pair", sort=True):
@@ -172,9 +173,10 @@ def sensitivity_figure(trials: pd.DataFrame, spaces: dict[str, str]):
         ax.set_xlabel(spaces[method])
         ax.set_title(method)
         ax.set_ylabel("validation accuracy (%)")
-    if shown:
-        axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
+    if shown:  # below the panels: inside one it hid the best trials, which sit at the top
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4), fontsize="small",
+                   frameon=False)
     return fig
 
 
