@@ -67,6 +67,9 @@ class Executor:
     "auto" assistants known) assistants and students. Subclasses say where a job runs: `run_jobs`."""
 
     name = "base"
+    # True where run_jobs holds each job until its teacher is done: with no "auto" assistant to choose between the
+    # waves, the plan then goes out in one call, and students start while the slowest teacher still trains.
+    waits_for_teachers = False
 
     def __init__(self, plan: Plan, data_root: Path | None, device: str = "auto", tracker: Tracker | None = None,
                  store: ModelStore | None = None, console: Console | None = None, fresh: bool = False,
@@ -150,6 +153,8 @@ class Executor:
     def run_waves(self, outcome: Outcome) -> None:
         plan = self.plan
         try:
+            if self.waits_for_teachers and not any(j.pending for j in plan.jobs):
+                return self.run_jobs(list(plan.jobs), outcome)
             first_wave = [j for j in plan.jobs if j.role in ("teacher", "reference")]
             self.run_jobs(first_wave, outcome)
             if any(j.pending for j in self.plan.jobs):

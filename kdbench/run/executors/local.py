@@ -186,6 +186,10 @@ class LocalExecutor(InProcessExecutor):
         check_packing(self.size, threads, f"--workers {self.size} with --cpus-per-job {threads}")
         self.pool: WorkerPool | None = None
 
+    @property
+    def waits_for_teachers(self) -> bool:
+        return self.size > 1  # send_ready holds a job until its teacher is done; one worker is the in-process loop
+
     def run(self) -> Outcome:
         if self.size > 1:  # the workers start while this process reads the data and opens the parent run
             WorkerPool.get(self.size, self.options.threads).start()
