@@ -137,6 +137,6 @@ def agreement_figure(table: pd.DataFrame, scope: ReportScope, methods: list[str]
     if ordered:
         fig.legend(handles=ordered, loc="outside lower center", ncol=min(len(ordered), 5), fontsize="small",
                    frameon=False)
-    fig.suptitle(f"{scope.dataset}: how closely the student matches its teacher (mean and 95 % CI over seeds, "
-                 f"last epoch, test split)")
+    fig.suptitle(f"{scope.dataset}: how closely the student matches its teacher\n(mean and 95 % CI over seeds, "
+                 f"last epoch, test split)")  # two lines: with a long dataset name one ran off both edges
     return fig
