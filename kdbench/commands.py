@@ -365,6 +365,9 @@ def rank(
     out_dir: Path = typer.Option(Path("results/ranking"), "--out", help="write the ranking into this folder"),
     methods: Optional[str] = typer.Option(None, "--methods", help="rank only these methods, comma-separated "
                                           "(default: every method with a number in every task)"),
+    by_label: bool = typer.Option(False, "--by-label", help="one method per label, even where its settings or code "
+                                  "differ between suites (each suite's method at its own setting; the ranking lists "
+                                  "the differences); by default such a label splits into one method per setting"),
 ) -> None:
     """Rank methods over every pair of one suite or of several: average rank, Friedman and Nemenyi tests with a
     critical-difference diagram, IQM gain over vanilla KD and probability of improving on it, with intervals."""
@@ -374,8 +377,8 @@ def rank(
     if len(set(names)) < len(names):
         raise KdbenchError(f"suite '{next(n for n in names if names.count(n) > 1)}' is given twice")
     command = "kdbench rank " + " ".join(s.as_posix() for s in sources) + f" --out {out_dir.as_posix()}" + \
-        (f" --methods {methods}" if methods else "")
-    folder = write_ranking(make_ranking(studies, _csv(methods)), out_dir, command)
+        (f" --methods {methods}" if methods else "") + (" --by-label" if by_label else "")
+    folder = write_ranking(make_ranking(studies, _csv(methods), by_label), out_dir, command)
     err.print(f"ranking written to {folder}/ (ranking.md, ranking.csv, scores.csv, critical_difference)")
 
 

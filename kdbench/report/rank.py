@@ -85,9 +85,11 @@ def load_study(source: Path, notice=None) -> Study:
     return Study(source.as_posix(), suite_path, uri, suite, parent, runs, report_scope(plan, runs))
 
 
-def method_names(studies: list[Study]) -> dict[tuple[str, str], str]:
+def method_names(studies: list[Study], by_label: bool = False) -> tuple[dict[tuple[str, str], str], dict[str, str]]:
     """(suite, label) -> the method's name in the ranking: its label, unless the label means other parameters or
-    other method code (method_hash) in another suite; then the label and the suites where it means this."""
+    other method code (method_hash) in another suite; then the label and the suites where it means this. With
+    `by_label` a label stays one method whatever it means where (each suite's method at its own setting, as papers
+    compare them): the second mapping says, per label merged so, in which suites it differs."""
     settings = {}
     for study in studies:
         specs = {m.label: m for m in study.suite.methods}
@@ -97,16 +99,26 @@ def method_names(studies: list[Study]) -> dict[tuple[str, str], str]:
                               & (study.runs.status == "FINISHED")]
             setting = (spec.method, json.dumps(spec.params, sort_keys=True), spec.combine) if spec else ("",)
             settings[(study.suite.name, label)] = (setting, tuple(sorted(set(done.method_hash) - {""})))
-    names = {}
+    names, merged = {}, {}
     for label in dict.fromkeys(label for _, label in settings):
         groups: dict[tuple, list[str]] = {}
         for (suite, other), setting in settings.items():
             if other == label:
                 groups.setdefault(setting, []).append(suite)
+        if by_label and len(groups) > 1:
+            merged[label] = "; ".join(f"{', '.join(suites)}: {_setting_text(setting)}" for setting, suites in groups.items())
         for setting, suites in groups.items():
             for suite in suites:
-                names[(suite, label)] = label if len(groups) == 1 else f"{label} ({', '.join(suites)})"
-    return names
+                names[(suite, label)] = label if len(groups) == 1 or by_label else f"{label} ({', '.join(suites)})"
+    return names, merged
+
+
+def _setting_text(setting: tuple) -> str:
+    """A (method, parameters, combine) and method-code pair as one short phrase."""
+    (method, *rest), hashes = setting
+    params = json.loads(rest[0]) if rest else {}
+    text = method + (" " + ", ".join(f"{k} {v}" for k, v in params.items()) if params else " (its defaults)")
+    return text + (f" (code {', '.join(h[:8] for h in hashes)})" if hashes else "")
 
 
 def score_frame(studies: list[Study], names: dict[tuple[str, str], str]) -> pd.DataFrame:
@@ -129,14 +141,15 @@ class Ranking:
     scores: pd.DataFrame
     table: pd.DataFrame  # RANK_COLUMNS, best average rank first
     left_out: dict[str, str]  # method -> why it is not ranked
+    merged: dict[str, str]  # --by-label: label -> the settings and code it has in which suites, where they differ
     tasks: list[str]
     friedman: tuple[float, float]  # (chi-square, p); nan below three methods or two tasks
     nemenyi: pd.DataFrame | None  # p-values of every pair of ranked methods
     critical_difference: float
 
 
-def rank(studies: list[Study], methods: list[str] | None = None) -> Ranking:
-    names = method_names(studies)
+def rank(studies: list[Study], methods: list[str] | None = None, by_label: bool = False) -> Ranking:
+    names, merged = method_names(studies, by_label)
     scores = score_frame(studies, names)
     tasks = list(dict.fromkeys(f"{s.suite.name}: {p.name}" for s in studies for p in s.scope.pairs))
     means = scores.groupby(["task", "method"], sort=False).test_acc.mean().unstack().reindex(tasks)
@@ -163,7 +176,7 @@ def rank(studies: list[Study], methods: list[str] | None = None) -> Ranking:
     table = pd.DataFrame([gains(scores, studies, names, m, average[m], len(tasks)) for m in ranked],
                          columns=RANK_COLUMNS)
     table = table.sort_values(["average_rank", "method"], kind="stable").reset_index(drop=True)
-    return Ranking(studies, scores, table, left_out, tasks, friedman, nemenyi, cd)
+    return Ranking(studies, scores, table, left_out, merged, tasks, friedman, nemenyi, cd)
 
 
 def significance(complete: pd.DataFrame) -> tuple[tuple[float, float], pd.DataFrame | None, float]:

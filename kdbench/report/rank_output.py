@@ -50,6 +50,10 @@ def ranking_markdown(ranking: Ranking, command: str) -> str:
              if not math.isnan(chi2) else "Friedman's test needs three methods or more and two tasks: not run.")
     left = ("\nLeft out: " + "; ".join(f"{m} ({why})" for m, why in ranking.left_out.items()) + ".\n"
             if ranking.left_out else "")
+    if ranking.merged:
+        left += ("\nMethods by label (`--by-label`): each suite's method at its own setting; these labels mean other "
+                 "settings or code in other suites: " + "; ".join(f"**{m}**: {why}" for m, why in ranking.merged.items())
+                 + ".\n")
     suites = ", ".join(s.suite.name for s in ranking.studies)
     return (f"# Ranking over {suites}\n\n{len(ranking.tasks)} tasks (every teacher-student pair of every suite), "
             f"{len(t)} methods with a number in every task.\n\n{table}\n"
@@ -63,6 +67,18 @@ def ranking_markdown(ranking: Ranking, command: str) -> str:
             f"{tests}\n\n![critical-difference diagram and gains over KD]({FIGURE}.png)\n{left}\n"
             f"## Runs\n\nThe latest run of each suite as its file is now (as `kdbench report` takes it):\n\n"
             f"{runs_markdown(ranking)}\nEvery number: `scores.csv`. Regenerate: `{command}`\n")
+
+
+def _lift_cd_bar(ax, by: float = 0.6) -> None:
+    """scikit-posthocs draws the CD bar and its label at y 0.5 and 0.65, over the rank axis's tick labels: lift them."""
+    for line in ax.lines:
+        if list(line.get_ydata()) == [0.5, 0.5]:
+            line.set_ydata([0.5 + by, 0.5 + by])
+    for text in ax.texts:
+        if text.get_text().startswith("CD ="):
+            text.set_y(text.get_position()[1] + by)
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high + by)
 
 
 def ranking_figure(ranking: Ranking):
@@ -85,6 +101,7 @@ def ranking_figure(ranking: Ranking):
             for line in lines:  # so the same ranking gives the same bytes in every process
                 xs, ys = line.get_data()
                 line.set_data(sorted(xs), ys)
+        _lift_cd_bar(ax)
         ax.set_title(f"(a) average rank over {len(ranking.tasks)} tasks (1: most accurate); a bar joins methods "
                      f"Nemenyi's test does not tell apart (α = 0.05)", loc="left", fontsize="medium", pad=28)
     else:

@@ -100,12 +100,16 @@ def test_average_ranks_and_tests_over_every_pair_of_every_suite(tmp_path):
 def test_a_label_that_means_other_settings_elsewhere_is_another_method(tmp_path):
     a = _study(tmp_path, "a", ["baseline", "kd", "dkd"], _accs({"kd": 0.0, "dkd": 1.0}))
     b = _study(tmp_path, "b", ["baseline", "kd", {"dkd": {"T": 2.0}}], _accs({"kd": 0.0, "dkd": 1.0}))
-    names = method_names([a, b])
+    names, merged = method_names([a, b])
     assert names[("a", "dkd")] == "dkd (a)" and names[("b", "dkd")] == "dkd (b)" and names[("b", "kd")] == "kd"
     ranking = rank([a, b])
-    assert set(ranking.table.method) == {"baseline", "kd"}
+    assert set(ranking.table.method) == {"baseline", "kd"} and not merged and not ranking.merged
     assert ranking.left_out == {"dkd (a)": "no number in 2 of 4 tasks", "dkd (b)": "no number in 2 of 4 tasks"}
     assert math.isnan(ranking.friedman[0])  # two methods: no Friedman test
+    # --by-label: one dkd, each suite's at its own setting, and the ranking says where it differs
+    merged = rank([a, b], by_label=True)
+    assert set(merged.table.method) == {"baseline", "kd", "dkd"} and not merged.left_out
+    assert list(merged.merged) == ["dkd"] and "a: dkd" in merged.merged["dkd"] and "b: dkd T 2.0" in merged.merged["dkd"]
 
 
 def test_methods_missing_somewhere_are_left_out_and_asked_ones_must_be_complete(tmp_path):
