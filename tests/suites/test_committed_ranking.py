@@ -13,18 +13,18 @@ from kdbench.cli import main
 from conftest import REPO
 
 RANKING = REPO / "results" / "ranking"
-STUDIES = ["study_mnist", "study_fashion_mnist", "study_fashion_mnist_cnn"]
+STUDIES = ["study_mnist", "study_fashion_mnist", "study_fashion_mnist_cnn", "study_cifar10"]
 
 
 def test_the_committed_ranking_regenerates_byte_for_byte(tmp_path, monkeypatch):
     if not all((REPO / "results" / s / "mlflow.db").is_file() for s in STUDIES):
         pytest.skip("the committed studies' stores are not present")
     command = (RANKING / "ranking.md").read_text().split("Regenerate: `")[1].split("`")[0]
-    assert command == "kdbench rank " + " ".join(f"results/{s}" for s in STUDIES) + " --out results/ranking"
+    assert command == "kdbench rank " + " ".join(f"results/{s}" for s in STUDIES) + " --out results/ranking --by-label"
     monkeypatch.chdir(REPO)  # the stores name their suite files relative to the repository's root
     # The committed command, its output redirected: the 'Regenerate' line names results/ranking either way.
     monkeypatch.setattr(sys, "argv", ["kdbench", "rank", *(f"results/{s}" for s in STUDIES), "--out",
-                                      "results/ranking"])
+                                      "results/ranking", "--by-label"])
     monkeypatch.setattr("kdbench.commands.write_ranking", _redirect(tmp_path))
     with pytest.raises(SystemExit) as done:
         main()
