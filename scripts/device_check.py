@@ -54,7 +54,8 @@ SUITE = REPO / "suites" / "device_check.yaml"
 CARRIED = ("mlflow-skinny", "mlflow-tracing", "SQLAlchemy", "alembic", "Mako", "pydantic", "pydantic_core",
            "annotated-types", "typing-inspection", "typing_extensions", "cachetools", "cryptography", "cffi",
            "fastapi", "starlette", "importlib_metadata", "opentelemetry-api", "opentelemetry-sdk",
-           "opentelemetry-semantic-conventions", "opentelemetry-proto", "sqlparse", "databricks-sdk")
+           "opentelemetry-semantic-conventions", "opentelemetry-proto", "sqlparse", "databricks-sdk",
+           "optuna", "colorlog", "tqdm", "filelock")  # optuna: kdbench tune, imported by the command line
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64", "manylinux_2_34_x86_64")
 CARRY_LIMIT = 64 * 2**20  # what one device call may carry, working tree included
