@@ -109,6 +109,9 @@ def compile_costs(teacher_name: str, student_name: str, batch_size: int, opts: E
             with opts.autocast(), torch.set_grad_enabled(role == "student"):
                 out = wrapped(x)
             if role == "student":
+                # set_to_none, as every training step does: a .grad kept from the last call would be a CUDA-graph
+                # output that this call's replay overwrites before the backward adds to it (found on an H200)
+                model.zero_grad(set_to_none=True)
                 cross_entropy(out.float(), y).backward()
 
         def timed(n: int) -> float:
