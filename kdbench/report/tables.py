@@ -89,7 +89,8 @@ def difference_rows(table: pd.DataFrame, scope: ReportScope) -> pd.DataFrame:
 def differences_caption(table: pd.DataFrame, scope: ReportScope) -> str:
     tests = int(table.delta_p.notna().sum() + table.kd_p.notna().sum())
     kd = f" and against vanilla KD (`{scope.kd}`)" if scope.kd else ""
-    return (f"Each method against the student alone (`{scope.baseline}`){kd}: mean difference in last-epoch test "
+    alone = f"`{scope.baseline}`" if scope.baseline else "not in this suite: no differences to it"
+    return (f"Each method against the student alone ({alone}){kd}: mean difference in last-epoch test "
             f"accuracy (percentage points), paired by seed, with its 95 % t interval; p: two-sided paired t-test "
             f"(scipy); p (Holm): adjusted for the {tests} tests of this table (Holm's step-down correction); *: "
             f"p (Holm) < 0.05. A dash: fewer than two paired seeds, or no spread to test.")
@@ -121,7 +122,7 @@ def by_gap_markdown(table: pd.DataFrame, scope: ReportScope) -> str:
     rows = difference_rows(table, scope)
     parts = []
     for ref, against in (("kd", f"vanilla KD (`{scope.kd}`)"), ("delta", f"the student alone (`{scope.baseline}`)")):
-        if ref == "kd" and not scope.kd:
+        if (ref == "kd" and not scope.kd) or (ref == "delta" and not scope.baseline):  # not in the suite
             continue
         body = []
         for method in dict.fromkeys(rows.row):

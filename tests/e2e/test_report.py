@@ -433,6 +433,22 @@ def test_by_gap_tables_hold_the_paired_differences_per_pair(report):
                 assert f"{float(r[f'{ref}_mean']):+.2f}".replace("-", "−") in line
 
 
+def test_a_suite_without_the_student_alone_has_no_table_against_it(store):
+    """A suite of distillers only (the GPU check's): no table against a student alone it never trained, no `None`."""
+    import dataclasses
+
+    from kdbench.report.tables import by_gap_markdown, differences_markdown
+
+    client = open_client(store["uri"])
+    suite = load_suite(store["suite"])
+    runs = load_runs(client, find_parent(client, suite.name))
+    scope = dataclasses.replace(report_scope(make_plan(suite, store["suite"]), runs), baseline=None)
+    table = comparison_frame(runs, scope)
+    by_gap, differences = by_gap_markdown(table, scope), differences_markdown(table, scope)
+    assert "Against vanilla KD" in by_gap and "Against the student alone" not in by_gap
+    assert "None" not in by_gap + differences and "student alone (not in this suite" in differences
+
+
 def test_a_collapsed_mean_is_an_arrow_at_the_bottom_not_a_flattened_axis():
     """Means more than 10 pp below the student alone are left out of the y range and marked at the bottom edge
     with their value, so one failing method does not squash every other into a line."""
