@@ -53,6 +53,12 @@ class JobResult:
     test_acc: float | None = None
 
 
+def run_task(plan: Plan, jobs: list[Job], ctx: JobContext, blocked: list[str | None]) -> list[JobResult]:
+    """What an executor sends to one worker (`kdbench.run.executors.base.tasks_of`): one job, or the seeds of one
+    stack, which train as one model: the first trains them all, the others take its results (ctx.local)."""
+    return [run_job(plan, job, ctx, why) for job, why in zip(jobs, blocked)]
+
+
 def run_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None = None) -> JobResult:
     """Claim `job` and live its life; HELD if another process has it. `blocked`: why it cannot run (the driver
     knows: its teacher failed, its assistant could not be chosen); it is then recorded as failed."""

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from kdbench.storage.store import SPECIAL, ModelStore
@@ -60,6 +61,7 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, err
 
 
+@pytest.mark.slow  # about 43 s on 2 cores: `make test-slow` runs it (CI does), keeping `make test` under 8 min
 def test_sigkill_during_store_gc_beside_a_run(tmp_path, write_suite):
     store = Path(os.environ["KDBENCH_STORE"])
     fakes = [fake_entry(store, i) for i in range(FAKES)]  # keys 000...: listed, and removed, first
@@ -87,6 +89,7 @@ def test_sigkill_during_store_gc_beside_a_run(tmp_path, write_suite):
     assert rerun.returncode == 0 and "nothing to do" in rerun.stderr, rerun.stderr  # every job already finished
 
 
+@pytest.mark.slow  # about 31 s on 2 cores: `make test-slow` runs it (CI does), keeping `make test` under 8 min
 def test_sigkill_during_report_beside_a_run(tmp_path, write_suite):
     suite = write_suite({"train": {"epochs": 4, "batch_size": 64, "milestones": [2]}})
     run = kdbench("run", str(suite), "--device", "cpu", cwd=tmp_path, wait=False)

@@ -80,6 +80,7 @@ def in_process(suite, tmp_path_factory) -> dict:
     return got
 
 
+@pytest.mark.slow  # about 55 s on 2 cores (a local Ray's start): `make test-slow` runs it (CI does)
 def test_ray_gives_the_in_process_numbers_and_weights(suite, in_process, tmp_path):
     pytest.importorskip("ray")
     _, err = kdbench(tmp_path, str(suite), "--device", "cpu", "--executor", "ray")
@@ -95,6 +96,38 @@ def test_slurm_gives_the_in_process_numbers_and_weights(suite, in_process, tmp_p
     same(numbers(tmp_path, parent), in_process)
 
 
+@pytest.fixture(scope="module")
+def stacked(tmp_path_factory) -> tuple[Path, dict]:
+    """A suite whose cells train their 3 seeds as one model (stack_seeds), and its numbers in-process."""
+    root = tmp_path_factory.mktemp("stacked")
+    path = root / "stacked.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "methods": ["baseline", "kd"], "seeds": [0, 1, 2], "stack_seeds": True},
+                                   sort_keys=False))
+    parent, _ = kdbench(root, str(path), "--device", "cpu", "--workers", "1")
+    return path, numbers(root, parent)
+
+
+@pytest.mark.slow  # about 30 s each: `make test-slow` runs them (CI does)
+@pytest.mark.parametrize("executor", ["ray", "slurm"])
+def test_a_stack_of_seeds_is_one_task_on_ray_and_slurm(stacked, executor, tmp_path):
+    """A stack's seeds go out as one task: sent one by one, the others waited for the first "as for another kdbench
+    process" (the numbers were right, the lines and the idle workers were not)."""
+    if executor == "ray":
+        pytest.importorskip("ray")
+    elif slurm_missing() is not None:
+        pytest.skip(str(slurm_missing()))
+    path, expected = stacked
+    parent, err = kdbench(tmp_path, str(path), "--device", "cpu", "--executor", executor,
+                          *(["--time-min", "30"] if executor == "slurm" else []))
+    # The driver's own lines (the workers' are in SLURM's logs, and Ray may drop the last ones at its shut-down).
+    assert "waiting for another kdbench process" not in err, err
+    if executor == "slurm":
+        assert "submitted 6 job(s) as array" in err and "(2 tasks: a stack's seeds are one)" in err, err
+    same(numbers(tmp_path, parent), expected)
+    assert len(expected["jobs"]) == 7
+
+
+@pytest.mark.slow  # about 27 s on 2 cores: `make test-slow` runs it (CI does)
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a 2-CPU Ray task needs 2 CPUs")
 def test_cpus_per_job_reaches_a_ray_job_and_its_key(tmp_path):
     pytest.importorskip("ray")

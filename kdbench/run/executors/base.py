@@ -1,10 +1,12 @@
 """The driver every executor shares: the suite's MLflow parent run, the dependency waves, the outcome.
 
-A backend subclasses `Executor` and implements one method, `run_jobs(jobs, outcome)`: run these jobs,
-each through `kdbench.jobrun.run_job(self.plan, job, self.ctx, self.blocked(job, outcome))`, and
-`outcome.record(result)` each result. Jobs come in dependency order: a job's teacher (or assistant) is
+A backend subclasses `Executor` and implements one method, `run_jobs(jobs, outcome)`: run these jobs as
+`tasks_of(jobs)` (one job each, or the seeds of one stack together), each task through
+`kdbench.run.job.run_task(self.plan, task, self.ctx, [self.blocked(job, outcome) for job in task])`, and
+`outcome.record(result)` each result (in this process `run_job` per job does the same: a stack's other
+results wait in `ctx.local`). Jobs come in dependency order: a job's teacher (or assistant) is
 earlier in the same list or already done; `dependency_levels(jobs)` splits a list into levels whose
-jobs can run at the same time. `self.ctx` is picklable: send it with the plan and the job to a worker.
+jobs can run at the same time. `self.ctx` is picklable: send it with the plan and the task to a worker.
 """
 
 from __future__ import annotations
@@ -60,6 +62,15 @@ def dependency_levels(jobs: list[Job]) -> list[list[Job]]:
     for job in jobs:
         out[level[job.key]].append(job)
     return out
+
+
+def tasks_of(jobs: list[Job]) -> list[list[Job]]:
+    """`jobs` as what one worker runs at a time: one job each, except the seeds of one stack (stack_seeds), which
+    are one task (they train as one model in one process); in plan order."""
+    tasks: dict[str, list[Job]] = {}
+    for job in jobs:
+        tasks.setdefault(job.stack or job.key, []).append(job)
+    return list(tasks.values())
 
 
 class Executor:

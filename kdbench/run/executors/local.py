@@ -32,10 +32,10 @@ from rich.progress import Progress
 from kdbench import Interrupted, KdbenchError
 from kdbench.plan import Job, Plan
 from kdbench.run.context import JobContext, Reporter
-from kdbench.run.executors.base import Outcome
+from kdbench.run.executors.base import Outcome, tasks_of
 from kdbench.run.executors.inprocess import InProcessExecutor
 from kdbench.run.executors.options import check_packing, usable_cores
-from kdbench.run.job import HELD, JobResult, run_job
+from kdbench.run.job import HELD, JobResult, run_task
 from kdbench.storage.claims import Claim
 
 POLL_S = 0.2  # how often the driver looks at its workers, their messages and a stop request
@@ -102,12 +102,12 @@ def _ready() -> None:
     """Nothing: sent once to each worker so that it starts (imports: seconds) before there is a job for it."""
 
 
-def _worker_jobs(plan: Plan, jobs: list[Job], ctx: JobContext, blocked: list[str | None]) -> list[JobResult]:
-    """One job, or the seeds of one stack: the first trains them all, the others take its results (ctx.local)."""
+def _worker_task(plan: Plan, jobs: list[Job], ctx: JobContext, blocked: list[str | None]) -> list[JobResult]:
+    """One task (a job, or the seeds of one stack) in this worker, with its progress lines and stop flag."""
     ctx.local.reporter, ctx.local.should_stop = _worker["reporter"], _worker["should_stop"]
     _worker["busy"].set()
-    try:  # torch threads and settings: the job's runtime, set by run_job
-        return [run_job(plan, job, ctx, why) for job, why in zip(jobs, blocked)]
+    try:  # torch threads and settings: each job's runtime, set by run_job
+        return run_task(plan, jobs, ctx, blocked)
     finally:
         _worker["busy"].clear()
 
@@ -255,18 +255,14 @@ class LocalExecutor(InProcessExecutor):
             if claim.stale(claim.holder()):  # the other process finished it (skipped here) or died (resumed here)
                 waiting.insert(0, held.pop(key))
         unfinished = {j.key for j in waiting} | {j.key for js in running.values() for j in js} | set(held)
-        later, sent = [], set()
-        for job in waiting:
-            if job.key in sent:
-                continue
-            if len(running) < self.size and job.teacher not in unfinished:
-                stack = [j for j in waiting if job.stack and j.stack == job.stack] or [job]
-                future = self.pool.executor.submit(_worker_jobs, self.plan, stack, self.ctx,
-                                                   [self.blocked(j, outcome) for j in stack])
-                running[future] = stack
-                sent.update(j.key for j in stack)
+        later = []
+        for task in tasks_of(waiting):  # a stack's seeds share their teacher
+            if len(running) < self.size and task[0].teacher not in unfinished:
+                future = self.pool.executor.submit(_worker_task, self.plan, task, self.ctx,
+                                                   [self.blocked(j, outcome) for j in task])
+                running[future] = task
             else:
-                later.append(job)
+                later += task
         return later
 
     def wind_down(self, running: dict[Future, list[Job]], outcome: Outcome) -> None:

@@ -1,4 +1,5 @@
-"""Ray: each job is a Ray task; fractional resources pack several small jobs on one device.
+"""Ray: each task (a job, or the seeds of one stack) is a Ray task; fractional resources pack several small jobs
+on one device.
 
 `--executor ray` starts a local Ray (this machine's CPUs and GPUs) unless `--ray-address` names an existing
 cluster ("auto" on a cluster node, or "ray://head:10001"). Each task asks for `--cpus-per-job` CPUs (default 1;
@@ -16,15 +17,15 @@ from contextlib import contextmanager
 from kdbench import KdbenchError
 from kdbench.storage.claims import Claim
 from kdbench import Interrupted
-from kdbench.run.executors.base import Executor, Outcome, dependency_levels
+from kdbench.run.executors.base import Executor, Outcome, dependency_levels, tasks_of
 from kdbench.run.executors.options import check_packing, usable_cores
-from kdbench.run.job import HELD, JobResult, run_job
+from kdbench.run.job import HELD, JobResult, run_task
 from kdbench.run.context import JobContext, StopRequest
 from kdbench.plan import Job, Plan
 
 
-def _ray_job(plan: Plan, job: Job, ctx: JobContext, blocked: str | None) -> JobResult:
-    return run_job(plan, job, ctx, blocked)  # torch threads: the job's runtime (the task's CPUs), set by run_job
+def _ray_task(plan: Plan, jobs: list[Job], ctx: JobContext, blocked: list[str | None]) -> list[JobResult]:
+    return run_task(plan, jobs, ctx, blocked)  # torch threads: each job's runtime (the task's CPUs), set by run_job
 
 
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"  # a logger filter sees only its own records
@@ -87,12 +88,12 @@ class RayExecutor(Executor):
 
     def run_jobs(self, jobs: list[Job], outcome: Outcome) -> None:
         ray = self.ray
-        task = ray.remote(_ray_job).options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)
+        remote = ray.remote(_ray_task).options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)
         plan_ref, ctx_ref = ray.put(self.plan), ray.put(self.ctx)  # once per wave, not once per job
         for level in dependency_levels(jobs):
             while level:
-                running = {task.remote(plan_ref, job, ctx_ref, self.blocked(job, outcome)): job
-                           for job in level}
+                running = {remote.remote(plan_ref, task, ctx_ref, [self.blocked(job, outcome) for job in task]): task
+                           for task in tasks_of(level)}
                 held = self.collect(running, outcome)
                 if held:
                     self.console.print(f"waiting for another kdbench process to finish {held[0].title}")
@@ -110,11 +111,11 @@ class RayExecutor(Executor):
                     if self.stop():
                         raise Interrupted("stopped: the running jobs were cancelled")
                     for ref in done:
-                        job, result = running.pop(ref), ray.get(ref)
-                        if result.status == HELD:  # another kdbench process trains it: wait, then look again
-                            held.append(job)
-                        else:  # the worker's own line ("done ...", "failed ...") says how it ended
-                            outcome.record(result)
+                        for job, result in zip(running.pop(ref), ray.get(ref)):
+                            if result.status == HELD:  # another kdbench process trains it: wait, then look again
+                                held.append(job)
+                            else:  # the worker's own line ("done ...", "failed ...") says how it ended
+                                outcome.record(result)
             except (Interrupted, KeyboardInterrupt):
                 for ref in running:
                     ray.cancel(ref)  # a KeyboardInterrupt in the task: its run is marked KILLED, its claim freed

@@ -1,4 +1,5 @@
-"""SLURM through submitit: one job array per dependency level, each array task one kdbench job.
+"""SLURM through submitit: one job array per dependency level, each array task one kdbench task (a job, or the
+seeds of one stack).
 
 Options (command line or the executor config file): partition, GPUs, CPUs and memory per job, time limit, and
 the log folder (default `<store>/slurm-logs/<suite>`; each task writes `<SLURM job id>_..._log.out/.err`
@@ -22,9 +23,9 @@ from pathlib import Path
 from kdbench import KdbenchError
 from kdbench.storage.claims import Claim
 from kdbench import Interrupted
-from kdbench.run.executors.base import Executor, Outcome, dependency_levels
+from kdbench.run.executors.base import Executor, Outcome, dependency_levels, tasks_of
 from kdbench.run.follow import follow
-from kdbench.run.job import FAILED, HELD, JobResult, run_job
+from kdbench.run.job import FAILED, HELD, JobResult, run_task
 from kdbench.run.context import JobContext, Reporter, StopRequest
 from kdbench.run.devices import join_slurm_task, leading
 from kdbench.plan import Job, Plan
@@ -41,8 +42,8 @@ class SlurmTask(Checkpointable):
     """One array task. Checkpointable: on SIGUSR2 (time limit, preemption) submitit requeues this same call, which
     resumes from the job's checkpoint in the store."""
 
-    def __call__(self, plan: Plan, job: Job, ctx: JobContext, blocked: str | None,
-                 devices: int = 1) -> JobResult | None:
+    def __call__(self, plan: Plan, jobs: list[Job], ctx: JobContext, blocked: list[str | None],
+                 devices: int = 1) -> list[JobResult] | None:
         stop = StopRequest(Reporter().console)  # scancel's SIGTERM: checkpoint at the next step, then stop
         ctx.local.should_stop = stop
         with stop.installed():
@@ -55,10 +56,9 @@ class SlurmTask(Checkpointable):
                 return None
             try:
                 with leading():
-                    result = run_job(plan, job, ctx, blocked)
+                    return run_task(plan, jobs, ctx, blocked)
             except Interrupted:
-                return JobResult(job.key, HELD, STOPPED)
-        return result
+                return [JobResult(job.key, HELD, STOPPED) for job in jobs]
 
 
 def _queued(job_id: str) -> bool:
@@ -110,37 +110,43 @@ class SlurmExecutor(Executor):
         for level in dependency_levels(jobs):
             tries = {job.key: 0 for job in level}
             while level:
-                n = len(level)
-                tasks = self.executor.map_array(SlurmTask(), [self.plan] * n, level, [self.ctx] * n,
-                                                [self.blocked(job, outcome) for job in level],
+                groups = tasks_of(level)
+                n = len(groups)
+                tasks = self.executor.map_array(SlurmTask(), [self.plan] * n, groups, [self.ctx] * n,
+                                                [[self.blocked(job, outcome) for job in g] for g in groups],
                                                 [self.devices] * n)
                 ids = sorted({t.job_id.split("_")[0] for t in tasks})
-                self.console.print(f"slurm: submitted {n} job(s) as array {', '.join(ids)}: "
+                self.console.print(f"slurm: submitted {len(level)} job(s) as array {', '.join(ids)}"
+                                   + (f" ({n} tasks: a stack's seeds are one)" if n < len(level) else "") + ": "
                                    + ", ".join(j.title for j in level))
                 again = []
-                for job, result in zip(level, self.wait(tasks, level)):
-                    if result is not None and result.status != HELD:
-                        if result.status == FAILED:
-                            self.console.print(f"[red]slurm:[/] {job.title} failed: {result.reason[-1000:]}")
-                        outcome.record(result)
-                        continue
-                    if result is not None and not result.reason:  # another kdbench process trains it
-                        Claim(self.store.claim_path(job.key)).wait_free()
-                        again.append(job)
-                        continue
-                    tries[job.key] += 1
-                    why = result.reason if result is not None else "ended without a result (cancelled, node lost)"
-                    if tries[job.key] > self.options.max_retries:
-                        outcome.record(JobResult(job.key, FAILED, f"slurm: {why}; gave up after "
-                                                 f"{self.options.max_retries} resubmissions"))
-                    else:
-                        self.console.print(f"[yellow]slurm:[/] {job.title} {why}; resubmitting it")
-                        again.append(job)
+                for group, results in zip(groups, self.wait(tasks, groups)):
+                    again += [job for job, result in zip(group, results or [None] * len(group))
+                              if self.submit_again(job, result, tries, outcome)]
                 level = again
 
-    def wait(self, tasks, jobs: list[Job]) -> list[JobResult | None]:
-        """Each task's result, None for a task that left the queue without one; polls squeue and the result files."""
-        results: dict[int, JobResult | None] = {}
+    def submit_again(self, job: Job, result: JobResult | None, tries: dict[str, int], outcome: Outcome) -> bool:
+        """Record how `job` ended; True when it goes out again (held by another process, stopped, or lost)."""
+        if result is not None and result.status != HELD:
+            if result.status == FAILED:
+                self.console.print(f"[red]slurm:[/] {job.title} failed: {result.reason[-1000:]}")
+            outcome.record(result)
+            return False
+        if result is not None and not result.reason:  # another kdbench process trains it
+            Claim(self.store.claim_path(job.key)).wait_free()
+            return True
+        tries[job.key] += 1
+        why = result.reason if result is not None else "ended without a result (cancelled, node lost)"
+        if tries[job.key] > self.options.max_retries:
+            outcome.record(JobResult(job.key, FAILED, f"slurm: {why}; gave up after "
+                                     f"{self.options.max_retries} resubmissions"))
+            return False
+        self.console.print(f"[yellow]slurm:[/] {job.title} {why}; resubmitting it")
+        return True
+
+    def wait(self, tasks, groups: list[list[Job]]) -> list[list[JobResult] | None]:
+        """Each task's results, None for a task that left the queue without them; polls squeue and the result files."""
+        results: dict[int, list[JobResult] | None] = {}
         gone: dict[int, int] = {}
         while len(results) < len(tasks):
             time.sleep(self.options.poll_s)
@@ -149,9 +155,9 @@ class SlurmExecutor(Executor):
                     continue
                 if task.paths.result_pickle.exists():
                     status, value = _result_file(task)
-                    results[i] = value if status == "success" else JobResult(
-                        jobs[i].key, FAILED, f"raised in SLURM job {task.job_id} (log {task.paths.stderr}): "
-                                             f"{str(value)[-500:]}")
+                    results[i] = value if status == "success" else [JobResult(
+                        job.key, FAILED, f"raised in SLURM job {task.job_id} (log {task.paths.stderr}): "
+                                         f"{str(value)[-500:]}") for job in groups[i]]
                 elif not _queued(task.job_id):
                     gone[i] = gone.get(i, 0) + 1
                     if gone[i] >= 3:  # not a race with the result file being written: gone for three polls
