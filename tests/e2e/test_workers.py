@@ -180,17 +180,21 @@ def test_a_stack_of_seeds_goes_to_one_worker_and_gives_one_workers_numbers(tmp_p
 
 
 @pytest.mark.skipif(usable_cores() < 2, reason="two workers need two cores (the oversubscription guard)")
-@pytest.mark.slow  # about 40 s on 2 cores: `make test-slow` runs it (CI does)
-def test_a_student_starts_once_its_own_teacher_is_done_while_a_slower_teacher_still_trains(tmp_path):
-    """With no "auto" assistant to choose between the waves, the plan goes out at once: the worker that trained the
-    small teacher goes on with its student instead of idling until the large teacher is done."""
+@pytest.mark.slow  # about 40 s each on 2 cores: `make test-slow` runs them (CI does)
+@pytest.mark.parametrize("methods", [["kd"], ["kd", "takd"]], ids=["kd", "kd-and-auto-takd"])
+def test_a_student_starts_once_its_own_teacher_is_done_while_a_slower_teacher_still_trains(tmp_path, methods):
+    """Every job but the students of an "auto" assistant goes out at once: the worker that trained the small
+    teacher goes on with its student instead of idling until the large teacher is done (before, one "auto" TAKD
+    in the suite held every student back until the whole first wave had ended)."""
     path = tmp_path / "two_teachers.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "data": {**TINY["data"], "train_size": 512},
-                                    "teachers": ["cifar_resnet56", "cifar_resnet14"], "methods": ["kd"],
+    val = {"val_size": 64} if "takd" in methods else {}  # an "auto" assistant is chosen on validation
+    path.write_text(yaml.safe_dump({**TINY, "data": {**TINY["data"], "train_size": 512, **val},
+                                    "teachers": ["cifar_resnet56", "cifar_resnet14"], "methods": methods,
                                     "train": {**TINY["train"], "epochs": 1, "milestones": []},
                                     "teacher": {"train": {"epochs": 2}}}, sort_keys=False))
     parent = kdbench(tmp_path, path, "--workers", "2")
     children = [r for r in runs(tmp_path) if r.data.tags.get("mlflow.parentRunId") == parent]
     teacher = {r.data.tags["kdbench.teacher"]: r for r in children if r.data.tags["kdbench.role"] == "teacher"}
-    (student,) = [r for r in children if r.data.tags["kdbench.pair"] == "cifar_resnet14->cifar_resnet8"]
+    (student,) = [r for r in children if r.data.tags["kdbench.pair"] == "cifar_resnet14->cifar_resnet8"
+                  and r.data.tags["kdbench.method"] == "kd"]
     assert teacher["cifar_resnet14"].info.end_time <= student.info.start_time < teacher["cifar_resnet56"].info.end_time

@@ -78,8 +78,8 @@ class Executor:
     "auto" assistants known) assistants and students. Subclasses say where a job runs: `run_jobs`."""
 
     name = "base"
-    # True where run_jobs holds each job until its teacher is done: with no "auto" assistant to choose between the
-    # waves, the plan then goes out in one call, and students start while the slowest teacher still trains.
+    # True where run_jobs holds each job until its teacher is done: every job but the students of "auto" assistants
+    # then goes out in one call, and students start while the slowest teacher still trains.
     waits_for_teachers = False
 
     def __init__(self, plan: Plan, data_root: Path | None, device: str = "auto", tracker: Tracker | None = None,
@@ -164,15 +164,19 @@ class Executor:
     def run_waves(self, outcome: Outcome) -> None:
         plan = self.plan
         try:
-            if self.waits_for_teachers and not any(j.pending for j in plan.jobs):
-                return self.run_jobs(list(plan.jobs), outcome)
-            first_wave = [j for j in plan.jobs if j.role in ("teacher", "reference")]
-            self.run_jobs(first_wave, outcome)
+            # An executor that holds each job until its teacher is done sends every job that waits for no "auto"
+            # assistant at once (students start while the slowest teacher trains); others send the first wave.
+            first = [j for j in plan.jobs if (not j.pending if self.waits_for_teachers
+                                              else j.role in ("teacher", "reference"))]
+            self.run_jobs(first, outcome)
             if any(j.pending for j in self.plan.jobs):
                 # The accuracies that choose "auto" assistants exist now that the first wave is done.
                 self.plan, self.unresolved = self.plan.resolve_assistants(  # chosen on validation, never on test
                     lambda key: stored_accuracy(self.store, key, "val_acc"))
-            self.run_jobs([j for j in self.plan.jobs if j not in first_wave], outcome)
+            sent = {j.key for j in first}
+            rest = [j for j in self.plan.jobs if j.key not in sent]
+            if rest:
+                self.run_jobs(rest, outcome)
         except (Interrupted, KeyboardInterrupt):
             if self.workers.leave():  # never while another process still works on the shared parent
                 self.tracker.end(outcome.parent_run, RunStatus.KILLED)
