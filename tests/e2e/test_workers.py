@@ -198,3 +198,7 @@ def test_a_student_starts_once_its_own_teacher_is_done_while_a_slower_teacher_st
     (student,) = [r for r in children if r.data.tags["kdbench.pair"] == "cifar_resnet14->cifar_resnet8"
                   and r.data.tags["kdbench.method"] == "kd"]
     assert teacher["cifar_resnet14"].info.end_time <= student.info.start_time < teacher["cifar_resnet56"].info.end_time
+    if "takd" in methods:  # the students of an assistant (and it) went out once the first wave was done
+        chosen = [r for r in children if " via " in r.info.run_name or r.data.tags["kdbench.role"] == "assistant"]
+        assert len(chosen) == 2 and all(r.info.status == "FINISHED" for r in chosen), [r.info.run_name for r in chosen]
+        assert min(r.info.start_time for r in chosen) >= max(t.info.end_time for t in teacher.values())

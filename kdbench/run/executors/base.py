@@ -78,8 +78,9 @@ class Executor:
     "auto" assistants known) assistants and students. Subclasses say where a job runs: `run_jobs`."""
 
     name = "base"
-    # True where run_jobs holds each job until its teacher is done: every job but the students of "auto" assistants
-    # then goes out in one call, and students start while the slowest teacher still trains.
+    # True where run_jobs holds each job until its teacher is done and the students of "auto" assistants until
+    # `choose_assistants` (once no teacher or reference run is left): the whole plan then goes out in one call,
+    # and students start while the slowest teacher still trains.
     waits_for_teachers = False
 
     def __init__(self, plan: Plan, data_root: Path | None, device: str = "auto", tracker: Tracker | None = None,
@@ -164,23 +165,26 @@ class Executor:
     def run_waves(self, outcome: Outcome) -> None:
         plan = self.plan
         try:
-            # An executor that holds each job until its teacher is done sends every job that waits for no "auto"
-            # assistant at once (students start while the slowest teacher trains); others send the first wave.
-            first = [j for j in plan.jobs if (not j.pending if self.waits_for_teachers
-                                              else j.role in ("teacher", "reference"))]
-            self.run_jobs(first, outcome)
+            if self.waits_for_teachers:  # it holds each job until its teacher is done, "auto" students until chosen
+                return self.run_jobs(list(plan.jobs), outcome)
+            first_wave = [j for j in plan.jobs if j.role in ("teacher", "reference")]
+            self.run_jobs(first_wave, outcome)
             if any(j.pending for j in self.plan.jobs):
-                # The accuracies that choose "auto" assistants exist now that the first wave is done.
-                self.plan, self.unresolved = self.plan.resolve_assistants(  # chosen on validation, never on test
-                    lambda key: stored_accuracy(self.store, key, "val_acc"))
-            sent = {j.key for j in first}
-            rest = [j for j in self.plan.jobs if j.key not in sent]
-            if rest:
-                self.run_jobs(rest, outcome)
+                self.choose_assistants()
+            self.run_jobs([j for j in self.plan.jobs if j.key not in {f.key for f in first_wave}], outcome)
         except (Interrupted, KeyboardInterrupt):
             if self.workers.leave():  # never while another process still works on the shared parent
                 self.tracker.end(outcome.parent_run, RunStatus.KILLED)
             raise
+
+    def choose_assistants(self) -> list[Job]:
+        """Choose the "auto" assistants, now that the first wave's validation accuracies exist (never the test
+        split's); returns the jobs that replace the pending ones: the assistants to train, then their students
+        (a student whose assistant could not be chosen stays pending: `blocked` says why)."""
+        pending, before = {j.key for j in self.plan.jobs if j.pending}, {j.key for j in self.plan.jobs}
+        self.plan, self.unresolved = self.plan.resolve_assistants(
+            lambda key: stored_accuracy(self.store, key, "val_acc"))
+        return [j for j in self.plan.jobs if j.key in pending or j.key not in before]
 
     def blocked(self, job: Job, outcome: Outcome) -> str | None:
         """Why `job` cannot run now, given what failed so far; None when it can."""

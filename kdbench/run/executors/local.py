@@ -228,10 +228,17 @@ class LocalExecutor(InProcessExecutor):
     def run_parallel(self, waiting: list[Job], running: dict[Future, list[Job]], outcome: Outcome) -> None:
         """Send each job out once its teacher is done and a worker is free; record the results as they come."""
         held: dict[str, Job] = {}  # jobs another kdbench process holds, tried again once it lets them go
+        chosen = not any(j.pending for j in waiting)
         while waiting or running or held:
             if self.stop():
                 raise Interrupted("stopped: the running jobs were asked to stop at their next step")
-            waiting = self.send_ready(waiting, running, held, outcome)
+            if not chosen and not any(j.role in ("teacher", "reference")
+                                      for j in [*waiting, *held.values(), *(j for js in running.values() for j in js)]):
+                # The first wave's validation accuracies exist: the "auto" students join, their assistants first
+                # (a chain to train before its students: started ahead of the jobs already waiting)
+                waiting, chosen = self.choose_assistants() + [j for j in waiting if not j.pending], True
+                self.progress.update(self.jobs_bar, total=len(self.plan.jobs))
+            waiting = self.send_ready(waiting, running, held, outcome, chosen)
             if not running:
                 time.sleep(POLL_S)  # only held jobs left: their claims are looked at again
                 continue
@@ -247,9 +254,10 @@ class LocalExecutor(InProcessExecutor):
                         self.progress.advance(self.jobs_bar)
 
     def send_ready(self, waiting: list[Job], running: dict[Future, list[Job]], held: dict[str, Job],
-                   outcome: Outcome) -> list[Job]:
-        """Send out, in plan order, the jobs whose teacher is done, while a worker is free; return the rest. The
-        seeds of one stack go to one worker together: they train as one model there."""
+                   outcome: Outcome, chosen: bool = True) -> list[Job]:
+        """Send out, in plan order, the jobs whose teacher is done (an "auto" student's once its assistant is
+        `chosen`), while a worker is free; return the rest. The seeds of one stack go to one worker together: they
+        train as one model there."""
         for key in list(held):
             claim = Claim(self.store.claim_path(key))
             if claim.stale(claim.holder()):  # the other process finished it (skipped here) or died (resumed here)
@@ -257,7 +265,7 @@ class LocalExecutor(InProcessExecutor):
         unfinished = {j.key for j in waiting} | {j.key for js in running.values() for j in js} | set(held)
         later = []
         for task in tasks_of(waiting):  # a stack's seeds share their teacher
-            if len(running) < self.size and task[0].teacher not in unfinished:
+            if len(running) < self.size and task[0].teacher not in unfinished and (chosen or not task[0].pending):
                 future = self.pool.executor.submit(_worker_task, self.plan, task, self.ctx,
                                                    [self.blocked(j, outcome) for j in task])
                 running[future] = task
