@@ -74,6 +74,12 @@ class Job:
         """An assistant still to be chosen (at run time, once the models it is chosen by are trained)."""
         return self.assistants == (AUTO,)
 
+    @property
+    def first_wave(self) -> bool:
+        """A teacher or reference run: trained before every other job, and whose validation accuracy chooses the
+        "auto" assistants."""
+        return WAVES[self.role] == 0
+
     def keeps_route(self, epoch: int) -> bool:
         """Whether the model after 1-based `epoch` is kept as a route checkpoint: every `route_every` epochs and
         after the last (teachers and references; other jobs keep none)."""

@@ -263,7 +263,7 @@ class Search:
     def run_teachers(self, parent: str) -> None:
         """The teachers (and reference runs) first, as the ordinary jobs they are: they are evaluated on the test
         split to be reported, so that happens before the search, in which nothing reads it."""
-        first = [j for j in self.plan.jobs if j.role in ("teacher", "reference")]
+        first = [j for j in self.plan.jobs if j.first_wave]
         suite = self.plan.suite.model_copy(update={"name": self.plan.suite.name + SEARCH_SUFFIX})
         outcome = self.make_executor(under_parent(self.backend, parent), merged(self.plan, suite, [first])).run()
         if outcome.failed:

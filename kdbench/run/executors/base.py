@@ -167,7 +167,7 @@ class Executor:
         try:
             if self.waits_for_teachers:  # it holds each job until its teacher is done, "auto" students until chosen
                 return self.run_jobs(list(plan.jobs), outcome)
-            first_wave = [j for j in plan.jobs if j.role in ("teacher", "reference")]
+            first_wave = [j for j in plan.jobs if j.first_wave]
             self.run_jobs(first_wave, outcome)
             if any(j.pending for j in self.plan.jobs):
                 self.choose_assistants()

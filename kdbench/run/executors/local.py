@@ -232,7 +232,7 @@ class LocalExecutor(InProcessExecutor):
         while waiting or running or held:
             if self.stop():
                 raise Interrupted("stopped: the running jobs were asked to stop at their next step")
-            if not chosen and not any(j.role in ("teacher", "reference")
+            if not chosen and not any(j.first_wave
                                       for j in [*waiting, *held.values(), *(j for js in running.values() for j in js)]):
                 # The first wave's validation accuracies exist: the "auto" students join, their assistants first
                 # (a chain to train before its students: started ahead of the jobs already waiting)
