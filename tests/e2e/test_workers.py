@@ -1,7 +1,8 @@
 """Local worker processes, the default executor: two workers give the numbers of one (the in-process executor) bit for
 bit, a student starts only once its teacher (here: its assistant, in the same wave) is stored, Ctrl-C of the whole
 process group stops a two-worker run with 130 and the same command resumes it to the same numbers, and more torch
-threads than cores are refused in one line.
+threads than cores are refused in one line. Workers fork from a server started early: they take the driver's
+environment, and a driver killed outright leaves none behind.
 
 Real `kdbench run` processes on a teacher -> assistant -> student chain of tiny CIFAR ResNets on synthetic data.
 """
@@ -26,7 +27,9 @@ from kdbench import KdbenchError
 from kdbench.config.load import load_suite
 from kdbench.plan import make_plan
 from kdbench.run.executors import ExecutorOptions, get_executor
+from kdbench.run.executors.local import WorkerPool
 from kdbench.run.executors.options import usable_cores
+from kdbench.run.worker_start import start_early
 from kdbench.storage.store import ModelStore
 
 # The teacher, then in one wave an assistant, a KD student and the TAKD student the assistant teaches.
@@ -202,3 +205,63 @@ def test_a_student_starts_once_its_own_teacher_is_done_while_a_slower_teacher_st
         chosen = [r for r in children if " via " in r.info.run_name or r.data.tags["kdbench.role"] == "assistant"]
         assert len(chosen) == 2 and all(r.info.status == "FINISHED" for r in chosen), [r.info.run_name for r in chosen]
         assert min(r.info.start_time for r in chosen) >= max(t.info.end_time for t in teacher.values())
+
+
+def test_a_worker_has_the_drivers_environment_of_when_its_pool_starts(monkeypatch):
+    """The workers fork from a server started early (`start_early`, as `kdbench run` does first thing), whose own
+    environment is that of its start; each worker takes the driver's of when the pool starts, as a spawned one."""
+    start_early(["run", "suite.yaml"])
+    monkeypatch.setenv("KDBENCH_PROBE", "set after the server started")
+    pool = WorkerPool(1, 1)
+    try:
+        assert pool.executor.submit(os.getenv, "KDBENCH_PROBE").result(timeout=120) == "set after the server started"
+    finally:
+        pool.executor.shutdown()
+
+
+def processes() -> dict[int, int]:
+    """pid -> parent pid of every live process (from /proc; a zombie is not live)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except OSError:
+            continue
+        if state != "Z":
+            parents[int(stat.parent.name)] = int(parent)
+    return parents
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process under `pid`: the forkserver, its workers, multiprocessing's resource tracker."""
+    parents = processes()
+    found, new = set(), {pid}
+    while new:
+        new = {p for p, parent in parents.items() if parent in new} - found
+        found |= new
+    return found
+
+
+@pytest.mark.skipif(usable_cores() < 2 or not Path("/proc").is_dir(), reason="two workers, and /proc to find them")
+@pytest.mark.slow  # about 30 s on 2 cores: `make test-slow` runs it (CI does)
+def test_a_driver_killed_outright_leaves_no_worker_behind_and_no_run_open(suite, tmp_path):
+    """SIGKILL of the driver alone: its workers' parent is the forkserver, which outlives the driver while they live,
+    so each watches the driver itself; it stops its job at the next step (run KILLED) and leaves, and so does the
+    server."""
+    proc = subprocess.Popen(command(suite, "--workers", "2"), cwd=tmp_path, env=environment(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:  # a job's first epoch checkpointed: killed in its second
+        if list((tmp_path / "store").glob("jobs/*/checkpoint.pt")):
+            break
+        time.sleep(0.05)
+    below = descendants(proc.pid)
+    assert proc.poll() is None and len(below) >= 3, below  # the server and two workers (and a resource tracker)
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 90
+    while time.time() < deadline and below & processes().keys():
+        time.sleep(0.2)
+    assert not below & processes().keys(), f"left behind: {below & processes().keys()}"
+    children = [r.info.status for r in runs(tmp_path) if "mlflow.parentRunId" in r.data.tags]
+    assert "KILLED" in children and "RUNNING" not in children, children

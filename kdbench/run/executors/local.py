@@ -1,6 +1,6 @@
 """Local worker processes, the default executor: a suite's independent jobs run side by side on this machine.
 
-`--workers N` spawned processes each train one job at a time (default: the usable cores over the torch threads per
+`--workers N` worker processes (`worker_start`) each train one job at a time (default: the usable cores over the torch threads per
 job, `--cpus-per-job`, on CPU; one on a GPU). A job is sent out as soon as its teacher (or assistant) is done, so
 the dependency waves hold without waiting for a whole level. Every job sets torch to its key's runtime (`run_job`),
 so the numbers are bit for bit those of `--workers 1`, which is the in-process executor itself: this process runs
@@ -16,7 +16,6 @@ reads the suite's data once (`ProcessCache`).
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import threading
@@ -36,6 +35,7 @@ from kdbench.run.executors.base import Outcome, tasks_of
 from kdbench.run.executors.inprocess import InProcessExecutor
 from kdbench.run.executors.options import check_packing, usable_cores
 from kdbench.run.job import HELD, JobResult, run_task
+from kdbench.run.worker_start import worker_context
 from kdbench.storage.claims import Claim
 
 POLL_S = 0.2  # how often the driver looks at its workers, their messages and a stop request
@@ -75,7 +75,9 @@ class QueueReporter(Reporter):
         self._send("ended", None)
 
 
-def _start_worker(stop_jobs, messages, threads: int) -> None:
+def _start_worker(stop_jobs, messages, threads: int, environ: dict[str, str], driver_alive) -> None:
+    os.environ.clear()  # the driver's now, as a spawned process would have it (the forkserver kept its own)
+    os.environ.update(environ)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the terminal's every process: the driver answers
     terminated = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())  # as the driver's: stop at the next step
@@ -83,14 +85,18 @@ def _start_worker(stop_jobs, messages, threads: int) -> None:
     busy = threading.Event()
     _worker.update(reporter=QueueReporter(messages), busy=busy,
                    should_stop=lambda: stop_jobs.is_set() or terminated.is_set())
-    threading.Thread(target=_watch_driver, args=(os.getppid(), terminated, busy), daemon=True).start()
+    threading.Thread(target=_watch_driver, args=(driver_alive, terminated, busy), daemon=True).start()
 
 
-def _watch_driver(driver: int, terminated: threading.Event, busy: threading.Event) -> None:
-    """A driver killed outright cannot stop its workers: each sees it gone, stops its job at the next step (its
-    checkpoint saved, its run KILLED, its claim freed) and leaves, instead of waiting forever for work."""
-    while os.getppid() == driver:
-        time.sleep(1.0)
+def _watch_driver(driver_alive, terminated: threading.Event, busy: threading.Event) -> None:
+    """A driver killed outright cannot stop its workers: each sees it gone (its end of `driver_alive`, a pipe no
+    one writes to, closes with it), stops its job at the next step (its checkpoint saved, its run KILLED, its
+    claim freed) and leaves, instead of waiting forever for work. (Not the parent process: that is the forkserver,
+    which outlives the driver while its workers live.)"""
+    try:
+        driver_alive.recv()
+    except (EOFError, OSError):
+        pass
     terminated.set()
     deadline = time.monotonic() + 60
     while busy.is_set() and time.monotonic() < deadline:
@@ -115,19 +121,22 @@ def _worker_task(plan: Plan, jobs: list[Job], ctx: JobContext, blocked: list[str
 # ---------------------------------------------------------------------------------------------- in the driver
 
 class WorkerPool:
-    """Spawned workers (a clean process: nothing of the driver's torch state), the flag that asks their jobs to
-    stop, and the queue of their messages. Kept for the next run in this process with the same size and threads."""
+    """Worker processes (forked from a server that imported their code and never ran torch: nothing of the
+    driver's torch state; `worker_start`), the flag that asks their jobs to stop, and the queue of their messages.
+    Kept for the next run in this process with the same size and threads."""
 
     kept: WorkerPool | None = None
 
     def __init__(self, size: int, threads: int):
-        context = multiprocessing.get_context("spawn")
+        context = worker_context()
         self.size, self.threads = size, threads
         self.stop_jobs, self.messages = context.Event(), context.SimpleQueue()
+        driver_alive, self.alive = context.Pipe(duplex=False)  # this process holds the writing end until it ends
         self.started = False
         # Processes start as jobs are sent (up to `size`), so a run of one job starts one.
         self.executor = ProcessPoolExecutor(size, mp_context=context, initializer=_start_worker,
-                                            initargs=(self.stop_jobs, self.messages, threads))
+                                            initargs=(self.stop_jobs, self.messages, threads, dict(os.environ),
+                                                      driver_alive))
 
     @classmethod
     def get(cls, size: int, threads: int) -> WorkerPool:
@@ -255,16 +264,18 @@ class LocalExecutor(InProcessExecutor):
 
     def send_ready(self, waiting: list[Job], running: dict[Future, list[Job]], held: dict[str, Job],
                    outcome: Outcome, chosen: bool = True) -> list[Job]:
-        """Send out, in plan order, the jobs whose teacher is done (an "auto" student's once its assistant is
-        `chosen`), while a worker is free; return the rest. The seeds of one stack go to one worker together: they
-        train as one model there."""
+        """Send out the jobs whose teacher is done (an "auto" student's once its assistant is `chosen`), while a
+        worker is free; return the rest. The first wave first (the "auto" assistants are chosen when it is done),
+        then the longest first: the slowest teacher starts at once, and the short jobs fill the end instead of a
+        long one running alone. The seeds of one stack go to one worker
+        together: they train as one model there."""
         for key in list(held):
             claim = Claim(self.store.claim_path(key))
             if claim.stale(claim.holder()):  # the other process finished it (skipped here) or died (resumed here)
                 waiting.insert(0, held.pop(key))
         unfinished = {j.key for j in waiting} | {j.key for js in running.values() for j in js} | set(held)
         later = []
-        for task in tasks_of(waiting):  # a stack's seeds share their teacher
+        for task in sorted(tasks_of(waiting), key=lambda t: (t[0].first_wave, sum(map(self.work, t))), reverse=True):
             if len(running) < self.size and task[0].teacher not in unfinished and (chosen or not task[0].pending):
                 future = self.pool.executor.submit(_worker_task, self.plan, task, self.ctx,
                                                    [self.blocked(j, outcome) for j in task])
