@@ -5,12 +5,15 @@
 # results/perf/executors.md with the command, the machine and the load.
 #   scripts/perf_executors.sh [SUITE] [extra kdbench run options]     (default suite: suites/quickstart.yaml)
 #   make perf-executors ARGS="suites/quickstart.yaml"      ROUNDS=3 for three rounds (default 2)
+# TEACHERS_FROM=<a store> times the student phase alone: each run's fresh store starts with that store's teachers
+# (trained beforehand by the same command), so every executor runs the same students and nothing else.
 set -euo pipefail
 suite=${1:-suites/quickstart.yaml}; shift || true
 extra=("$@")  # more kdbench run options, the same for every run
 PY=${PYTHON:-$(command -v python3)}
 out=${PERF_OUT:-results/perf/executors.md}
 rounds=${ROUNDS:-2}
+teachers=${TEACHERS_FROM:-}
 work=$(mktemp -d "${TMPDIR:-/tmp}/kdbench-perf.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 names=(one_process local_workers ray)
@@ -20,7 +23,10 @@ declare -A label=([one_process]="one process (\`--workers 1\`)" [local_workers]=
 declare -A walls
 run() {  # name round: prints the wall seconds
   local name=$1 dir="$work/$1-$2" start end
-  mkdir -p "$dir"
+  mkdir -p "$dir/store"
+  if [ -n "$teachers" ]; then  # the teachers' entries only (their meta.json says role teacher)
+    grep -l '"role": "teacher"' "$teachers"/*/meta.json | xargs -n1 dirname | xargs -I{} cp -r {} "$dir/store/"
+  fi
   start=$(date +%s.%N)
   # shellcheck disable=SC2086
   MLFLOW_TRACKING_URI="sqlite:///$dir/mlflow.db" KDBENCH_STORE="$dir/store" \
@@ -55,5 +61,6 @@ mkdir -p "$(dirname "$out")"
   echo
   echo "Every figure is the whole command (\`kdbench run $suite --device cpu ${extra[*]}\` with the executor's options):"
   echo "start-up, data, the local workers' or Ray's start, every job, MLflow writes. Ray's includes starting a local Ray."
+  [ -z "$teachers" ] || echo "The student phase alone: each run's store started with the suite's trained teachers."
 } > "$out"
 cat "$out"
