@@ -1,8 +1,8 @@
 """Local worker processes, the default executor: a suite's independent jobs run side by side on this machine.
 
-`--workers N` worker processes (`worker_start`) each train one job at a time (default: the usable cores over the torch threads per
-job, `--cpus-per-job`, on CPU; one on a GPU). A job is sent out as soon as its teacher (or assistant) is done, so
-the dependency waves hold without waiting for a whole level. Every job sets torch to its key's runtime (`run_job`),
+`--workers N` worker processes (forked warm: `worker_start`) each train one job at a time (default: the usable
+cores over the torch threads per job, `--cpus-per-job`, on CPU; one on a GPU). A job is sent out as soon as its
+teacher (or assistant) is done, so the dependency waves hold without waiting for a whole level; the longest first. Every job sets torch to its key's runtime (`run_job`),
 so the numbers are bit for bit those of `--workers 1`, which is the in-process executor itself: this process runs
 the jobs one after another.
 
