@@ -5,8 +5,9 @@
 # results/perf/executors.md with the command, the machine and the load.
 #   scripts/perf_executors.sh [SUITE] [extra kdbench run options]     (default suite: suites/quickstart.yaml)
 #   make perf-executors ARGS="suites/quickstart.yaml"      ROUNDS=3 for three rounds (default 2)
-# TEACHERS_FROM=<a store> times the student phase alone: each run's fresh store starts with that store's teachers
-# (trained beforehand by the same command), so every executor runs the same students and nothing else.
+# TEACHERS_FROM=<a store> times the student phase alone: each run's fresh store starts with that store's first wave
+# (teachers and the student-alone reference, trained beforehand by the same command), so every executor runs the
+# same students (assistants included) and nothing else.
 set -euo pipefail
 suite=${1:-suites/quickstart.yaml}; shift || true
 extra=("$@")  # more kdbench run options, the same for every run
@@ -24,8 +25,8 @@ declare -A walls
 run() {  # name round: prints the wall seconds
   local name=$1 dir="$work/$1-$2" start end
   mkdir -p "$dir/store"
-  if [ -n "$teachers" ]; then  # the teachers' entries only (their meta.json says role teacher)
-    grep -l '"role": "teacher"' "$teachers"/*/meta.json | xargs -n1 dirname | xargs -I{} cp -r {} "$dir/store/"
+  if [ -n "$teachers" ]; then  # the stored models but the assistants (theirs say so in meta.json)
+    grep -L '"role": "assistant"' "$teachers"/*/meta.json | xargs -n1 dirname | xargs -I{} cp -r {} "$dir/store/"
   fi
   start=$(date +%s.%N)
   # shellcheck disable=SC2086
@@ -61,6 +62,6 @@ mkdir -p "$(dirname "$out")"
   echo
   echo "Every figure is the whole command (\`kdbench run $suite --device cpu ${extra[*]}\` with the executor's options):"
   echo "start-up, data, the local workers' or Ray's start, every job, MLflow writes. Ray's includes starting a local Ray."
-  [ -z "$teachers" ] || echo "The student phase alone: each run's store started with the suite's trained teachers."
+  [ -z "$teachers" ] || echo "The student phase alone: each run's store started with the suite's first wave (teachers, reference) trained."
 } > "$out"
 cat "$out"
