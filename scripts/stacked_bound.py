@@ -82,7 +82,8 @@ def main() -> None:
     rows = "\n".join(f"| {name} | {ms:.2f} |" for name, ms in best.items())
     OUT.write_text(
         f"# Stacked seeds on one CPU thread: the most they can save\n\n"
-        f"`python scripts/stacked_bound.py`, {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+        f"`python scripts/stacked_bound.py`, {time.strftime('%Y-%m-%d')}, "
+        f"{platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, one thread; MNIST MLP student {'-'.join(map(str, SIZES))}, batch {BATCH}, "
         f"{SEEDS} seeds; best of {ROUNDS} interleaved rounds of {STEPS} steps.\n\n"
         f"| {SEEDS} seeds' training step | ms |\n| --- | ---: |\n{rows}\n\n"

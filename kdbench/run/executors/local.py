@@ -2,9 +2,9 @@
 
 `--workers N` worker processes (forked warm: `worker_start`) each train one job at a time (default: the usable
 cores over the torch threads per job, `--cpus-per-job`, on CPU; one on a GPU). A job is sent out as soon as its
-teacher (or assistant) is done, so the dependency waves hold without waiting for a whole level; the longest first. Every job sets torch to its key's runtime (`run_job`),
-so the numbers are bit for bit those of `--workers 1`, which is the in-process executor itself: this process runs
-the jobs one after another.
+teacher (or assistant) is done, so the dependency waves hold without waiting for a whole level; the longest
+first. Every job sets torch to its key's runtime (`run_job`), so the numbers are bit for bit those of
+`--workers 1`, which is the in-process executor itself: this process runs the jobs one after another.
 
 The driver keeps the one jobs bar, with a bar per running job under it; the workers send it their lines and
 epochs. Ctrl-C (which reaches every process of the terminal) and SIGTERM are the driver's to answer: the workers
@@ -267,8 +267,7 @@ class LocalExecutor(InProcessExecutor):
         """Send out the jobs whose teacher is done (an "auto" student's once its assistant is `chosen`), while a
         worker is free; return the rest. The first wave first (the "auto" assistants are chosen when it is done),
         then the longest first: the slowest teacher starts at once, and the short jobs fill the end instead of a
-        long one running alone. The seeds of one stack go to one worker
-        together: they train as one model there."""
+        long one running alone. The seeds of one stack go to one worker together: they train as one model there."""
         for key in list(held):
             claim = Claim(self.store.claim_path(key))
             if claim.stale(claim.holder()):  # the other process finished it (skipped here) or died (resumed here)
