@@ -36,4 +36,7 @@ def start_early(argv: list[str]) -> None:
     if after.get("--executor", "local") != "local" or after.get("--workers") == "1":
         return
     worker_context()
-    forkserver.ensure_running()
+    try:
+        forkserver.ensure_running()
+    except OSError:  # no Unix socket here, say: the pool says so if it needs one; the in-process executor does not
+        pass
