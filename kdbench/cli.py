@@ -29,8 +29,8 @@ def main() -> None:
             signal.signal(sig, _stop)
     except ValueError:  # not the main thread
         pass
-    start_early(sys.argv[1:])  # the local workers' imports, on another core while this process imports its own
-    try:
+    try:  # from here on a signal's Stopped ends the command with 130 and one line, even while the server starts
+        start_early(sys.argv[1:])  # the local workers' imports, on another core while this process imports its own
         from kdbench.commands import app
 
         app()

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from multiprocessing import forkserver
 from pathlib import Path
 
 import pytest
@@ -330,6 +331,22 @@ def test_a_signal_during_start_up_exits_130_with_one_line(write_suite, tmp_path,
     proc.send_signal(sig)
     assert proc.wait(timeout=60) == 130
     assert lines((tmp_path / "log").read_text()) == ["kdbench: interrupted; run the same command again to resume"]
+
+
+def test_a_signal_while_the_workers_server_starts_exits_130_with_one_line(monkeypatch, capsys):
+    """`kdbench run` starts the local workers' server before its own imports; a signal landing there (seen in CI on
+    a loaded machine: exit 1 and a traceback) is the same one line and 130."""
+    monkeypatch.setattr(forkserver, "ensure_running", lambda: os.kill(os.getpid(), signal.SIGTERM))
+    monkeypatch.setattr(sys, "argv", ["kdbench", "run", "suite.yaml"])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(BaseException) as ended:  # a Stopped that escaped would be a KeyboardInterrupt
+            main()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert isinstance(ended.value, SystemExit) and ended.value.code == 130, repr(ended.value)
+    assert lines(capsys.readouterr().err) == ["kdbench: interrupted; run the same command again to resume"]
 
 
 def test_sigterm_while_waiting_for_another_process_stops_at_once_and_leaves_the_parent_to_it(write_suite,
