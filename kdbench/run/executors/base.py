@@ -167,7 +167,7 @@ class Executor:
         try:
             if self.waits_for_teachers:  # it holds each job until its teacher is done, "auto" students until chosen
                 return self.run_jobs(list(plan.jobs), outcome)
-            first_wave = sorted((j for j in plan.jobs if j.first_wave), key=self.work, reverse=True)
+            first_wave = sorted((j for j in plan.jobs if j.first_wave), key=lambda j: self.priority([j]), reverse=True)
             self.run_jobs(first_wave, outcome)
             if any(j.pending for j in self.plan.jobs):
                 self.choose_assistants()
@@ -177,14 +177,19 @@ class Executor:
                 self.tracker.end(outcome.parent_run, RunStatus.KILLED)
             raise
 
-    def work(self, job: Job) -> int:
-        """A job's rough cost, to start the longest first (only the order: no number depends on it): one forward's
-        MACs of the model it trains (three with its backward) and of the model that teaches it, times epochs. An
-        assistant outside the suite's models counts as nothing."""
+    def priority(self, task: list[Job]) -> tuple[bool, int]:
+        """Which task (a job, or a stack's seeds) to start first, highest first; only the order, no number depends
+        on it. The first wave first: the "auto" assistants are chosen once it is done. Then the longest: the
+        slowest teacher starts at once, and short jobs fill the end instead of a long one running alone. Length: one
+        forward's MACs of the model trained (three with its backward) and of the model that teaches it, times
+        epochs; an assistant outside the suite's models counts as nothing."""
         def macs(name: str | None) -> int:
             return self.plan.models[name].macs if name in self.plan.models else 0
-        teacher = job.assistants[-1] if job.assistants and not job.pending else job.teacher_model
-        return (3 * macs(job.model) + macs(teacher)) * job.train.epochs
+
+        def work(job: Job) -> int:
+            teacher = job.assistants[-1] if job.assistants and not job.pending else job.teacher_model
+            return (3 * macs(job.model) + macs(teacher)) * job.train.epochs
+        return task[0].first_wave, sum(map(work, task))
 
     def choose_assistants(self) -> list[Job]:
         """Choose the "auto" assistants, now that the first wave's validation accuracies exist (never the test

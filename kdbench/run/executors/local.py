@@ -265,16 +265,15 @@ class LocalExecutor(InProcessExecutor):
     def send_ready(self, waiting: list[Job], running: dict[Future, list[Job]], held: dict[str, Job],
                    outcome: Outcome, chosen: bool = True) -> list[Job]:
         """Send out the jobs whose teacher is done (an "auto" student's once its assistant is `chosen`), while a
-        worker is free; return the rest. The first wave first (the "auto" assistants are chosen when it is done),
-        then the longest first: the slowest teacher starts at once, and the short jobs fill the end instead of a
-        long one running alone. The seeds of one stack go to one worker together: they train as one model there."""
+        worker is free, highest `priority` first; return the rest. The seeds of one stack go to one worker
+        together: they train as one model there."""
         for key in list(held):
             claim = Claim(self.store.claim_path(key))
             if claim.stale(claim.holder()):  # the other process finished it (skipped here) or died (resumed here)
                 waiting.insert(0, held.pop(key))
         unfinished = {j.key for j in waiting} | {j.key for js in running.values() for j in js} | set(held)
         later = []
-        for task in sorted(tasks_of(waiting), key=lambda t: (t[0].first_wave, sum(map(self.work, t))), reverse=True):
+        for task in sorted(tasks_of(waiting), key=self.priority, reverse=True):
             if len(running) < self.size and task[0].teacher not in unfinished and (chosen or not task[0].pending):
                 future = self.pool.executor.submit(_worker_task, self.plan, task, self.ctx,
                                                    [self.blocked(j, outcome) for j in task])
